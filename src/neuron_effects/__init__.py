@@ -1,0 +1,11 @@
+"""neuron_effects: exact direct and indirect effects of single MLP neurons on next-token logits.
+
+The science lives here; the Snakemake workflow only routes files to it. Modules: ``inputs``
+(reading the user's files), ``model`` (loading, Llama-family accessors), ``prompts``
+(tokenization, targets in context), ``clean`` (the clean forward), ``treatments`` (V = s * w),
+``direct`` (algebraic direct effects), ``total`` (the fast exact total), ``metrics``, ``effects``
+(the per-prompt driver), ``reference`` (slow correct paths), ``store`` (files, resumable shards),
+``aggregate``, ``validation`` and ``report``.
+"""
+
+__version__ = "0.1.0"

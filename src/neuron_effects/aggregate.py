@@ -1,0 +1,167 @@
+"""Summaries over prompts: per neuron, per layer, and the enriched profile labels.
+
+Per neuron, over the prompts where ``direct_ratio`` is defined (``ratio_defined``):
+
+* ``mean/std/median_direct_ratio``; ``classification`` from the mean ratio r:
+  ``routing-dominant`` if r < routing_below, ``logit-dominant`` if r > logit_dominant_above,
+  else ``mixed``; ``undetermined`` when no prompt defines the ratio;
+* ``consistency``: the fraction of those prompts whose own ratio falls in the neuron's class;
+* ``aligned_fraction``: the fraction with ``sign_aligned`` (direct and indirect agree in sign);
+  ``interpretation`` ``reinforcing`` if it is >= 0.5 else ``opposing``;
+* ``mean_cancellation`` and the same classification with the frozen-norm direct effect
+  (``classification_frozen_norm``), where the norm-mediated part counts as indirect.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+CLASSES = ("routing-dominant", "mixed", "logit-dominant")
+UNDETERMINED = "undetermined"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Class boundaries on the direct ratio: routing < routing_below <= mixed <= above < logit."""
+
+    routing_below: float = 0.3
+    logit_dominant_above: float = 0.7
+
+    def classify(self, ratio: np.ndarray | float) -> np.ndarray:
+        ratio = np.asarray(ratio, dtype=float)
+        labels = np.where(ratio < self.routing_below, CLASSES[0],
+                          np.where(ratio > self.logit_dominant_above, CLASSES[2], CLASSES[1]))
+        return np.where(np.isnan(ratio), UNDETERMINED, labels)
+
+
+def _neuron_summary(group: pd.DataFrame, thresholds: Thresholds, suffix: str) -> dict[str, Any]:
+    defined = group[f"ratio_defined{suffix}"] if f"ratio_defined{suffix}" in group else \
+        group[f"direct_ratio{suffix}"].notna()
+    ratios = group.loc[defined, f"direct_ratio{suffix}"].to_numpy(dtype=float)
+    if len(ratios) == 0:
+        return {f"mean_direct_ratio{suffix}": math.nan, f"std_direct_ratio{suffix}": math.nan,
+                f"median_direct_ratio{suffix}": math.nan,
+                f"classification{suffix}": UNDETERMINED, f"consistency{suffix}": math.nan}
+    mean = float(ratios.mean())
+    label = str(thresholds.classify(mean))
+    return {
+        f"mean_direct_ratio{suffix}": mean,
+        f"std_direct_ratio{suffix}": float(ratios.std(ddof=0)),
+        f"median_direct_ratio{suffix}": float(np.median(ratios)),
+        f"classification{suffix}": label,
+        f"consistency{suffix}": float((thresholds.classify(ratios) == label).mean()),
+    }
+
+
+def summarize_neurons(per_prompt: pd.DataFrame, thresholds: Thresholds) -> pd.DataFrame:
+    """One row per neuron (see the module docstring), ordered by layer and neuron index."""
+    rows = []
+    for neuron_id, group in per_prompt.groupby("neuron_id", sort=False):
+        defined = group["ratio_defined"].to_numpy(dtype=bool)
+        aligned = group.loc[defined, "sign_aligned"].to_numpy(dtype=bool)
+        aligned_fraction = float(aligned.mean()) if len(aligned) else math.nan
+        row = {
+            "neuron_id": neuron_id, "layer": int(group["layer"].iloc[0]),
+            "neuron": int(group["neuron"].iloc[0]), "n_prompts": len(group),
+            "n_ratio_defined": int(defined.sum()),
+            **_neuron_summary(group, thresholds, ""),
+            "aligned_fraction": aligned_fraction,
+            "interpretation": (UNDETERMINED if math.isnan(aligned_fraction) else
+                               "reinforcing" if aligned_fraction >= 0.5 else "opposing"),
+            "mean_cancellation": float(group.loc[defined, "cancellation"].mean())
+            if defined.any() else math.nan,
+            **_neuron_summary(group, thresholds, "_frozen_norm"),
+            "mean_activation": float(group["activation"].mean()),
+            "mean_direct": float(group["direct"].mean()),
+            "mean_indirect": float(group["indirect"].mean()),
+            "mean_total": float(group["total"].mean()),
+            "mean_abs_total": float(group["total"].abs().mean()),
+            "mean_norm_mediated": float(group["norm_mediated"].mean()),
+        }
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(["layer", "neuron"], ignore_index=True)
+
+
+def summarize_layers(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: neurons per class, median direct ratio, aligned fraction and cancellation."""
+    rows = []
+    for layer, group in neurons.groupby("layer"):
+        prompts = per_prompt[(per_prompt["layer"] == layer) & per_prompt["ratio_defined"]]
+        row: dict[str, Any] = {"layer": int(layer), "n_neurons": len(group)}
+        for label in (*CLASSES, UNDETERMINED):
+            row[f"n_{label.replace('-', '_')}"] = int((group["classification"] == label).sum())
+            row[f"n_{label.replace('-', '_')}_frozen_norm"] = int(
+                (group["classification_frozen_norm"] == label).sum())
+        row.update(
+            median_direct_ratio=float(group["mean_direct_ratio"].median()),
+            median_direct_ratio_frozen_norm=float(group["mean_direct_ratio_frozen_norm"].median()),
+            aligned_fraction=float(prompts["sign_aligned"].mean()) if len(prompts) else math.nan,
+            mean_cancellation=float(prompts["cancellation"].mean()) if len(prompts) else math.nan,
+            median_cancellation=float(prompts["cancellation"].median()) if len(prompts)
+            else math.nan,
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _clean_float(value: Any) -> Any:
+    """JSON-safe scalars: NaN -> None, numpy -> Python."""
+    if isinstance(value, (np.floating, float)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+BREAKDOWN_COLUMNS = ("prompt_id", "target_token", "activation", "direct", "indirect", "total",
+                     "direct_frozen_norm", "direct_ratio", "cancellation", "sign_aligned")
+
+
+def neuron_documents(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> list[dict[str, Any]]:
+    """The plan's per-neuron JSON shape (effect_summary, sign_alignment, per_prompt_breakdown)."""
+    breakdowns = {neuron_id: group for neuron_id, group in per_prompt.groupby("neuron_id")}
+    documents = []
+    for row in neurons.itertuples(index=False):
+        group = breakdowns[row.neuron_id]
+        documents.append({
+            "neuron_id": row.neuron_id, "layer": row.layer, "neuron": row.neuron,
+            "n_prompts": row.n_prompts,
+            "effect_summary": {key: _clean_float(getattr(row, key)) for key in (
+                "mean_direct_ratio", "std_direct_ratio", "median_direct_ratio", "classification",
+                "consistency", "mean_cancellation", "n_ratio_defined")},
+            "effect_summary_frozen_norm": {key: _clean_float(getattr(row, key)) for key in (
+                "mean_direct_ratio_frozen_norm", "std_direct_ratio_frozen_norm",
+                "median_direct_ratio_frozen_norm", "classification_frozen_norm",
+                "consistency_frozen_norm")},
+            "sign_alignment": {"aligned_fraction": _clean_float(row.aligned_fraction),
+                               "interpretation": row.interpretation},
+            "per_prompt_breakdown": [
+                {key: _clean_float(value) for key, value in record.items()}
+                for record in group[list(BREAKDOWN_COLUMNS)].to_dict("records")
+            ],
+        })
+    return documents
+
+
+def enrich_profiles(document: Any, neurons: pd.DataFrame) -> Any:
+    """A deep copy of the user's profile document, each profile gaining ``effect_type``,
+    ``direct_ratio`` and their frozen-norm variants; every other field untouched."""
+    enriched = copy.deepcopy(document)
+    profiles = enriched["profiles"] if isinstance(enriched, dict) else enriched
+    by_id = neurons.set_index("neuron_id")
+    for profile in profiles:
+        neuron_id = profile.get("neuron_id", f"L{profile['layer']}/N{profile['neuron']}")
+        row = by_id.loc[neuron_id]
+        profile["effect_type"] = row["classification"]
+        profile["direct_ratio"] = _clean_float(row["mean_direct_ratio"])
+        profile["effect_type_frozen_norm"] = row["classification_frozen_norm"]
+        profile["direct_ratio_frozen_norm"] = _clean_float(row["mean_direct_ratio_frozen_norm"])
+    return enriched

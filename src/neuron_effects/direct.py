@@ -1,0 +1,70 @@
+"""The final readout in float32, and the DIRECT effects, computed algebraically (no forward).
+
+Readout of a final pre-norm hidden state ``h`` (the input of ``model.model.norm``) over a set of
+vocabulary rows ``W`` of ``lm_head`` (all of them, or only the target/distractor rows):
+
+    logits(h) = W (g * h) / r(h),      r(h) = sqrt(mean(h^2) + eps)
+
+in float32 even when the model runs in bf16 (``g``: the final norm's weight).
+
+Freezing every downstream layer at its clean value makes the final hidden state ``h_c + V``
+(``h_c``: the clean one, last position). With ``A = W (g * h_c)`` and the neuron's unembedded
+output direction ``B_n = W (g * w_n)`` (prompt-independent), ``V = s * w_n`` gives:
+
+* DIRECT (final norm recomputed, the plan's):  ``(A + s B_n) / r(h_c + V) - A / r(h_c)``
+* DIRECT with the norm scale frozen at its clean value (direct logit attribution, linear in V):
+  ``s B_n / r(h_c)``
+* NORM-MEDIATED = direct - direct_frozen_norm.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .model import LlamaFamily
+
+
+class Readout:
+    """Final norm and unembedding in float32, over all vocabulary rows or the given ones."""
+
+    def __init__(self, model: LlamaFamily, token_ids: torch.Tensor | None = None):
+        norm_weight, unembedding, eps = model.readout()
+        self.norm_weight = norm_weight
+        self.eps = eps
+        self.token_ids = token_ids
+        self.unembedding = unembedding if token_ids is None else unembedding[token_ids]
+
+    def inverse_rms(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``1 / r(h)`` for rows h [B, hidden] (float32) -> [B, 1]."""
+        return torch.rsqrt(hidden.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+
+    def unnormalized(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``W (g * h)`` for rows h [B, hidden] -> [B, vocab rows]."""
+        return (hidden * self.norm_weight) @ self.unembedding.T
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``W (g * h) / r(h)`` for rows h [B, hidden] (any dtype; computed in float32)."""
+        hidden = hidden.float()
+        return self.unnormalized(hidden) * self.inverse_rms(hidden)
+
+
+def direct_effects(
+    readout: Readout, clean_hidden: torch.Tensor, scales: torch.Tensor,
+    directions: torch.Tensor, unembedded_directions: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct effects of ``V_b = scales[b] * directions[b]`` on the logits.
+
+    clean_hidden: h_c [hidden]; directions: w_n [B, hidden]; unembedded_directions: B_n = W (g*w_n)
+    [B, vocab rows] (from :meth:`Readout.unnormalized`). Returns ``(direct, direct_frozen_norm,
+    clean_logits)``: [B, vocab rows] twice and [vocab rows], float32. A zero V gives exactly zero
+    (the clean row is normalized in the same batch as the treated rows).
+    """
+    clean_hidden = clean_hidden.float()
+    scales = scales.float()[:, None]
+    rows = torch.cat([clean_hidden[None], clean_hidden + scales * directions.float()])
+    inverse = readout.inverse_rms(rows)
+    clean_unnormalized = readout.unnormalized(clean_hidden[None])  # A
+    scaled = scales * unembedded_directions
+    clean_logits = clean_unnormalized * inverse[0]
+    direct = (clean_unnormalized + scaled) * inverse[1:] - clean_logits
+    return direct, scaled * inverse[0], clean_logits[0]

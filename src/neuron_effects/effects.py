@@ -1,0 +1,167 @@
+"""Direct, indirect and total effects of a block of neurons on one prompt, streamed in batches.
+
+For each neuron (L, n) of the block and the prompt's clean run:
+
+* ``a``: its clean activation at the last position; ``s``: the treatment's scale; ``V = s * w_n``;
+* TOTAL = logits(perturbed final hidden) - logits(baseline final hidden), both at the last
+  position, both from :mod:`neuron_effects.total` in the SAME batch (the baseline is a V = 0 row
+  per start layer), so a zero treatment gives exactly zero;
+* DIRECT and DIRECT_FROZEN_NORM algebraically from the clean final hidden state
+  (:mod:`neuron_effects.direct`); INDIRECT = TOTAL - DIRECT;
+* the metrics of :mod:`neuron_effects.metrics` on the target (and distractor) token.
+
+Only [batch_rows x vocabulary] effect matrices ever exist; the result is one row of metrics per
+neuron. Final norm, unembedding and all differences are float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .clean import CleanRun
+from .direct import Readout, direct_effects
+from .inputs import Neuron
+from .metrics import effect_metrics
+from .model import LlamaFamily
+from .total import perturbed_final_hidden, perturbed_final_hidden_all_positions
+from .treatments import POSITIONS, TREATMENTS, treatment_scales
+
+
+@dataclass(frozen=True)
+class EffectSettings:
+    """How effects are computed (see :mod:`neuron_effects.treatments` and ``metrics``)."""
+
+    treatment: str = "add"
+    positions: str = "last"
+    full_vocab: bool = True  # probability changes and top-k need the whole unembedding
+    top_k: int = 10
+    noise_floor: float = 1e-4  # |d| + |i| below this: direct_ratio undefined
+    batch_rows: int = 256  # treated rows per replay batch
+    vocab_rows: int = 32  # rows per vocabulary-wide metric chunk (kept small: cache-resident)
+
+    def __post_init__(self) -> None:
+        if self.treatment not in TREATMENTS:
+            raise ValueError(f"unknown treatment {self.treatment!r} (use {', '.join(TREATMENTS)})")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown positions {self.positions!r} (use {', '.join(POSITIONS)})")
+        if min(self.batch_rows, self.vocab_rows, self.top_k) < 1:
+            raise ValueError("batch_rows, vocab_rows and top_k must be >= 1")
+
+
+@dataclass
+class NeuronBlock:
+    """Neurons sorted by (layer, neuron) with their prompt-independent tensors: the output
+    directions ``w_n`` [N, hidden] and, for full-vocabulary metrics, ``B_n = W_U (g * w_n)``
+    [N, vocab] (float32)."""
+
+    neuron_ids: list[str]
+    layers: torch.Tensor
+    neurons: torch.Tensor
+    directions: torch.Tensor
+    unembedded: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.neuron_ids)
+
+
+@torch.inference_mode()
+def neuron_block(model: LlamaFamily, neurons: Sequence[Neuron], full_vocab: bool) -> NeuronBlock:
+    """Build a :class:`NeuronBlock` (sorting the neurons by layer, then index)."""
+    ordered = sorted(neurons, key=lambda item: (item.layer, item.neuron))
+    layers = torch.tensor([item.layer for item in ordered], dtype=torch.long, device=model.device)
+    indices = torch.tensor([item.neuron for item in ordered], dtype=torch.long,
+                           device=model.device)
+    directions = model.output_directions(layers, indices)
+    unembedded = Readout(model).unnormalized(directions) if full_vocab else None
+    return NeuronBlock([item.neuron_id for item in ordered], layers, indices, directions,
+                       unembedded)
+
+
+def _with_baselines(layers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows for the replay: one V = 0 baseline per distinct start layer, then the treated rows,
+    sorted by layer (stable, so baselines lead their layer). Returns ``(start layers, position of
+    each treated row, position of each treated row's baseline)``."""
+    distinct = torch.unique(layers)
+    starts = torch.cat([distinct, layers])
+    order = torch.argsort(starts, stable=True)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order), device=order.device)
+    treated = position[len(distinct):]
+    baseline = position[torch.searchsorted(distinct, layers)]
+    return starts[order], treated, baseline
+
+
+@torch.inference_mode()
+def compute_effects(
+    model: LlamaFamily, clean: CleanRun, block: NeuronBlock, settings: EffectSettings,
+    target_id: int, distractor_id: int | None = None,
+    mean_activations: torch.Tensor | None = None,
+) -> pd.DataFrame:
+    """One row of metrics per neuron of ``block`` for the prompt of ``clean``.
+
+    ``mean_activations`` [n_layers, intermediate]: the prompt-set means (``mean_ablate`` only;
+    last-position means for ``positions: last``, all-position means for ``positions: all``).
+    Columns: ``neuron_id, layer, neuron, activation, scale`` and those of
+    :func:`neuron_effects.metrics.effect_metrics`.
+    """
+    device = model.device
+    if settings.full_vocab:
+        readout = Readout(model)
+        target_column, distractor_column = target_id, distractor_id
+    else:
+        token_ids = [target_id] + ([distractor_id] if distractor_id is not None else [])
+        readout = Readout(model, torch.tensor(token_ids, device=device))
+        target_column, distractor_column = 0, (1 if distractor_id is not None else None)
+    means = mean_activations.to(device) if mean_activations is not None else None
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(block), settings.batch_rows):
+        rows = slice(start, start + settings.batch_rows)
+        layers, indices, directions = block.layers[rows], block.neurons[rows], block.directions[rows]
+        activation = clean.activations[layers, indices]
+        mean = means[layers, indices] if means is not None else None
+        if settings.positions == "last":
+            scale = treatment_scales(activation, settings.treatment, mean)
+            vectors = scale[:, None] * directions
+        else:
+            per_position = torch.stack([clean.full_activations[layer][:, neuron] for layer, neuron
+                                        in zip(layers.tolist(), indices.tolist())])  # [B, T]
+            scales = treatment_scales(per_position, settings.treatment,
+                                      None if mean is None else mean[:, None])
+            scale = scales[:, -1]
+            vectors = scales[:, :, None] * directions[:, None, :]
+        starts, treated, baseline = _with_baselines(layers)
+        replay_vectors = torch.zeros((len(starts), *vectors.shape[1:]), device=device)
+        replay_vectors[treated] = vectors
+        replay = (perturbed_final_hidden if settings.positions == "last"
+                  else perturbed_final_hidden_all_positions)
+        # One unembedding GEMM for the whole batch (W_U is read once), then the memory-bound
+        # vocabulary-wide work in small row chunks that stay in cache.
+        final_logits = readout.logits(replay(model, clean, starts, replay_vectors))
+        for part in range(0, len(layers), settings.vocab_rows):
+            chunk = slice(part, part + settings.vocab_rows)
+            total = final_logits[treated[chunk]] - final_logits[baseline[chunk]]
+            unembedded = (block.unembedded[rows][chunk] if block.unembedded is not None
+                          else readout.unnormalized(directions[chunk]))
+            direct, frozen, clean_logits = direct_effects(
+                readout, clean.final_hidden, scale[chunk], directions[chunk], unembedded)
+            columns = effect_metrics(direct, frozen, total, clean_logits, target_column,
+                                     distractor_column, settings.full_vocab, settings.top_k,
+                                     settings.noise_floor)
+            columns.update(
+                layer=layers[chunk].cpu().numpy(), neuron=indices[chunk].cpu().numpy(),
+                activation=activation[chunk].double().cpu().numpy(),
+                scale=scale[chunk].double().cpu().numpy(),
+            )
+            parts.append(columns)
+    table = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]
+             if not name.startswith("top_k_") or not name.endswith("_tokens")}
+    frame = pd.DataFrame({"neuron_id": block.neuron_ids, **table})
+    for name in parts[0]:
+        if name.startswith("top_k_") and name.endswith("_tokens"):
+            frame[name] = [list(map(int, tokens)) for part in parts for tokens in part[name]]
+    return frame

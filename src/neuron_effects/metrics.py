@@ -1,0 +1,102 @@
+"""Per-(prompt, neuron) metrics of the effect vectors on the last-position logits.
+
+For each effect vector ``E`` (direct, indirect = total - direct, total; and, on the target rows
+only, direct_frozen_norm and norm_mediated = direct - direct_frozen_norm):
+
+* ``E[target]``: the effect on the target logit (column named after the effect);
+* ``E[target] - E[distractor]`` when a distractor is given (``<effect>_logit_diff``);
+* ``prob_change_<effect> = softmax(c + E)[target] - softmax(c)[target]``, ``c`` the clean logits
+  (full-vocabulary metrics only);
+* the ``k`` tokens with the largest ``|E|``, with the mean and max of their ``|E|``
+  (``top_k_<effect>_{tokens,mean,max}``; full-vocabulary metrics only).
+
+From the target-logit effects d (direct), i (indirect), t (total):
+
+* ``direct_ratio = |d| / (|d| + |i|)``, NaN with ``ratio_defined = False`` when ``|d| + |i|`` is
+  below the noise floor (NOT when t is near zero: that is cancellation, i.e. self-repair);
+* ``cancellation = 1 - |t| / (|d| + |i|)`` (0: d and i add up, 1: they cancel exactly);
+* ``sign_aligned = d * i > 0``;
+* ``direct_ratio_frozen_norm``: the same ratio with d the frozen-norm direct effect and
+  i = t - d_frozen (the norm-mediated part then counts as indirect).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+FULL_VOCAB_EFFECTS = ("direct", "indirect", "total")
+
+
+def ratio_columns(
+    direct: np.ndarray, indirect: np.ndarray, total: np.ndarray, noise_floor: float, suffix: str = ""
+) -> dict[str, np.ndarray]:
+    """``direct_ratio``, ``cancellation``, ``sign_aligned``, ``ratio_defined`` (with ``suffix``)."""
+    magnitude = np.abs(direct) + np.abs(indirect)
+    defined = magnitude >= noise_floor
+    safe = np.where(defined, magnitude, 1.0)
+    return {
+        f"direct_ratio{suffix}": np.where(defined, np.abs(direct) / safe, np.nan),
+        f"cancellation{suffix}": np.where(defined, 1.0 - np.abs(total) / safe, np.nan),
+        f"sign_aligned{suffix}": direct * indirect > 0,
+        f"ratio_defined{suffix}": defined,
+    }
+
+
+def effect_metrics(
+    direct: torch.Tensor, direct_frozen_norm: torch.Tensor, total: torch.Tensor,
+    clean_logits: torch.Tensor, target_column: int, distractor_column: int | None,
+    full_vocab: bool, top_k: int, noise_floor: float,
+) -> dict[str, np.ndarray]:
+    """All metric columns for B rows of effect vectors [B, vocab rows] (float32).
+
+    ``*_column`` index the vocabulary rows the vectors cover (the token id itself when they cover
+    the whole vocabulary). ``full_vocab`` enables probability changes and top-k.
+    """
+    vectors = {"direct": direct, "total": total, "indirect": total - direct,
+               "direct_frozen_norm": direct_frozen_norm}
+    rows = direct.shape[0]
+    columns: dict[str, np.ndarray] = {}
+    # Scalars: the measured ones from the float32 vectors, the derived ones as float64
+    # differences of those, so total = direct_frozen_norm + norm_mediated + indirect exactly.
+    for measured in ("direct", "total", "direct_frozen_norm"):
+        vector = vectors[measured].double()
+        columns[measured] = vector[:, target_column].cpu().numpy()
+        columns[f"{measured}_logit_diff"] = (
+            np.full(rows, np.nan) if distractor_column is None
+            else (vector[:, target_column] - vector[:, distractor_column]).cpu().numpy())
+    for suffix in ("", "_logit_diff"):
+        columns[f"indirect{suffix}"] = columns[f"total{suffix}"] - columns[f"direct{suffix}"]
+        columns[f"norm_mediated{suffix}"] = (columns[f"direct{suffix}"]
+                                             - columns[f"direct_frozen_norm{suffix}"])
+    if full_vocab:
+        clean_max = clean_logits.max()
+        clean_shifted = clean_logits - clean_max
+        clean_prob = (clean_shifted[target_column] - torch.logsumexp(clean_shifted, -1)).exp()
+    for name in FULL_VOCAB_EFFECTS:
+        if not full_vocab:
+            columns[f"prob_change_{name}"] = np.full(rows, np.nan)
+            columns[f"top_k_{name}_mean"] = np.full(rows, np.nan)
+            columns[f"top_k_{name}_max"] = np.full(rows, np.nan)
+            columns[f"top_k_{name}_tokens"] = np.empty((rows, 0), dtype=np.int64)
+            continue
+        vector = vectors[name]
+        shifted = vector + clean_shifted  # c + E - max(c): log-sum-exp without a max pass
+        at_target = shifted[:, target_column].clone()
+        log_norm = shifted.exp_().sum(dim=-1).log()
+        unsafe = ~torch.isfinite(log_norm) | (log_norm < -80)
+        if bool(unsafe.any()):  # |E| large enough to over/underflow: the careful way
+            log_norm[unsafe] = torch.logsumexp(vector[unsafe] + clean_shifted, dim=-1)
+        change = (at_target - log_norm).exp() - clean_prob
+        columns[f"prob_change_{name}"] = change.double().cpu().numpy()
+        values, tokens = vector.abs().topk(min(top_k, vector.shape[1]), dim=-1)
+        columns[f"top_k_{name}_mean"] = values.mean(dim=-1).double().cpu().numpy()
+        columns[f"top_k_{name}_max"] = values[:, 0].double().cpu().numpy()
+        columns[f"top_k_{name}_tokens"] = tokens.cpu().numpy()
+    columns.update(ratio_columns(columns["direct"], columns["indirect"], columns["total"],
+                                 noise_floor))
+    frozen = columns["direct_frozen_norm"]
+    frozen_ratio = ratio_columns(frozen, columns["total"] - frozen, columns["total"], noise_floor,
+                                 suffix="_frozen_norm")
+    columns["direct_ratio_frozen_norm"] = frozen_ratio["direct_ratio_frozen_norm"]
+    return columns

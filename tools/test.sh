@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Quickstart, command 2: set up .venv/ (with the test tools) and run the whole test suite.
+# As root on Debian it also installs what the browser and Slurm tests need (chromium, slurm);
+# elsewhere those tests skip, unless REQUIRE_ALL_TESTS=1 (CI) makes a missing piece a failure.
+# Extra arguments go to pytest (e.g. -k engine, -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools/setup-venv.sh requirements-dev.txt
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if ! command -v chromium >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      --no-install-recommends chromium >/dev/null
+  fi
+fi
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,23 @@
+"""Rule aggregate_effects: the long table, neuron and layer summaries, enriched labels."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+
+from neuron_effects.aggregate import Thresholds
+from neuron_effects.steps import aggregate_effects, configure_job
+
+configure_job(snakemake.threads)
+aggregate_effects(
+    shard_paths=list(snakemake.input.shards),
+    prompts_table=snakemake.input.prompts,
+    clean_paths=list(snakemake.input.clean),
+    profile_path=snakemake.input.profiles,
+    thresholds=Thresholds(**snakemake.params.thresholds),
+    per_prompt_out=snakemake.output.per_prompt,
+    neurons_out=snakemake.output.neurons,
+    neurons_json_out=snakemake.output.neurons_json,
+    layers_out=snakemake.output.layers,
+    prompts_out=snakemake.output.prompts,
+    labels_out=snakemake.output.labels,
+)

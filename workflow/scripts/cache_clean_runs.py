@@ -1,0 +1,16 @@
+"""Rule cache_clean_runs: one clean forward per prompt of a chunk, cached for the effect shards."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+
+from neuron_effects.model import ModelSpec
+from neuron_effects.steps import cache_clean_runs, configure_job
+
+configure_job(snakemake.threads)
+cache_clean_runs(
+    spec=ModelSpec(**snakemake.params.model),
+    prompts_table=snakemake.input.prompts,
+    prompt_ids=snakemake.params.prompt_ids,
+    output=snakemake.output[0],
+)

@@ -1,0 +1,22 @@
+"""Rule compute_effects: direct, indirect and total effects for one shard, resumable."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+
+from neuron_effects.effects import EffectSettings
+from neuron_effects.model import ModelSpec
+from neuron_effects.steps import compute_shard, configure_job
+
+configure_job(snakemake.threads)
+compute_shard(
+    spec=ModelSpec(**snakemake.params.model),
+    clean_path=snakemake.input.clean,
+    neuron_table=snakemake.params.neurons,
+    settings=EffectSettings(**snakemake.params.settings),
+    output=snakemake.output[0],
+    partial_root=snakemake.params.partial,
+    fingerprint=snakemake.params.fingerprint,
+    neuron_stats=snakemake.input.stats or None,
+    neurons_per_block=snakemake.params.neurons_per_block,
+)

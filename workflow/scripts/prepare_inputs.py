@@ -1,0 +1,19 @@
+"""Rule prepare_inputs: validate neurons and prompts against the model, tokenize prompts."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+
+from neuron_effects.model import ModelSpec
+from neuron_effects.steps import configure_job, prepare_inputs
+
+configure_job(snakemake.threads)
+prepare_inputs(
+    neurons_path=snakemake.input.neurons,
+    prompts_path=snakemake.input.prompts,
+    spec=ModelSpec(**snakemake.params.model),
+    chat_template=snakemake.params.prompt_format["chat_template"],
+    system_prompt=snakemake.params.prompt_format["system_prompt"],
+    prompts_out=snakemake.output.prompts,
+    neurons_out=snakemake.output.neurons,
+)

@@ -1,0 +1,22 @@
+"""Rule render_report: the self-contained HTML report."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+
+from neuron_effects.steps import configure_job, render_report
+
+configure_job(snakemake.threads)
+render_report(
+    settings=snakemake.params.settings,
+    per_prompt_path=snakemake.input.per_prompt,
+    neurons_path=snakemake.input.neurons,
+    layers_path=snakemake.input.layers,
+    prompts_path=snakemake.input.prompts,
+    activation_stats_path=snakemake.input.activation_stats,
+    validation_table=snakemake.input.validation_table,
+    validation_summary=snakemake.input.validation_summary,
+    benchmark_paths=snakemake.params.benchmarks,
+    top_n=snakemake.params.top_n,
+    output=snakemake.output[0],
+)

@@ -1,0 +1,23 @@
+"""Rule validate_sample: compare sampled rows with the slow reference paths."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+
+from neuron_effects.effects import EffectSettings
+from neuron_effects.model import ModelSpec
+from neuron_effects.steps import configure_job, validate_sample
+
+configure_job(snakemake.threads)
+validation = snakemake.params.validation
+validate_sample(
+    spec=ModelSpec(**snakemake.params.model),
+    clean_paths=list(snakemake.input.clean),
+    per_prompt_path=snakemake.input.per_prompt,
+    settings=EffectSettings(**snakemake.params.settings),
+    n_pairs=validation["pairs"],
+    seed=validation["seed"],
+    tolerance=None if validation["tolerance"] == "auto" else validation["tolerance"],
+    table_out=snakemake.output.table,
+    summary_out=snakemake.output.summary,
+)
