@@ -1,0 +1,57 @@
+"""Running the real workflow in a scratch directory (used by the workflow and Slurm tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def write_workdir(
+    root: Path, model: str, n_prompts: int = 6, neurons_per_layer: int = 3, n_layers: int = 6,
+    **overrides: Any,
+) -> Path:
+    """A working directory with a config (the repo's defaults, then ``overrides``; nested dicts
+    are merged), the first ``n_prompts`` demo prompts and a profile file in the user's shape
+    with ``neurons_per_layer`` neurons in each of ``n_layers`` layers."""
+    root.mkdir(parents=True, exist_ok=True)
+    lines = (REPO / "config/demo/prompts.jsonl").read_text().splitlines()[:n_prompts]
+    (root / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    profiles = [{"neuron_id": f"L{layer}/N{7 * k + layer}", "layer": layer,
+                 "neuron": 7 * k + layer, "label": f"test neuron {k}", "tags": ["kept"]}
+                for layer in range(n_layers) for k in range(neurons_per_layer)]
+    (root / "neurons.json").write_text(json.dumps({"source": "test", "profiles": profiles},
+                                                  indent=1))
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    config.update(model=model, neurons="neurons.json", prompts="prompts.jsonl")
+    config["sharding"] = {"layers_per_shard": 2, "prompts_per_chunk": 3}
+    config["validation"] = {**config["validation"], "pairs": 4}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return root
+
+
+def snakemake(workdir: Path, *arguments: str, check: bool = True, timeout: float = 900,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the repository's Snakefile in ``workdir`` with its ``config.yaml``; output captured
+    (stdout and stderr together)."""
+    command = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(workdir / "config.yaml"), *arguments]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True,
+                            timeout=timeout, env={**os.environ, **(env or {})})
+    result.stdout = result.stdout + result.stderr
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-6000:]}")
+    return result
