@@ -64,7 +64,9 @@ def direct_effects(
     rows = torch.cat([clean_hidden[None], clean_hidden + scales * directions.float()])
     inverse = readout.inverse_rms(rows)
     clean_unnormalized = readout.unnormalized(clean_hidden[None])  # A
-    scaled = scales * unembedded_directions
     clean_logits = clean_unnormalized * inverse[0]
-    direct = (clean_unnormalized + scaled) * inverse[1:] - clean_logits
-    return direct, scaled * inverse[0], clean_logits[0]
+    # (A + s B) / r(h_c + V) - A / r(h_c), in three passes over [B, vocab]
+    direct = torch.addcmul(clean_unnormalized, scales, unembedded_directions)
+    direct.mul_(inverse[1:]).sub_(clean_logits)
+    frozen = unembedded_directions * (scales * inverse[0])
+    return direct, frozen, clean_logits[0]

@@ -41,15 +41,15 @@ class EffectSettings:
     full_vocab: bool = True  # probability changes and top-k need the whole unembedding
     top_k: int = 10
     noise_floor: float = 1e-4  # |d| + |i| below this: direct_ratio undefined
-    batch_rows: int = 256  # treated rows per replay batch
-    vocab_rows: int = 32  # rows per vocabulary-wide metric chunk (kept small: cache-resident)
+    batch_rows: int | None = None  # treated rows per replay batch; None: from free memory
+    vocab_rows: int = 64  # rows per vocabulary-wide metric chunk (kept small: cache-resident)
 
     def __post_init__(self) -> None:
         if self.treatment not in TREATMENTS:
             raise ValueError(f"unknown treatment {self.treatment!r} (use {', '.join(TREATMENTS)})")
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r} (use {', '.join(POSITIONS)})")
-        if min(self.batch_rows, self.vocab_rows, self.top_k) < 1:
+        if min(self.batch_rows or 1, self.vocab_rows, self.top_k) < 1:
             raise ValueError("batch_rows, vocab_rows and top_k must be >= 1")
 
 
@@ -96,6 +96,25 @@ def _with_baselines(layers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return starts[order], treated, baseline
 
 
+CPU_BATCH_ROWS = 512  # on a CPU, larger batches gain nothing and leave the cache
+
+
+def auto_batch_rows(model: LlamaFamily, n_tokens: int, full_vocab: bool,
+                    free_bytes: int | None = None) -> int:
+    """Rows per replay batch that fit in ~60 % of the free device memory (CUDA), from a
+    per-row estimate: residual, attention and MLP intermediates in the model dtype, float32
+    attention scores over the prompt, and the float32 logits row (full-vocabulary metrics)."""
+    if model.device.type != "cuda" and free_bytes is None:
+        return CPU_BATCH_ROWS
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(model.device)[0]
+    width = torch.finfo(model.dtype).bits // 8
+    per_row = (width * (8 * model.hidden_size + 4 * model.intermediate_size)
+               + 4 * 4 * model.n_heads * (n_tokens + model.head_dim)
+               + (4 * model.vocab_size if full_vocab else 0))
+    return int(max(16, min(16384, 0.6 * free_bytes // per_row)) // 16 * 16)
+
+
 @torch.inference_mode()
 def compute_effects(
     model: LlamaFamily, clean: CleanRun, block: NeuronBlock, settings: EffectSettings,
@@ -118,9 +137,10 @@ def compute_effects(
         readout = Readout(model, torch.tensor(token_ids, device=device))
         target_column, distractor_column = 0, (1 if distractor_id is not None else None)
     means = mean_activations.to(device) if mean_activations is not None else None
+    batch_rows = settings.batch_rows or auto_batch_rows(model, clean.n_tokens, settings.full_vocab)
     parts: list[dict[str, np.ndarray]] = []
-    for start in range(0, len(block), settings.batch_rows):
-        rows = slice(start, start + settings.batch_rows)
+    for start in range(0, len(block), batch_rows):
+        rows = slice(start, start + batch_rows)
         layers, indices, directions = block.layers[rows], block.neurons[rows], block.directions[rows]
         activation = clean.activations[layers, indices]
         mean = means[layers, indices] if means is not None else None

@@ -60,11 +60,11 @@ def effect_metrics(
     # Scalars: the measured ones from the float32 vectors, the derived ones as float64
     # differences of those, so total = direct_frozen_norm + norm_mediated + indirect exactly.
     for measured in ("direct", "total", "direct_frozen_norm"):
-        vector = vectors[measured].double()
-        columns[measured] = vector[:, target_column].cpu().numpy()
+        at_target = vectors[measured][:, target_column].double().cpu().numpy()
+        columns[measured] = at_target
         columns[f"{measured}_logit_diff"] = (
             np.full(rows, np.nan) if distractor_column is None
-            else (vector[:, target_column] - vector[:, distractor_column]).cpu().numpy())
+            else at_target - vectors[measured][:, distractor_column].double().cpu().numpy())
     for suffix in ("", "_logit_diff"):
         columns[f"indirect{suffix}"] = columns[f"total{suffix}"] - columns[f"direct{suffix}"]
         columns[f"norm_mediated{suffix}"] = (columns[f"direct{suffix}"]

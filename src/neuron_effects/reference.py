@@ -5,10 +5,13 @@
   with its own ``V_t``). Effect = its last-position logits - those of the same forward without
   the treatment.
 * DIRECT, frozen downstream: one full forward in which every decoder layer ``l >= L`` has its
-  output at the last position replaced by (clean output of layer ``l``) + ``V``; the model's own
-  final norm and ``lm_head`` then read ``h_c + V``. Effect = its logits - the clean logits.
-* DIRECT with the final-norm scale frozen: the same forward with a hook on the final norm that
-  divides by the clean ``r(h_c)`` instead of recomputing it.
+  output at the last position replaced by (clean output of layer ``l``) + ``V``, so that the
+  final norm reads ``h_c + V``. Effect = its logits - the clean logits.
+* DIRECT with the final-norm scale frozen: the same forward, read out with the clean
+  ``r(h_c)`` instead of recomputing it.
+
+Logits are read out from the final norm's input ``h`` (last position) in float32, as the
+definitions ask: ``lm_head.weight @ (g * h) / sqrt(mean(h^2) + eps)``.
 
 Nothing here is used by the fast path; tests and the workflow's validation rule compare them.
 """
@@ -22,9 +25,23 @@ from .model import LlamaFamily
 from .treatments import add_to_residual
 
 
-def _logits(model: LlamaFamily, input_ids: torch.Tensor) -> torch.Tensor:
-    ids = input_ids.reshape(1, -1).to(model.device)
-    return model.causal_lm(input_ids=ids, logits_to_keep=1).logits[0, -1].float()
+def _logits(
+    model: LlamaFamily, input_ids: torch.Tensor, inverse_rms: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One forward; the last position's logits [vocab] read out in float32 from the final
+    norm's input (with ``inverse_rms`` instead of ``1 / r(h)`` when given)."""
+    captured = []
+    handle = model.final_norm.register_forward_pre_hook(
+        lambda module, args: captured.append(args[0][0, -1].float()))
+    try:
+        model.causal_lm(input_ids=input_ids.reshape(1, -1).to(model.device), logits_to_keep=1)
+    finally:
+        handle.remove()
+    norm_weight, unembedding, eps = model.readout()
+    hidden = captured[0]
+    if inverse_rms is None:
+        inverse_rms = torch.rsqrt(hidden.pow(2).mean() + eps)
+    return unembedding @ (norm_weight * hidden) * inverse_rms
 
 
 def _replace_output(output, hidden: torch.Tensor):
@@ -32,11 +49,12 @@ def _replace_output(output, hidden: torch.Tensor):
 
 
 @torch.inference_mode()
-def reference_total(
+def treated_logits(
     model: LlamaFamily, input_ids: torch.Tensor, layer: int, vector: torch.Tensor
 ) -> torch.Tensor:
-    """Total effect [vocab] of adding ``vector`` to the output of layer ``layer``: a [hidden]
-    vector at the last position, or a [T, hidden] one at every position."""
+    """Last-position logits [vocab] of one full forward in which a forward hook adds ``vector``
+    to the output of decoder layer ``layer``: a [hidden] vector at the last position, or a
+    [T, hidden] one at every position."""
 
     def treat(module, args, output):
         hidden = (output[0] if isinstance(output, tuple) else output).clone()
@@ -46,13 +64,19 @@ def reference_total(
             hidden[0] = add_to_residual(hidden[0], vector.to(hidden.device))
         return _replace_output(output, hidden)
 
-    clean_logits = _logits(model, input_ids)
     handle = model.layers[layer].register_forward_hook(treat)
     try:
-        treated_logits = _logits(model, input_ids)
+        return _logits(model, input_ids)
     finally:
         handle.remove()
-    return treated_logits - clean_logits
+
+
+@torch.inference_mode()
+def reference_total(
+    model: LlamaFamily, input_ids: torch.Tensor, layer: int, vector: torch.Tensor
+) -> torch.Tensor:
+    """Total effect [vocab]: :func:`treated_logits` minus the untreated forward's logits."""
+    return treated_logits(model, input_ids, layer, vector) - _logits(model, input_ids)
 
 
 @torch.inference_mode()
@@ -71,22 +95,19 @@ def reference_direct(
 
         return hook
 
-    clean_hidden = clean.final_hidden.float()
-    norm_weight, _, eps = model.readout()
-    clean_inverse_rms = torch.rsqrt(clean_hidden.pow(2).mean() + eps)
-
-    def frozen_norm(module, args, output):
-        normed = output.clone()
-        normed[:, -1] = (norm_weight * args[0][:, -1].float() * clean_inverse_rms).to(output.dtype)
-        return normed
-
     handles = [model.layers[downstream].register_forward_hook(freeze(downstream))
                for downstream in range(layer, model.n_layers)]
-    if freeze_norm:
-        handles.append(model.final_norm.register_forward_hook(frozen_norm))
+    _, _, eps = model.readout()
+    clean_inverse_rms = torch.rsqrt(clean.final_hidden.float().pow(2).mean() + eps)
     try:
-        direct_logits = _logits(model, clean.input_ids)
+        direct_logits = _logits(model, clean.input_ids, clean_inverse_rms if freeze_norm else None)
     finally:
         for handle in handles:
             handle.remove()
     return direct_logits - _logits(model, clean.input_ids)
+
+
+@torch.inference_mode()
+def reference_clean_logits(model: LlamaFamily, input_ids: torch.Tensor) -> torch.Tensor:
+    """The untreated forward's last-position logits [vocab], read out in float32."""
+    return _logits(model, input_ids)

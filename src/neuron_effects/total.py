@@ -23,6 +23,8 @@ Attention scores, softmax and the weighted sum are computed in float32 in both m
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from .clean import CleanRun
@@ -91,11 +93,11 @@ def _run_downstream(
     cos: torch.Tensor, sin: torch.Tensor, clean: CleanRun | None,
 ) -> torch.Tensor:
     """Run rows x [B, S, hidden] (sorted by ``start_layers``) through layers start+1..end."""
-    if start_layers.numel() > 1 and bool((start_layers[1:] < start_layers[:-1]).any()):
+    starts = start_layers.tolist()  # one device sync, not one per layer
+    if starts != sorted(starts):
         raise ValueError("rows must be sorted by start layer")
-    first = int(start_layers.min()) + 1
-    for layer in range(first, model.n_layers):
-        active = int(torch.searchsorted(start_layers, layer))  # rows with start < layer
+    for layer in range(starts[0] + 1, model.n_layers):
+        active = bisect.bisect_left(starts, layer)  # rows with start < layer
         prefix_k = clean.prefix_keys[layer] if clean is not None else None
         prefix_v = clean.prefix_values[layer] if clean is not None else None
         x[:active] = _layer_step(model, layer, x[:active], cos, sin, prefix_k, prefix_v)

@@ -16,7 +16,7 @@ import torch
 from .clean import CleanRun
 from .metrics import effect_metrics
 from .model import LlamaFamily
-from .reference import reference_direct, reference_total
+from .reference import reference_clean_logits, reference_direct, reference_total
 from .treatments import treatment_scales
 
 COMPARED = ("direct", "indirect", "total", "direct_frozen_norm", "norm_mediated",
@@ -69,7 +69,8 @@ def compare_with_reference(
         keep = [target] + ([distractor] if distractor is not None else [])
         total, direct, frozen = total[:, keep], direct[:, keep], frozen[:, keep]
         columns = (0, 1 if distractor is not None else None)
-    clean_logits = clean.logits if full_vocab else clean.logits[keep]
+    clean_logits = reference_clean_logits(model, clean.input_ids)
+    clean_logits = clean_logits if full_vocab else clean_logits[keep]
     reference = effect_metrics(direct, frozen, total, clean_logits, columns[0], columns[1],
                                full_vocab, top_k, noise_floor)
     differences = {}

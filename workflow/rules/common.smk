@@ -34,7 +34,11 @@ EFFECT_SETTINGS = {
     "full_vocab": config["metrics"]["full_vocab"],
     "top_k": config["metrics"]["top_k"],
     "noise_floor": config["metrics"]["ratio_noise_floor"],
-    "batch_rows": config["compute"]["batch_rows"],
+    "batch_rows": (
+        None
+        if config["compute"]["batch_rows"] == "auto"
+        else config["compute"]["batch_rows"]
+    ),
     "vocab_rows": config["compute"]["vocab_rows"],
 }
 # Jobs that run the model ask for one GPU unless the config pins the CPU.

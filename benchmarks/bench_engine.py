@@ -1,0 +1,130 @@
+"""Benchmark: the fast exact path against the naive reference path, in one run.
+
+SmolLM2-135M-Instruct (float32, CPU), the demo prompts with at least ``--min-tokens`` tokens and a
+uniform mix of neurons over all 30 layers, every metric on (full vocabulary: probability changes
+and top-k). Both paths share the clean forward of each prompt (cached once, as in the workflow)
+and compute the direct effect algebraically; they differ in the TOTAL effect:
+
+* naive (the plan's method): one full forward per (neuron, prompt) with a hook adding V after
+  layer L (``logits_to_keep=1``), then the metrics of that row;
+* fast: :func:`neuron_effects.effects.compute_effects` (replay of layers L+1.. for the last
+  token only against the cached prefix keys/values, batched over neurons of all layers).
+
+The naive path runs on a subset (``--naive-per-layer`` neurons per layer, same prompts); the
+fast path on all neurons. ``max_abs_diff`` is over every compared metric of the shared rows.
+
+Usage: .venv/bin/python benchmarks/bench_engine.py [--per-layer 16] [--naive-per-layer 2]
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from neuron_effects.clean import run_clean
+from neuron_effects.demo import DEFAULT_PATH, fetch_demo_model
+from neuron_effects.direct import Readout, direct_effects
+from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
+from neuron_effects.inputs import Neuron, read_prompts
+from neuron_effects.metrics import effect_metrics
+from neuron_effects.model import ModelSpec, load_model, load_tokenizer
+from neuron_effects.prompts import prepare_prompt
+from neuron_effects.reference import reference_clean_logits, treated_logits
+from neuron_effects.validation import COMPARED
+
+
+def naive_row(model, clean, clean_logits, readout, neuron: Neuron, target: int,
+              distractor: int | None, settings: EffectSettings) -> dict[str, float]:
+    """One (neuron, prompt) the plan's way: a hooked full forward for the total effect."""
+    layer, index = neuron.layer, neuron.neuron
+    activation = clean.activations[layer, index]
+    direction = model.output_directions(torch.tensor([layer]), torch.tensor([index]))
+    vector = activation * direction[0]
+    total = (treated_logits(model, clean.input_ids, layer, vector) - clean_logits)[None]
+    direct, frozen, _ = direct_effects(readout, clean.final_hidden, activation[None], direction,
+                                       readout.unnormalized(direction))
+    columns = effect_metrics(direct, frozen, total, clean_logits, target, distractor, True,
+                             settings.top_k, settings.noise_floor)
+    return {name: float(columns[name][0]) for name in COMPARED}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", default="config/demo/prompts.jsonl")
+    parser.add_argument("--min-tokens", type=int, default=20)
+    parser.add_argument("--per-layer", type=int, default=16, help="neurons per layer (fast)")
+    parser.add_argument("--naive-per-layer", type=int, default=2)
+    parser.add_argument("--batch-rows", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    spec = ModelSpec(str(fetch_demo_model(DEFAULT_PATH)), dtype="float32", device="cpu")
+    model, tokenizer = load_model(spec), load_tokenizer(spec)
+    prepared = [prepare_prompt(tokenizer, record) for record in read_prompts(args.prompts)]
+    prepared = [p for p in prepared if len(p.input_ids) >= args.min_tokens]
+    cleans = [run_clean(model, p.input_ids, p.prompt_id) for p in prepared]
+    targets = [(p.target_id if p.target_id is not None else int(c.logits.argmax()),
+                p.distractor_id) for p, c in zip(prepared, cleans)]
+
+    generator = torch.Generator().manual_seed(0)
+    neurons = [Neuron(f"L{layer}/N{int(n)}", layer, int(n)) for layer in range(model.n_layers)
+               for n in torch.randperm(model.intermediate_size, generator=generator)
+               [:args.per_layer]]
+    settings = EffectSettings(batch_rows=args.batch_rows)
+
+    started = time.perf_counter()
+    block = neuron_block(model, neurons, settings.full_vocab)
+    fast = pd.concat([compute_effects(model, clean, block, settings, target, distractor)
+                      .assign(prompt_id=p.prompt_id)
+                      for p, clean, (target, distractor) in zip(prepared, cleans, targets)])
+    fast_seconds = time.perf_counter() - started
+    fast_count = len(neurons) * len(prepared)
+
+    subset = [n for i, n in enumerate(neurons) if i % args.per_layer < args.naive_per_layer]
+    readout = Readout(model)
+    rows, started = [], time.perf_counter()
+    for p, clean, (target, distractor) in zip(prepared, cleans, targets):
+        clean_logits = reference_clean_logits(model, clean.input_ids)  # once per prompt
+        for neuron in subset:
+            rows.append({"prompt_id": p.prompt_id, "neuron_id": neuron.neuron_id,
+                         **naive_row(model, clean, clean_logits, readout, neuron, target,
+                                     distractor, settings)})
+    naive_seconds = time.perf_counter() - started
+    naive = pd.DataFrame(rows)
+
+    joined = naive.merge(fast, on=["prompt_id", "neuron_id"], suffixes=("_naive", ""))
+    differences = {name: float(np.nanmax(np.abs(joined[f"{name}_naive"] - joined[name])))
+                   for name in COMPARED if joined[name].notna().any()}
+    naive_ms = 1e3 * naive_seconds / len(naive)
+    fast_ms = 1e3 * fast_seconds / fast_count
+    by_layer = fast.groupby("layer")["total"].apply(lambda s: float(s.abs().median()))
+    print(f"prompts: {len(prepared)} ({np.mean([len(p.input_ids) for p in prepared]):.1f} "
+          f"tokens on average); neurons: {len(neurons)} (fast), {len(subset)} (naive)")
+    print(f"naive: {len(naive)} perturbations in {naive_seconds:.1f} s = {naive_ms:.2f} ms each")
+    print(f"fast : {fast_count} perturbations in {fast_seconds:.1f} s = {fast_ms:.3f} ms each")
+    print("max |fast - naive| by metric: " + ", ".join(f"{k} {v:.2g}"
+                                                        for k, v in differences.items()))
+    print(f"median |total effect| by layer: min {by_layer.min():.2g}, max {by_layer.max():.2g}")
+    print(json.dumps({
+        "speedup_vs_naive": round(naive_ms / fast_ms, 1),
+        "naive_ms_per_perturbation": round(naive_ms, 3),
+        "fast_ms_per_perturbation": round(fast_ms, 4),
+        "max_abs_diff": max(differences.values()),
+        "prompt_tokens_mean": round(float(np.mean([len(p.input_ids) for p in prepared])), 2),
+        "n_prompts": len(prepared), "n_neurons_fast": len(neurons),
+        "n_perturbations_naive": len(naive), "n_perturbations_fast": fast_count,
+        "threads": args.threads, "batch_rows": args.batch_rows,
+        "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
