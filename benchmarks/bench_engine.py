@@ -48,8 +48,9 @@ def naive_row(model, clean, clean_logits, readout, neuron: Neuron, target: int,
     direction = model.output_directions(torch.tensor([layer]), torch.tensor([index]))
     vector = activation * direction[0]
     total = (treated_logits(model, clean.input_ids, layer, vector) - clean_logits)[None]
+    columns = torch.tensor([target] + ([distractor] if distractor is not None else []))
     direct, frozen, _ = direct_effects(readout, clean.final_hidden, activation[None], direction,
-                                       readout.unnormalized(direction))
+                                       readout.unnormalized(direction), columns)
     columns = effect_metrics(direct, frozen, total, clean_logits, target, distractor, True,
                              settings.top_k, settings.noise_floor)
     return {name: float(columns[name][0]) for name in COMPARED}

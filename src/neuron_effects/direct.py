@@ -51,13 +51,15 @@ class Readout:
 def direct_effects(
     readout: Readout, clean_hidden: torch.Tensor, scales: torch.Tensor,
     directions: torch.Tensor, unembedded_directions: torch.Tensor,
+    frozen_columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct effects of ``V_b = scales[b] * directions[b]`` on the logits.
 
     clean_hidden: h_c [hidden]; directions: w_n [B, hidden]; unembedded_directions: B_n = W (g*w_n)
     [B, vocab rows] (from :meth:`Readout.unnormalized`). Returns ``(direct, direct_frozen_norm,
-    clean_logits)``: [B, vocab rows] twice and [vocab rows], float32. A zero V gives exactly zero
-    (the clean row is normalized in the same batch as the treated rows).
+    clean_logits)``: [B, vocab rows], [B, vocab rows or len(frozen_columns)] and [vocab rows],
+    float32. A zero V gives exactly zero (the clean row is normalized in the same batch as the
+    treated rows).
     """
     clean_hidden = clean_hidden.float()
     scales = scales.float()[:, None]
@@ -68,5 +70,7 @@ def direct_effects(
     # (A + s B) / r(h_c + V) - A / r(h_c), in three passes over [B, vocab]
     direct = torch.addcmul(clean_unnormalized, scales, unembedded_directions)
     direct.mul_(inverse[1:]).sub_(clean_logits)
+    if frozen_columns is not None:
+        unembedded_directions = unembedded_directions[:, frozen_columns]
     frozen = unembedded_directions * (scales * inverse[0])
     return direct, frozen, clean_logits[0]

@@ -132,10 +132,14 @@ def compute_effects(
     if settings.full_vocab:
         readout = Readout(model)
         target_column, distractor_column = target_id, distractor_id
+        # the frozen-norm direct effect is only read at the target and distractor
+        frozen_columns = torch.tensor(
+            [target_id] + ([distractor_id] if distractor_id is not None else []), device=device)
     else:
         token_ids = [target_id] + ([distractor_id] if distractor_id is not None else [])
         readout = Readout(model, torch.tensor(token_ids, device=device))
         target_column, distractor_column = 0, (1 if distractor_id is not None else None)
+        frozen_columns = None
     means = mean_activations.to(device) if mean_activations is not None else None
     batch_rows = settings.batch_rows or auto_batch_rows(model, clean.n_tokens, settings.full_vocab)
     parts: list[dict[str, np.ndarray]] = []
@@ -168,7 +172,8 @@ def compute_effects(
             unembedded = (block.unembedded[rows][chunk] if block.unembedded is not None
                           else readout.unnormalized(directions[chunk]))
             direct, frozen, clean_logits = direct_effects(
-                readout, clean.final_hidden, scale[chunk], directions[chunk], unembedded)
+                readout, clean.final_hidden, scale[chunk], directions[chunk], unembedded,
+                frozen_columns)
             columns = effect_metrics(direct, frozen, total, clean_logits, target_column,
                                      distractor_column, settings.full_vocab, settings.top_k,
                                      settings.noise_floor)

@@ -50,8 +50,10 @@ def effect_metrics(
 ) -> dict[str, np.ndarray]:
     """All metric columns for B rows of effect vectors [B, vocab rows] (float32).
 
-    ``*_column`` index the vocabulary rows the vectors cover (the token id itself when they cover
-    the whole vocabulary). ``full_vocab`` enables probability changes and top-k.
+    ``*_column`` index the vocabulary rows that ``direct`` and ``total`` cover (the token id
+    itself when they cover the whole vocabulary). ``direct_frozen_norm`` covers only the target
+    row and, if there is one, the distractor row ([B, 1 or 2]): its only metrics. ``full_vocab``
+    enables probability changes and top-k.
     """
     vectors = {"direct": direct, "total": total, "indirect": total - direct,
                "direct_frozen_norm": direct_frozen_norm}
@@ -60,11 +62,13 @@ def effect_metrics(
     # Scalars: the measured ones from the float32 vectors, the derived ones as float64
     # differences of those, so total = direct_frozen_norm + norm_mediated + indirect exactly.
     for measured in ("direct", "total", "direct_frozen_norm"):
-        at_target = vectors[measured][:, target_column].double().cpu().numpy()
+        target, distractor = ((0, 1) if measured == "direct_frozen_norm"
+                              else (target_column, distractor_column))
+        at_target = vectors[measured][:, target].double().cpu().numpy()
         columns[measured] = at_target
         columns[f"{measured}_logit_diff"] = (
             np.full(rows, np.nan) if distractor_column is None
-            else at_target - vectors[measured][:, distractor_column].double().cpu().numpy())
+            else at_target - vectors[measured][:, distractor].double().cpu().numpy())
     for suffix in ("", "_logit_diff"):
         columns[f"indirect{suffix}"] = columns[f"total{suffix}"] - columns[f"direct{suffix}"]
         columns[f"norm_mediated{suffix}"] = (columns[f"direct{suffix}"]

@@ -63,11 +63,12 @@ def compare_with_reference(
     frozen = reference_direct(model, clean, layer, vector, freeze_norm=True)[None]
     target = int(row["target_id"])
     distractor = None if pd.isna(row["distractor_id"]) else int(row["distractor_id"])
+    keep = [target] + ([distractor] if distractor is not None else [])
+    frozen = frozen[:, keep]
     if full_vocab:
         columns = (target, distractor)
     else:
-        keep = [target] + ([distractor] if distractor is not None else [])
-        total, direct, frozen = total[:, keep], direct[:, keep], frozen[:, keep]
+        total, direct = total[:, keep], direct[:, keep]
         columns = (0, 1 if distractor is not None else None)
     clean_logits = reference_clean_logits(model, clean.input_ids)
     clean_logits = clean_logits if full_vocab else clean_logits[keep]
