@@ -5,7 +5,6 @@ prompts + neurons -> prepared inputs -> clean runs (per prompt chunk) -> activat
                                       -> summaries, enriched labels, validation -> HTML report
 """
 
-
 from snakemake.utils import min_version
 
 min_version("9.14.1")
@@ -27,7 +26,7 @@ include: "workflow/rules/report.smk"
 
 rule all:
     default_target: True
-    localrule: True
     input:
         rules.render_report.output,
         rules.aggregate_effects.output,
+    localrule: True

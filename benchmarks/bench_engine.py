@@ -14,6 +14,7 @@ The naive path runs on a subset (``--naive-per-layer`` neurons per layer, same p
 fast path on all neurons. ``max_abs_diff`` is over every compared metric of the shared rows.
 
 Usage: .venv/bin/python benchmarks/bench_engine.py [--per-layer 16] [--naive-per-layer 2]
+       [--chat-template]   (prompts as chat user turns, as config/llama-3.1-8b.yaml runs them)
 The last line printed is one JSON object.
 """
 
@@ -60,6 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default="config/demo/prompts.jsonl")
     parser.add_argument("--min-tokens", type=int, default=20)
+    parser.add_argument("--chat-template", action="store_true",
+                        help="format prompts as chat user turns (as the real job does)")
     parser.add_argument("--per-layer", type=int, default=16, help="neurons per layer (fast)")
     parser.add_argument("--naive-per-layer", type=int, default=2)
     parser.add_argument("--batch-rows", type=int, default=512)
@@ -69,7 +72,8 @@ def main() -> None:
 
     spec = ModelSpec(str(fetch_demo_model(DEFAULT_PATH)), dtype="float32", device="cpu")
     model, tokenizer = load_model(spec), load_tokenizer(spec)
-    prepared = [prepare_prompt(tokenizer, record) for record in read_prompts(args.prompts)]
+    prepared = [prepare_prompt(tokenizer, record, args.chat_template)
+                for record in read_prompts(args.prompts)]
     prepared = [p for p in prepared if len(p.input_ids) >= args.min_tokens]
     cleans = [run_clean(model, p.input_ids, p.prompt_id) for p in prepared]
     targets = [(p.target_id if p.target_id is not None else int(c.logits.argmax()),
@@ -122,7 +126,8 @@ def main() -> None:
         "prompt_tokens_mean": round(float(np.mean([len(p.input_ids) for p in prepared])), 2),
         "n_prompts": len(prepared), "n_neurons_fast": len(neurons),
         "n_perturbations_naive": len(naive), "n_perturbations_fast": fast_count,
-        "threads": args.threads, "batch_rows": args.batch_rows,
+        "chat_template": args.chat_template, "threads": args.threads,
+        "batch_rows": args.batch_rows,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
     }))
 

@@ -88,3 +88,46 @@ def tiny_model_dir(demo_model_path) -> Path:
         tokenizer.save_pretrained(staging)
         staging.rename(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_workflow(tiny_model_dir, tmp_path_factory):
+    """One complete run of the real workflow on the tiny model (CPU): 18 neurons in 6 layers
+    (3 layer blocks of 2) x 6 prompts (chunks of 4 and 2), i.e. 6 effect shards. Shared,
+    read-only, by the workflow, input and browser tests; copy it to change anything.
+
+    Returns ``(workdir, input_bytes)``, ``input_bytes`` the input files' bytes before the run."""
+    from workflow_helpers import snakemake, write_workdir
+
+    workdir = write_workdir(tmp_path_factory.mktemp("tiny-run") / "run", str(tiny_model_dir),
+                            device="cpu", sharding={"layers_per_shard": 2,
+                                                    "prompts_per_chunk": 4})
+    before = {name: (workdir / name).read_bytes() for name in ("neurons.json", "prompts.jsonl")}
+    snakemake(workdir, "--cores", "2")
+    return workdir, before
+
+
+# Llama-3.1-8B's config.json (meta-llama/Llama-3.1-8B-Instruct), without weights or tokenizer.
+LLAMA_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 128256,
+}
+
+
+@pytest.fixture(scope="session")
+def llama_8b_dir(tmp_path_factory) -> Path:
+    """A local model folder holding only Llama-3.1-8B's config.json: enough for the layer and
+    index checks and for planning (a dry run loads nothing)."""
+    import json
+
+    folder = tmp_path_factory.mktemp("llama-3.1-8b-config")
+    (folder / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG, indent=1))
+    return folder

@@ -47,3 +47,23 @@ def assert_exact_decomposition(frame: pd.DataFrame) -> None:
         frame["direct_frozen_norm"] + frame["norm_mediated"] + frame["indirect"], frame["total"])
     np.testing.assert_array_equal(frame["norm_mediated"],
                                   frame["direct"] - frame["direct_frozen_norm"])
+
+
+def assert_activations_equal_manual_recompute(model: LlamaFamily, input_ids: list[int]) -> CleanRun:
+    """activations[L] == act_fn(gate_proj(x)) * up_proj(x) at the last position, x being the
+    MLP's input (post_attention_layernorm of the residual) captured by a hook in the forward."""
+    inputs = []
+    handles = [block.mlp.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+               for block in model.layers]
+    try:
+        clean = run_clean(model, input_ids, "p")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(inputs) == model.n_layers
+    for layer, block in enumerate(model.layers):
+        x = inputs[layer][0, -1]
+        manual = block.mlp.act_fn(block.mlp.gate_proj(x)) * block.mlp.up_proj(x)
+        torch.testing.assert_close(clean.activations[layer], manual.detach(), rtol=1e-5,
+                                   atol=1e-5)
+    return clean

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from engine_checks import assert_exact_decomposition, fast_and_reference, random_neurons
+from engine_checks import (
+    assert_activations_equal_manual_recompute,
+    assert_exact_decomposition,
+    fast_and_reference,
+    random_neurons,
+)
 from neuron_effects.clean import run_clean
 from neuron_effects.direct import Readout, direct_effects
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
@@ -139,22 +144,7 @@ def test_last_layer_total_equals_direct():
 
 
 def test_activations_equal_manual_recompute():
-    """activations[L] == act_fn(gate_proj(x)) * up_proj(x) at the last position, with x the
-    MLP's input (post_attention_layernorm of the residual)."""
-    model = tiny_model()
-    inputs = []
-    handles = [block.mlp.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
-               for block in model.layers]
-    try:
-        clean = run_clean(model, PROMPT, "p")
-    finally:
-        for handle in handles:
-            handle.remove()
-    for layer, block in enumerate(model.layers):
-        x = inputs[layer][0, -1]
-        manual = block.mlp.act_fn(block.mlp.gate_proj(x)) * block.mlp.up_proj(x)
-        torch.testing.assert_close(clean.activations[layer], manual.detach(), rtol=1e-5,
-                                   atol=1e-5)
+    clean = assert_activations_equal_manual_recompute(tiny_model(), PROMPT)
     assert clean.activations.abs().max() > 0.1
 
 

@@ -55,3 +55,27 @@ def snakemake(workdir: Path, *arguments: str, check: bool = True, timeout: float
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-6000:]}")
     return result
+
+
+def executed_jobs(output: str) -> list[tuple[str, dict[str, str]]]:
+    """``(rule, wildcards)`` of every job block Snakemake printed (run, touch or dry run), in
+    order: the blocks start with ``rule X:``, ``localrule X:``, ``checkpoint X:`` or
+    ``localcheckpoint X:``."""
+    import re
+
+    jobs: list[tuple[str, dict[str, str]]] = []
+    for line in output.splitlines():
+        header = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):$", line)
+        if header:
+            jobs.append((header.group(1), {}))
+        elif jobs and line.startswith("    wildcards: "):
+            jobs[-1][1].update(
+                part.split("=", 1) for part in line[len("    wildcards: "):].split(", "))
+    return jobs
+
+
+def jobs_of(output: str, rule: str) -> set[str]:
+    """The jobs of ``rule`` in Snakemake's output, named by their wildcard values joined by
+    ``_`` (``L00-01_c000`` for a shard, ``c000`` for a chunk)."""
+    return {"_".join(wildcards.values()) for name, wildcards in executed_jobs(output)
+            if name == rule}

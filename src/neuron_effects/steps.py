@@ -16,7 +16,6 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -59,7 +58,10 @@ def prepare_inputs(
     tokenizer = load_tokenizer(spec)
     rows = []
     for record in records:
-        prepared = prepare_prompt(tokenizer, record, chat_template, system_prompt)
+        try:
+            prepared = prepare_prompt(tokenizer, record, chat_template, system_prompt)
+        except InputError as error:  # name the file too, as the parse-time checks do
+            raise InputError(f"{prompts_path}: {error}") from error
         check_prompt_length(config, len(prepared.input_ids),
                             f"{prompts_path}: line {record.line}: prompt {record.prompt_id!r}")
         for warning in prepared.warnings:

@@ -1,21 +1,25 @@
 rule cache_clean_runs:
     input:
         # ancient: the table changes whenever any prompt does; params say which chunk changed
-        prompts=ancient(rules.prepare_inputs.output.prompts),
+        # (str(): ancient() flags the object in place, which would make it ancient for every
+        # other rule that names rules.prepare_inputs.output.prompts too)
+        prompts=ancient(str(rules.prepare_inputs.output.prompts)),
         model=ancient(model_files),
     output:
         "results/clean/{chunk}.safetensors",
-    params:
-        model=MODEL,
-        prompt_ids=chunk_prompt_ids,
-        fingerprint=chunk_fingerprint,
     log:
         "logs/cache_clean_runs/{chunk}.log",
     benchmark:
         "benchmarks/cache_clean_runs/{chunk}.tsv"
+    conda:
+        "../../envs/neuron-effects.yaml"
     threads: 2
     resources:
         gpu=GPUS,
+    params:
+        model=MODEL,
+        prompt_ids=chunk_prompt_ids,
+        fingerprint=chunk_fingerprint,
     script:
         "../scripts/cache_clean_runs.py"
 
@@ -26,11 +30,13 @@ rule extract_activations:
     output:
         activations="results/activations/activations.safetensors",
         stats="results/activations/neuron_stats.parquet",
-    params:
-        active_threshold=config["activation_stats"]["active_threshold"],
     log:
         "logs/extract_activations.log",
     benchmark:
         "benchmarks/extract_activations/all.tsv"
+    conda:
+        "../../envs/neuron-effects.yaml"
+    params:
+        active_threshold=config["activation_stats"]["active_threshold"],
     script:
         "../scripts/extract_activations.py"

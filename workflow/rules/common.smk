@@ -8,7 +8,6 @@ from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.inputs import digest, model_location, read_neurons, read_prompts
 from neuron_effects.plan import make_plan
 
-
 validate(config, "../../config/config.schema.yaml")
 
 # Bad input stops the run here, before any job is submitted (file, line, record in the error).
@@ -60,11 +59,15 @@ def model_files(wildcards=None):
 
 
 def clean_chunks(wildcards=None):
-    return expand("results/clean/{chunk}.safetensors", chunk=[c.name for c in PLAN.chunks])
+    return expand(
+        "results/clean/{chunk}.safetensors", chunk=[c.name for c in PLAN.chunks]
+    )
 
 
 def effect_shards(wildcards=None):
-    return expand("results/effects/shards/{shard}.parquet", shard=[s.name for s in PLAN.shards])
+    return expand(
+        "results/effects/shards/{shard}.parquet", shard=[s.name for s in PLAN.shards]
+    )
 
 
 def chunk_prompt_ids(wildcards):
@@ -73,9 +76,7 @@ def chunk_prompt_ids(wildcards):
 
 def chunk_fingerprint(wildcards):
     """Changes when a prompt of the chunk, the prompt format or the model changes."""
-    return digest(
-        [PLAN.chunk(wildcards.chunk).fingerprint, PROMPT_FORMAT, MODEL]
-    )
+    return digest([PLAN.chunk(wildcards.chunk).fingerprint, PROMPT_FORMAT, MODEL])
 
 
 def shard_neurons(wildcards):
@@ -105,8 +106,14 @@ def activation_stats_if_needed(wildcards):
 def benchmark_files():
     """The benchmark files of the heavy jobs, for the report's compute-time table."""
     return [
-        *expand("benchmarks/cache_clean_runs/{chunk}.tsv", chunk=[c.name for c in PLAN.chunks]),
-        *expand("benchmarks/compute_effects/{shard}.tsv", shard=[s.name for s in PLAN.shards]),
+        *expand(
+            "benchmarks/cache_clean_runs/{chunk}.tsv",
+            chunk=[c.name for c in PLAN.chunks],
+        ),
+        *expand(
+            "benchmarks/compute_effects/{shard}.tsv",
+            shard=[s.name for s in PLAN.shards],
+        ),
         "benchmarks/extract_activations/all.tsv",
         "benchmarks/aggregate_effects/all.tsv",
         "benchmarks/validate_sample/all.tsv",

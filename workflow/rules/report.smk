@@ -13,6 +13,11 @@ rule render_report:
             caption="../report/report.rst",
             category="Report",
         ),
+    log:
+        "logs/render_report.log",
+    localrule: True
+    conda:
+        "../../envs/neuron-effects.yaml"
     params:
         settings={
             "model": config["model"],
@@ -27,8 +32,5 @@ rule render_report:
         },
         top_n=config["report"]["top_n"],
         benchmarks=benchmark_files(),
-    log:
-        "logs/render_report.log",
-    localrule: True
     script:
         "../scripts/render_report.py"

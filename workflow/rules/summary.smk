@@ -27,12 +27,14 @@ rule aggregate_effects:
         ),
         prompts="results/summary/prompts.parquet",
         labels=report(LABELS, caption="../report/labels.rst", category="Labels"),
-    params:
-        thresholds=config["classification"],
     log:
         "logs/aggregate_effects.log",
     benchmark:
         "benchmarks/aggregate_effects/all.tsv"
+    conda:
+        "../../envs/neuron-effects.yaml"
+    params:
+        thresholds=config["classification"],
     script:
         "../scripts/aggregate_effects.py"
 
@@ -49,16 +51,18 @@ rule validate_sample:
             caption="../report/validation.rst",
             category="Validation",
         ),
-    params:
-        model=MODEL,
-        settings=EFFECT_SETTINGS,
-        validation=config["validation"],
     log:
         "logs/validate_sample.log",
     benchmark:
         "benchmarks/validate_sample/all.tsv"
+    conda:
+        "../../envs/neuron-effects.yaml"
     threads: 2
     resources:
         gpu=GPUS,
+    params:
+        model=MODEL,
+        settings=EFFECT_SETTINGS,
+        validation=config["validation"],
     script:
         "../scripts/validate_sample.py"

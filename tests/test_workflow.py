@@ -1,0 +1,509 @@
+"""The workflow as a whole: lint and format, the output contract on the tiny model, the shard
+plan at the seed's scale (Llama-3.1-8B shape, 8,177 neurons x 100 prompts), which shards rerun
+after an edit, and resumption inside a shard killed with SIGKILL."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from neuron_effects.aggregate import CLASSES, UNDETERMINED, Thresholds
+from neuron_effects.inputs import read_neurons, read_prompts
+from neuron_effects.plan import make_plan
+from workflow_helpers import REPO, SNAKEMAKE, jobs_of, snakemake, write_workdir
+
+CONTRACT_COLUMNS = ["prompt_id", "neuron_id", "layer", "neuron", "activation", "target_id",
+                    "target_token", "direct", "indirect", "total", "direct_frozen_norm",
+                    "norm_mediated", "direct_ratio", "cancellation", "sign_aligned",
+                    "prob_change_direct", "prob_change_total"]
+LOGIT_DIFF_COLUMNS = ["direct_logit_diff", "indirect_logit_diff", "total_logit_diff",
+                      "direct_frozen_norm_logit_diff", "norm_mediated_logit_diff"]
+TOP_K_COLUMNS = [f"top_k_{kind}_{stat}" for kind in ("direct", "indirect", "total")
+                 for stat in ("mean", "max", "tokens")]
+LABEL_FIELDS = {"effect_type", "direct_ratio", "effect_type_frozen_norm",
+                "direct_ratio_frozen_norm"}
+
+
+# --- lint and format ----------------------------------------------------------------------------
+
+def test_snakemake_lint_is_clean(tmp_path, llama_8b_dir):
+    workdir = write_workdir(tmp_path / "lint", str(llama_8b_dir))
+    result = snakemake(workdir, "--lint", check=False)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "Lints for" not in result.stdout
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout
+
+
+def test_snakefmt_check_is_clean():
+    result = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "Snakefile",
+                             "workflow/"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"All \d+ file\(s\) would be left unchanged", result.stderr)
+
+
+def test_python_lint_is_clean():
+    """ruff with the project's rules (pyproject.toml): no unused imports or names, no undefined
+    names, no bugbear findings, in the package, the scripts, the tests and the benchmarks."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "All checks passed!" in result.stdout
+
+
+def test_conda_env_pins_match_requirements():
+    """envs/neuron-effects.yaml (for --sdm conda) installs exactly the runtime pins of
+    requirements.txt, less Snakemake and its plugin (which run the rules, not inside them)."""
+    pins = {line.split("==")[0].lower(): line for line in
+            (REPO / "requirements.txt").read_text().splitlines()
+            if line and not line.startswith("#")}
+    for runner in ("snakemake", "snakemake-executor-plugin-slurm"):
+        assert pins.pop(runner)
+    env = yaml.safe_load((REPO / "envs/neuron-effects.yaml").read_text())
+    pip = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
+    assert sorted(pip) == sorted([*pins.values(), ".."])
+
+
+# --- the output contract on the tiny model ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def outputs(tiny_workflow):
+    workdir, before = tiny_workflow
+    return {
+        "workdir": workdir,
+        "profiles": json.loads(before["neurons.json"]),
+        "prompt_ids": [json.loads(line)["prompt_id"]
+                       for line in before["prompts.jsonl"].decode().splitlines()],
+        "per_prompt": pd.read_parquet(workdir / "results/effects/per_prompt.parquet"),
+        "neurons": pd.read_parquet(workdir / "results/summary/neurons.parquet"),
+        "layers": pd.read_parquet(workdir / "results/summary/layers.parquet"),
+        "documents": json.loads((workdir / "results/summary/neurons.json").read_text()),
+        "labels": json.loads((workdir / "results/labels/neurons.with_effects.json").read_text()),
+        "validation": json.loads((workdir / "results/validation/summary.json").read_text()),
+    }
+
+
+@pytest.mark.slow
+def test_all_outputs_exist(outputs):
+    workdir = outputs["workdir"]
+    for path in ("results/effects/per_prompt.parquet", "results/summary/neurons.parquet",
+                 "results/summary/neurons.json", "results/summary/layers.parquet",
+                 "results/summary/prompts.parquet", "results/labels/neurons.with_effects.json",
+                 "results/validation/summary.json", "results/validation/pairs.parquet",
+                 "results/activations/neuron_stats.parquet", "results/report/report.html"):
+        assert (workdir / path).stat().st_size > 0, path
+    shards = sorted(p.stem for p in (workdir / "results/effects/shards").glob("*.parquet"))
+    assert shards == [f"L{b:02d}-{b + 1:02d}_c00{c}" for b in (0, 2, 4) for c in (0, 1)]
+    # each shard assembled its units and removed its progress folder
+    assert list((workdir / "results/effects/partial").glob("*")) == []
+
+
+@pytest.mark.slow
+def test_per_prompt_table_contract(outputs):
+    table = outputs["per_prompt"]
+    missing = [c for c in CONTRACT_COLUMNS + LOGIT_DIFF_COLUMNS + TOP_K_COLUMNS
+               if c not in table.columns]
+    assert not missing
+    assert list(table.columns[:4]) == ["prompt_id", "neuron_id", "layer", "neuron"]
+    # one row per (prompt, neuron): exactly the input's prompts x the input's neurons
+    assert not table.duplicated(["prompt_id", "neuron_id"]).any()
+    neuron_ids = [p["neuron_id"] for p in outputs["profiles"]["profiles"]]
+    assert len(table) == len(outputs["prompt_ids"]) * len(neuron_ids) == 6 * 18
+    assert set(zip(table["prompt_id"], table["neuron_id"])) == {
+        (p, n) for p in outputs["prompt_ids"] for n in neuron_ids}
+    by_id = {p["neuron_id"]: (p["layer"], p["neuron"]) for p in outputs["profiles"]["profiles"]}
+    assert [by_id[n] for n in table["neuron_id"]] == list(zip(table["layer"], table["neuron"]))
+    # the definitions hold row by row, and the effects are not all zero
+    numbers = table[["direct", "indirect", "total", "direct_frozen_norm", "norm_mediated",
+                     "activation"]].to_numpy()
+    assert np.isfinite(numbers).all()
+    np.testing.assert_allclose(table["direct"] + table["indirect"], table["total"], atol=1e-5)
+    np.testing.assert_allclose(table["direct"] - table["direct_frozen_norm"],
+                               table["norm_mediated"], atol=1e-5)
+    defined = table["ratio_defined"]
+    assert defined.mean() > 0.9
+    ratio = table["direct"].abs() / (table["direct"].abs() + table["indirect"].abs())
+    np.testing.assert_allclose(table.loc[defined, "direct_ratio"], ratio[defined], atol=1e-6)
+    assert table.loc[defined, "direct_ratio"].between(0, 1).all()
+    assert (table["sign_aligned"] == (table["direct"] * table["indirect"] > 0)).all()
+    assert table["total"].abs().median() > 1e-3
+    assert table["target_token"].str.len().gt(0).all()
+    assert table["top_k_total_tokens"].map(len).eq(10).all()  # metrics.top_k
+
+
+@pytest.mark.slow
+def test_neuron_summary_and_json_plan_shape(outputs):
+    neurons, documents = outputs["neurons"], outputs["documents"]
+    assert len(neurons) == len(documents) == 18
+    assert neurons["classification"].isin([*CLASSES, UNDETERMINED]).all()
+    assert neurons["classification"].nunique() >= 2  # the tiny model gives several classes
+    expected = Thresholds().classify(neurons["mean_direct_ratio"].to_numpy())
+    assert (neurons["classification"].to_numpy() == expected).all()
+    per_prompt = outputs["per_prompt"]
+    for document in documents:
+        assert set(document) >= {"neuron_id", "layer", "neuron", "effect_summary",
+                                 "sign_alignment", "per_prompt_breakdown"}
+        summary, alignment = document["effect_summary"], document["sign_alignment"]
+        assert set(summary) >= {"mean_direct_ratio", "std_direct_ratio", "median_direct_ratio",
+                                "classification", "consistency"}
+        assert set(alignment) == {"aligned_fraction", "interpretation"}
+        assert alignment["interpretation"] == ("reinforcing" if alignment["aligned_fraction"]
+                                               >= 0.5 else "opposing")
+        rows = per_prompt[per_prompt["neuron_id"] == document["neuron_id"]]
+        assert [b["prompt_id"] for b in document["per_prompt_breakdown"]] == \
+            rows["prompt_id"].tolist()
+        assert summary["mean_direct_ratio"] == pytest.approx(
+            rows.loc[rows["ratio_defined"], "direct_ratio"].mean(), abs=1e-9)
+        assert summary["median_direct_ratio"] == pytest.approx(
+            rows.loc[rows["ratio_defined"], "direct_ratio"].median(), abs=1e-9)
+        row = neurons.set_index("neuron_id").loc[document["neuron_id"]]
+        assert summary["classification"] == row["classification"]
+        assert alignment["aligned_fraction"] == pytest.approx(row["aligned_fraction"])
+
+
+@pytest.mark.slow
+def test_layer_summary(outputs):
+    layers, neurons = outputs["layers"], outputs["neurons"]
+    assert layers["layer"].tolist() == list(range(6))
+    assert layers["n_neurons"].tolist() == [3] * 6
+    counts = layers[[f"n_{label.replace('-', '_')}" for label in (*CLASSES, UNDETERMINED)]]
+    assert (counts.sum(axis=1) == layers["n_neurons"]).all()
+    for label in CLASSES:
+        expected = neurons[neurons["classification"] == label].groupby("layer").size()
+        column = layers.set_index("layer")[f"n_{label.replace('-', '_')}"]
+        assert column.to_dict() == {layer: int(expected.get(layer, 0)) for layer in range(6)}
+
+
+@pytest.mark.slow
+def test_enriched_labels_keep_the_input_shape(outputs):
+    original, labels = outputs["profiles"], outputs["labels"]
+    assert list(labels) == list(original)  # same top-level keys, same order
+    assert labels["source"] == original["source"]
+    assert len(labels["profiles"]) == len(original["profiles"])
+    classes = outputs["neurons"].set_index("neuron_id")
+    for before, after in zip(original["profiles"], labels["profiles"]):
+        assert set(after) == set(before) | LABEL_FIELDS
+        assert {k: v for k, v in after.items() if k not in LABEL_FIELDS} == before
+        assert list(after)[:len(before)] == list(before)  # original fields first, in order
+        row = classes.loc[before["neuron_id"]]
+        assert after["effect_type"] == row["classification"]
+        assert after["direct_ratio"] == pytest.approx(row["mean_direct_ratio"])
+        assert after["effect_type_frozen_norm"] == row["classification_frozen_norm"]
+
+
+@pytest.mark.slow
+def test_validation_passed(outputs):
+    validation = outputs["validation"]
+    assert validation["passed"] is True
+    assert validation["n_pairs"] == 4
+    assert validation["dtype"] == "float32" and validation["device"] == "cpu"
+    assert 0 <= validation["max_abs_diff"] <= validation["tolerance"] == 1e-4
+
+
+@pytest.mark.slow
+def test_snakemake_report_renders(tiny_workflow, tmp_path):
+    workdir, _ = tiny_workflow
+    report = tmp_path / "report.html"
+    result = snakemake(workdir, "--report", str(report))
+    assert "Report created" in result.stdout
+    text = report.read_text()
+    assert report.stat().st_size > 100_000
+    for name in ("report.html", "per_prompt.parquet", "neurons.json",
+                 "neurons.with_effects.json", "summary.json"):
+        assert name in text, name
+
+
+# --- the shard plan at the seed's scale (dry runs and --touch, nothing computed) ----------------
+
+EMPTY_LAYERS = range(8, 12)  # the block L08-11 holds no neuron: no shards for it
+
+
+@pytest.fixture(scope="module")
+def seed_scale(tmp_path_factory, llama_8b_dir):
+    """A working directory shaped like the seed's job: config/llama-3.1-8b.yaml (4 layers per
+    shard, 25 prompts per chunk) on a Llama-3.1-8B config, 8,177 neurons, 100 prompts."""
+    seed = yaml.safe_load((REPO / "config/llama-3.1-8b.yaml").read_text())
+    overrides = {key: value for key, value in seed.items()
+                 if key not in ("model", "neurons", "prompts")}
+    workdir = write_workdir(tmp_path_factory.mktemp("seed-scale") / "run", str(llama_8b_dir),
+                            **overrides)
+    rng = random.Random(2026)
+    layers = [layer for layer in range(32) if layer not in EMPTY_LAYERS]
+    units: set[tuple[int, int]] = set()
+    while len(units) < 8177:
+        units.add((rng.choice(layers), rng.randrange(14336)))
+    profiles = [{"neuron_id": f"L{layer}/N{neuron}", "layer": layer, "neuron": neuron,
+                 "label": f"profile {index}", "mean_activation": round(rng.gauss(0, 1), 4)}
+                for index, (layer, neuron) in enumerate(sorted(units))]
+    (workdir / "neurons.json").write_text(json.dumps({"model": "Llama-3.1-8B",
+                                                       "profiles": profiles}))
+    (workdir / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt_id": f"q{i:03d}", "prompt": f"Clinical question {i}: the answer is",
+                    "target": " yes", "distractor": " no"}) + "\n" for i in range(100)))
+    return workdir
+
+
+def _expected_blocks(workdir: Path) -> list[str]:
+    layers = {p["layer"] for p in json.loads((workdir / "neurons.json").read_text())["profiles"]}
+    return sorted({f"L{4 * (layer // 4):02d}-{4 * (layer // 4) + 3:02d}" for layer in layers})
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    stats = output[output.index("Job stats:"):]
+    return {m.group(1): int(m.group(2))
+            for m in re.finditer(r"^(\w+)\s+(\d+)$", stats.split("\n\n")[0], re.M)}
+
+
+@pytest.mark.slow
+def test_seed_scale_plan(seed_scale):
+    result = snakemake(seed_scale, "-n")
+    blocks = _expected_blocks(seed_scale)
+    chunks = [f"c{i:03d}" for i in range(4)]
+    assert len(blocks) == 7  # 8 blocks of 4 layers, one of them empty
+    assert jobs_of(result.stdout, "compute_effects") == {f"{b}_{c}" for b in blocks
+                                                         for c in chunks}
+    assert jobs_of(result.stdout, "cache_clean_runs") == set(chunks)
+    counts = _job_counts(result.stdout)
+    assert counts["compute_effects"] == 28 and counts["cache_clean_runs"] == 4
+    assert counts["total"] == 1 + 4 + 28 + 5  # prepare, clean, shards, 4 summaries + all
+
+
+def _create(workdir: Path, paths) -> None:
+    for path in paths:
+        (workdir / path).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / path).write_bytes(b"")
+
+
+def _record_metadata(workdir: Path, outputs) -> None:
+    """--touch every job so that Snakemake records the metadata (params included) of every
+    output. --forceall: an output without metadata is neither rerun nor touched by default, and
+    without recorded params a later change of them would go unnoticed."""
+    snakemake(workdir, "--touch", "--forceall", "--cores", "1")
+    for path in outputs:
+        key = base64.b64encode(path.encode()).decode()
+        assert (workdir / ".snakemake/metadata" / key).exists(), path
+    assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+
+
+def _pretend_everything_ran(workdir: Path) -> set[str]:
+    """Create every planned output (empty) and record its metadata; returns the outputs."""
+    plan = snakemake(workdir, "-n").stdout
+    outputs = {path.strip() for match in re.finditer(r"^\s+output: (.*)$", plan, re.M)
+               for path in match.group(1).split(",")}
+    _create(workdir, outputs)
+    _record_metadata(workdir, outputs)
+    return outputs
+
+
+def _touch_run(workdir: Path) -> str:
+    """What a real run would execute now, without computing: --touch runs the checkpoint
+    prepare_inputs, re-evaluates the jobs below it, and touches what would rerun. Outputs of
+    new jobs are created afterwards (--touch only touches existing files)."""
+    output = snakemake(workdir, "--touch", "--cores", "1").stdout
+    new = [path for line in re.findall(r"Output files not touched because they don't exist: "
+                                       r"(.*)$", output, re.M) for path in line.split(", ")]
+    if new:
+        _create(workdir, new)
+        _record_metadata(workdir, new)
+    return output
+
+
+@pytest.mark.slow
+def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
+    assert len(_pretend_everything_ran(seed_scale)) == 2 + 4 + 28 + 2 + 6 + 2 + 1
+    blocks = _expected_blocks(seed_scale)
+    heavy = ("cache_clean_runs", "compute_effects", "extract_activations")
+
+    # 1. one profile's neuron index changes (layer 13 -> block L12-15): its 4 shards rerun
+    path = seed_scale / "neurons.json"
+    document = json.loads(path.read_text())
+    profile = next(p for p in document["profiles"] if p["layer"] == 13)
+    taken = {(p["layer"], p["neuron"]) for p in document["profiles"]}
+    new_index = next(n for n in range(profile["neuron"] + 1, 14336) if (13, n) not in taken)
+    profile.update(neuron=new_index, neuron_id=f"L13/N{new_index}")
+    path.write_text(json.dumps(document))
+    output = _touch_run(seed_scale)
+    assert jobs_of(output, "compute_effects") == {f"L12-15_c00{c}" for c in range(4)}
+    assert not jobs_of(output, "cache_clean_runs") and not jobs_of(output, "extract_activations")
+    for rule in ("prepare_inputs", "aggregate_effects", "validate_sample", "render_report"):
+        assert jobs_of(output, rule) == {""}, rule
+
+    # 2. one prompt appended: 101 prompts open a fifth chunk, c004; only its shards run
+    with (seed_scale / "prompts.jsonl").open("a") as handle:
+        handle.write(json.dumps({"prompt_id": "q100", "prompt": "One more question:"}) + "\n")
+    output = _touch_run(seed_scale)
+    assert jobs_of(output, "compute_effects") == {f"{b}_c004" for b in blocks}
+    assert jobs_of(output, "cache_clean_runs") == {"c004"}
+    assert jobs_of(output, "extract_activations") == {""}
+    assert (seed_scale / "results/effects/shards/L28-31_c004.parquet").exists()
+
+    # 3. another one: the last chunk c004 (now 2 prompts) changes; c000-c003 stay
+    with (seed_scale / "prompts.jsonl").open("a") as handle:
+        handle.write(json.dumps({"prompt_id": "q101", "prompt": "And the last one:"}) + "\n")
+    output = _touch_run(seed_scale)
+    assert jobs_of(output, "compute_effects") == {f"{b}_c004" for b in blocks}
+    assert jobs_of(output, "cache_clean_runs") == {"c004"}
+
+    # 4. nothing changed: nothing reruns
+    assert "Nothing to be done" in snakemake(seed_scale, "-n").stdout
+    assert not any(jobs_of(_touch_run(seed_scale), rule) for rule in heavy)
+
+
+# --- the same on the tiny model, with real runs -------------------------------------------------
+
+def _copy_run(source: Path, destination: Path) -> Path:
+    """A copy of a finished run that Snakemake sees as up to date (mtimes and metadata kept)."""
+    shutil.copytree(source, destination, symlinks=True)
+    assert "Nothing to be done" in snakemake(destination, "-n").stdout
+    return destination
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*")}
+
+
+@pytest.mark.slow
+def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_path):
+    workdir = _copy_run(tiny_workflow[0], tmp_path / "run")
+    shards, clean = workdir / "results/effects/shards", workdir / "results/clean"
+    before = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
+    shard_times, clean_times = _mtimes(shards), _mtimes(clean)
+
+    # 1. profile L3/N10 becomes L3/N60: the two shards of block L02-03 rerun, nothing else heavy
+    path = workdir / "neurons.json"
+    document = json.loads(path.read_text())
+    profile = next(p for p in document["profiles"] if p["neuron_id"] == "L3/N10")
+    profile.update(neuron=60, neuron_id="L3/N60")
+    path.write_text(json.dumps(document, indent=1))
+    output = snakemake(workdir, "--cores", "2").stdout
+    assert jobs_of(output, "compute_effects") == {"L02-03_c000", "L02-03_c001"}
+    assert not jobs_of(output, "cache_clean_runs")
+    after = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
+    assert "L3/N60" in set(after["neuron_id"]) and "L3/N10" not in set(after["neuron_id"])
+    assert len(after) == len(before)
+    changed = {name for name, t in _mtimes(shards).items() if t != shard_times[name]}
+    assert changed == {"L02-03_c000.parquet", "L02-03_c001.parquet"}
+    kept = ~before["neuron_id"].eq("L3/N10")
+    pd.testing.assert_frame_equal(
+        before[kept].reset_index(drop=True),
+        after[~after["neuron_id"].eq("L3/N60")].reset_index(drop=True), rtol=0, atol=1e-6)
+    labels = json.loads((workdir / "results/labels/neurons.with_effects.json").read_text())
+    assert "L3/N60" in {p["neuron_id"] for p in labels["profiles"]}
+
+    # 2. a 7th prompt: chunk c001 (2 -> 3 prompts) reruns with its 3 shards; c000 stays
+    shard_times = _mtimes(shards)
+    demo = (REPO / "config/demo/prompts.jsonl").read_text().splitlines()
+    with (workdir / "prompts.jsonl").open("a") as handle:
+        handle.write(demo[6] + "\n")
+    output = snakemake(workdir, "--cores", "2").stdout
+    assert jobs_of(output, "cache_clean_runs") == {"c001"}
+    assert jobs_of(output, "compute_effects") == {"L00-01_c001", "L02-03_c001", "L04-05_c001"}
+    assert {name for name, t in _mtimes(shards).items() if t != shard_times[name]} == {
+        "L00-01_c001.parquet", "L02-03_c001.parquet", "L04-05_c001.parquet"}
+    assert _mtimes(clean)["c000.safetensors"] == clean_times["c000.safetensors"]
+    final = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
+    assert final["prompt_id"].nunique() == 7 and len(final) == 7 * 18
+    assert not final.duplicated(["prompt_id", "neuron_id"]).any()
+    old = after.set_index(["prompt_id", "neuron_id"])
+    pd.testing.assert_frame_equal(final.set_index(["prompt_id", "neuron_id"]).loc[old.index],
+                                  old, rtol=0, atol=1e-6)
+    assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+
+
+# --- resumption inside a shard killed with SIGKILL ----------------------------------------------
+
+SHARD = "L00-05_c000"
+UNIT = re.compile(r"INFO unit (n\d+_p\d+) ")
+
+
+@pytest.mark.slow
+def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_model_dir):
+    """One shard of 30 neurons x 12 prompts in 360 units (one neuron each): kill the whole
+    Snakemake process group with SIGKILL once some units are saved, rerun, and check that
+    exactly the missing units are computed and that the result equals an uninterrupted run."""
+    import torch
+
+    from neuron_effects.effects import EffectSettings
+    from neuron_effects.model import ModelSpec
+    from neuron_effects.steps import compute_shard
+
+    workdir = write_workdir(tmp_path / "run", str(tiny_model_dir), n_prompts=12,
+                            neurons_per_layer=5, device="cpu",
+                            sharding={"layers_per_shard": 6, "prompts_per_chunk": 12},
+                            compute={"neurons_per_block": 1})
+    target = f"results/effects/shards/{SHARD}.parquet"
+    snakemake(workdir, "--cores", "2", "results/clean/c000.safetensors")
+    command = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(workdir / "config.yaml"), "--cores", "2", target]
+    with (tmp_path / "killed.out").open("w") as log:
+        process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    partial = workdir / "results/effects/partial" / SHARD
+    deadline = time.monotonic() + 300
+    try:
+        while len(list(partial.glob("*/*.parquet"))) < 25:
+            assert process.poll() is None, "the shard finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    time.sleep(1.0)  # nothing may still be writing: the group is dead
+    folders = list(partial.iterdir())
+    assert len(folders) == 1  # one fingerprint folder
+    done = {p.stem: p.stat().st_mtime_ns for p in folders[0].glob("*.parquet")}
+    time.sleep(1.0)
+    assert {p.stem: p.stat().st_mtime_ns for p in folders[0].glob("*.parquet")} == done
+    all_units = {f"n{b:03d}_p{p:05d}" for b in range(30) for p in range(12)}
+    assert 25 <= len(done) < len(all_units) and set(done) <= all_units
+    assert not (workdir / target).exists()
+    killed_log = (workdir / f"logs/compute_effects/{SHARD}.log").read_text()
+    assert "0 already done (resuming)" in killed_log
+
+    snakemake(workdir, "--unlock")
+    snakemake(workdir, "--cores", "2", "--rerun-incomplete", target)
+    log = (workdir / f"logs/compute_effects/{SHARD}.log").read_text()
+    assert f"30 neurons x 12 prompts in 360 units; {len(done)} already done (resuming)" in log
+    recomputed = UNIT.findall(log)
+    assert len(recomputed) == len(set(recomputed))
+    assert set(recomputed) == all_units - set(done)  # exactly the missing units, none twice
+    assert not partial.exists()  # assembled, progress removed
+
+    # the result equals an uninterrupted run of the same shard
+    resumed = pd.read_parquet(workdir / target)
+    assert len(resumed) == 360 and not resumed.duplicated(["prompt_id", "neuron_id"]).any()
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    plan = make_plan(read_neurons(workdir / "neurons.json"), read_prompts(workdir / "prompts.jsonl"),
+                     6, 12)
+    torch.set_num_threads(2)
+    reference_path = tmp_path / "reference.parquet"
+    compute_shard(ModelSpec(str(tiny_model_dir), device="cpu"),
+                  str(workdir / "results/clean/c000.safetensors"), plan.shard(SHARD).neuron_table,
+                  EffectSettings(treatment=config["treatment"], positions=config["positions"],
+                                 full_vocab=True, top_k=10, noise_floor=1e-4, vocab_rows=64),
+                  str(reference_path), str(tmp_path / "partial"), "reference",
+                  neurons_per_block=1)
+    reference = pd.read_parquet(reference_path)
+    assert list(resumed.columns) == list(reference.columns)
+    assert resumed[["prompt_id", "neuron_id"]].equals(reference[["prompt_id", "neuron_id"]])
+    numeric = [c for c in reference.columns if pd.api.types.is_numeric_dtype(reference[c])
+               and not pd.api.types.is_bool_dtype(reference[c])]
+    assert "direct" in numeric and "total" in numeric
+    np.testing.assert_allclose(resumed[numeric].to_numpy(float), reference[numeric].to_numpy(float),
+                               rtol=0, atol=1e-6)
+    others = [c for c in reference.columns if c not in numeric]
+    for column in others:
+        assert resumed[column].map(repr).equals(reference[column].map(repr)), column
