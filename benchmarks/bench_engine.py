@@ -85,25 +85,28 @@ def main() -> None:
                [:args.per_layer]]
     settings = EffectSettings(batch_rows=args.batch_rows)
 
-    started = time.perf_counter()
-    block = neuron_block(model, neurons, settings.full_vocab)
-    fast = pd.concat([compute_effects(model, clean, block, settings, target, distractor)
-                      .assign(prompt_id=p.prompt_id)
-                      for p, clean, (target, distractor) in zip(prepared, cleans, targets)])
-    fast_seconds = time.perf_counter() - started
-    fast_count = len(neurons) * len(prepared)
-
+    # The two paths alternate prompt by prompt, so that a change in the machine's load during
+    # the run (other processes on a shared machine) weighs on both alike.
     subset = [n for i, n in enumerate(neurons) if i % args.per_layer < args.naive_per_layer]
     readout = Readout(model)
-    rows, started = [], time.perf_counter()
+    started = time.perf_counter()
+    block = neuron_block(model, neurons, settings.full_vocab)
+    fast_seconds, naive_seconds = time.perf_counter() - started, 0.0
+    tables, rows = [], []
     for p, clean, (target, distractor) in zip(prepared, cleans, targets):
+        started = time.perf_counter()
+        tables.append(compute_effects(model, clean, block, settings, target, distractor)
+                      .assign(prompt_id=p.prompt_id))
+        fast_seconds += time.perf_counter() - started
+        started = time.perf_counter()
         clean_logits = reference_clean_logits(model, clean.input_ids)  # once per prompt
         for neuron in subset:
             rows.append({"prompt_id": p.prompt_id, "neuron_id": neuron.neuron_id,
                          **naive_row(model, clean, clean_logits, readout, neuron, target,
                                      distractor, settings)})
-    naive_seconds = time.perf_counter() - started
-    naive = pd.DataFrame(rows)
+        naive_seconds += time.perf_counter() - started
+    fast, naive = pd.concat(tables), pd.DataFrame(rows)
+    fast_count = len(neurons) * len(prepared)
 
     joined = naive.merge(fast, on=["prompt_id", "neuron_id"], suffixes=("_naive", ""))
     differences = {name: float(np.nanmax(np.abs(joined[f"{name}_naive"] - joined[name])))

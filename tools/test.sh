@@ -11,5 +11,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
       --no-install-recommends chromium >/dev/null
   fi
+  # Slurm: a one-node cluster on localhost with fake GPUs for tests/test_slurm.py (apt packages,
+  # daemons started directly; ~20 s the first time). Stopped again at exit if started here. If
+  # it fails, the Slurm tests try once more themselves and report why (fail under CI).
+  if ! tools/local-slurm.sh status >/dev/null 2>&1; then
+    if tools/local-slurm.sh all; then
+      trap 'tools/local-slurm.sh stop >/dev/null 2>&1 || true' EXIT
+    else
+      echo "[test.sh] tools/local-slurm.sh all failed; the Slurm tests will say why" >&2
+    fi
+  fi
 fi
 .venv/bin/python -m pytest "$@"
