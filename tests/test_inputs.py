@@ -507,17 +507,19 @@ def _duplicate_prompt(workdir: Path) -> str:
     return r"prompts\.jsonl: line 7: duplicate prompt_id 'heart_chambers' \(first on line 2\)"
 
 
-def _missing_model(workdir: Path) -> str:
+def _set_config(workdir: Path, key: str, value: str) -> None:
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["model"] = str(workdir / "models" / "absent")
+    config[key] = value
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def _missing_model(workdir: Path) -> str:
+    _set_config(workdir, "model", str(workdir / "models" / "absent"))
     return rf"model path not found: {re.escape(str(workdir / 'models' / 'absent'))}"
 
 
 def _unknown_treatment(workdir: Path) -> str:
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["treatment"] = "knockout"
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    _set_config(workdir, "treatment", "knockout")
     return r"'knockout' is not one of"
 
 

@@ -36,7 +36,17 @@ import pytest
 import yaml
 
 from conftest import skip_or_fail
-from workflow_helpers import REPO, SNAKEMAKE, jobs_of, snakemake, write_workdir
+from workflow_helpers import (
+    REPO,
+    SNAKEMAKE,
+    UNIT,
+    copy_run,
+    jobs_of,
+    move_neuron,
+    snakemake,
+    snakemake_command,
+    write_workdir,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -48,7 +58,7 @@ C000 = ["L00-01_c000", "L02-03_c000", "L04-05_c000"]  # the shards of the 4-prom
 RESULT_TABLES = ["results/effects/per_prompt.parquet", "results/summary/neurons.parquet",
                  "results/summary/layers.parquet", "results/summary/prompts.parquet"]
 RESULT_DOCUMENTS = ["results/summary/neurons.json", "results/labels/neurons.with_effects.json"]
-UNIT = re.compile(r"INFO unit (n\d+_p\d+) ")
+RUN_ID = re.compile(r"SLURM run ID: (\S+)")
 RESUMED = re.compile(r"in (\d+) units; (\d+) already done \(resuming\)")
 
 
@@ -105,24 +115,18 @@ def test_profile(tmp_path_factory) -> Path:
 
 
 def slurm_command(workdir: Path, test_profile: Path, *arguments: str) -> list[str]:
-    return [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / "config.yaml"), "--profile", str(PROFILE),
-            "--profile", str(test_profile), *arguments]
+    return snakemake_command(workdir, "--profile", str(PROFILE), "--profile", str(test_profile),
+                             *arguments)
 
 
 def run_slurm(workdir: Path, test_profile: Path, *arguments: str, check: bool = True,
               env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(slurm_command(workdir, test_profile, *arguments), cwd=workdir,
-                            capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {})})
-    result.stdout = result.stdout + result.stderr
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-8000:]}")
-    return result
+    return snakemake(workdir, "--profile", str(PROFILE), "--profile", str(test_profile),
+                     *arguments, check=check, env=env, timeout=timeout)
 
 
 def run_id(output: str) -> str:
-    match = re.search(r"SLURM run ID: (\S+)", output)
+    match = RUN_ID.search(output)
     assert match, output[-3000:]
     return match.group(1)
 
@@ -181,14 +185,6 @@ def _assert_close(got, want, where: str) -> None:
         assert (math.isnan(got) and math.isnan(want)) or abs(got - want) <= 1e-6, where
     else:
         assert got == want, where
-
-
-def copy_run(source: Path, destination: Path) -> Path:
-    """A copy of a finished run that Snakemake sees as up to date (mtimes and metadata kept)."""
-    shutil.copytree(source, destination, symlinks=True)
-    shutil.rmtree(destination / ".snakemake" / "slurm_logs", ignore_errors=True)
-    assert "Nothing to be done" in snakemake(destination, "-n").stdout
-    return destination
 
 
 # --- one complete run through the profile -------------------------------------------------------
@@ -262,11 +258,7 @@ def test_profile_resolves_by_name_from_the_repository_root(tmp_path):
 def test_edit_reruns_only_the_affected_shards(slurm_run, test_profile, tmp_path):
     workdir = copy_run(slurm_run["workdir"], tmp_path / "run")
     before = pd.read_parquet(workdir / RESULT_TABLES[0])
-    path = workdir / "neurons.json"
-    document = json.loads(path.read_text())
-    profile = next(p for p in document["profiles"] if p["neuron_id"] == "L3/N10")
-    profile.update(neuron=60, neuron_id="L3/N60")
-    path.write_text(json.dumps(document, indent=1))
+    assert move_neuron(workdir, "L3/N10", 60) == "L3/N60"
 
     # what would rerun (README): the input checks are a checkpoint, so a dry run lists the
     # shards only once they have run (a local rule, seconds); every job comes with its reason
@@ -368,7 +360,7 @@ class Controller:
 
     def run_id(self, timeout: float = 120) -> str:
         deadline = time.monotonic() + timeout
-        while not (match := re.search(r"SLURM run ID: (\S+)", self.output())):
+        while not (match := RUN_ID.search(self.output())):
             assert self.process.poll() is None, self.output()
             assert time.monotonic() < deadline, self.output()
             time.sleep(0.2)
@@ -520,7 +512,7 @@ def test_killed_controller_recovers_with_the_documented_commands(slurm_run, test
     # the README's recovery: find the dead run's id in its log, cancel its jobs (named by that
     # id), unlock, and rerun the same command
     logs = sorted((workdir / ".snakemake/log").glob("*.snakemake.log"))
-    ids = re.findall(r"SLURM run ID: (\S+)", "".join(p.read_text() for p in logs))
+    ids = RUN_ID.findall("".join(p.read_text() for p in logs))
     assert ids[-1] == name and name.startswith("neuron_effects_")
     orphans = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True,
                              check=True).stdout.split("\n")

@@ -9,7 +9,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +23,16 @@ import yaml
 from neuron_effects.aggregate import CLASSES, UNDETERMINED, Thresholds
 from neuron_effects.inputs import read_neurons, read_prompts
 from neuron_effects.plan import make_plan
-from workflow_helpers import REPO, SNAKEMAKE, jobs_of, snakemake, write_workdir
+from workflow_helpers import (
+    REPO,
+    UNIT,
+    copy_run,
+    jobs_of,
+    move_neuron,
+    snakemake,
+    snakemake_command,
+    write_workdir,
+)
 
 CONTRACT_COLUMNS = ["prompt_id", "neuron_id", "layer", "neuron", "activation", "target_id",
                     "target_token", "direct", "indirect", "total", "direct_frozen_norm",
@@ -364,30 +372,19 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
 
 # --- the same on the tiny model, with real runs -------------------------------------------------
 
-def _copy_run(source: Path, destination: Path) -> Path:
-    """A copy of a finished run that Snakemake sees as up to date (mtimes and metadata kept)."""
-    shutil.copytree(source, destination, symlinks=True)
-    assert "Nothing to be done" in snakemake(destination, "-n").stdout
-    return destination
-
-
 def _mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*")}
 
 
 @pytest.mark.slow
 def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_path):
-    workdir = _copy_run(tiny_workflow[0], tmp_path / "run")
+    workdir = copy_run(tiny_workflow[0], tmp_path / "run")
     shards, clean = workdir / "results/effects/shards", workdir / "results/clean"
     before = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
     shard_times, clean_times = _mtimes(shards), _mtimes(clean)
 
     # 1. profile L3/N10 becomes L3/N60: the two shards of block L02-03 rerun, nothing else heavy
-    path = workdir / "neurons.json"
-    document = json.loads(path.read_text())
-    profile = next(p for p in document["profiles"] if p["neuron_id"] == "L3/N10")
-    profile.update(neuron=60, neuron_id="L3/N60")
-    path.write_text(json.dumps(document, indent=1))
+    assert move_neuron(workdir, "L3/N10", 60) == "L3/N60"
     output = snakemake(workdir, "--cores", "2").stdout
     assert jobs_of(output, "compute_effects") == {"L02-03_c000", "L02-03_c001"}
     assert not jobs_of(output, "cache_clean_runs")
@@ -426,7 +423,6 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
 # --- resumption inside a shard killed with SIGKILL ----------------------------------------------
 
 SHARD = "L00-05_c000"
-UNIT = re.compile(r"INFO unit (n\d+_p\d+) ")
 
 
 @pytest.mark.slow
@@ -446,8 +442,7 @@ def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_mode
                             compute={"neurons_per_block": 1})
     target = f"results/effects/shards/{SHARD}.parquet"
     snakemake(workdir, "--cores", "2", "results/clean/c000.safetensors")
-    command = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), "--cores", "2", target]
+    command = snakemake_command(workdir, "--cores", "2", target)
     with (tmp_path / "killed.out").open("w") as log:
         process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+# A shard's log line for each unit it computes (not for those it finds already saved).
+UNIT = re.compile(r"INFO unit (n\d+_p\d+) ")
 
 
 def write_workdir(
@@ -43,26 +47,48 @@ def write_workdir(
     return root
 
 
+def snakemake_command(workdir: Path, *arguments: str) -> list[str]:
+    """The command that runs the repository's Snakefile in ``workdir`` with its ``config.yaml``."""
+    return [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "config.yaml"), *arguments]
+
+
 def snakemake(workdir: Path, *arguments: str, check: bool = True, timeout: float = 900,
               env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run the repository's Snakefile in ``workdir`` with its ``config.yaml``; output captured
-    (stdout and stderr together)."""
-    command = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), *arguments]
-    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True,
-                            timeout=timeout, env={**os.environ, **(env or {})})
+    """Run :func:`snakemake_command`; output captured (stdout and stderr together)."""
+    result = subprocess.run(snakemake_command(workdir, *arguments), cwd=workdir,
+                            capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
     result.stdout = result.stdout + result.stderr
     if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-6000:]}")
+        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-8000:]}")
     return result
+
+
+def copy_run(source: Path, destination: Path) -> Path:
+    """A copy of a finished run that Snakemake sees as up to date (mtimes and metadata kept;
+    the Slurm job logs of a cluster run are left behind)."""
+    shutil.copytree(source, destination, symlinks=True)
+    shutil.rmtree(destination / ".snakemake" / "slurm_logs", ignore_errors=True)
+    assert "Nothing to be done" in snakemake(destination, "-n").stdout
+    return destination
+
+
+def move_neuron(workdir: Path, neuron_id: str, new_index: int) -> str:
+    """Edit one profile of ``workdir/neurons.json``: neuron ``neuron_id`` gets index
+    ``new_index`` (and the matching id, returned), its layer and other fields unchanged."""
+    path = workdir / "neurons.json"
+    document = json.loads(path.read_text())
+    profile = next(p for p in document["profiles"] if p["neuron_id"] == neuron_id)
+    profile.update(neuron=new_index, neuron_id=f"L{profile['layer']}/N{new_index}")
+    path.write_text(json.dumps(document, indent=1))
+    return profile["neuron_id"]
 
 
 def executed_jobs(output: str) -> list[tuple[str, dict[str, str]]]:
     """``(rule, wildcards)`` of every job block Snakemake printed (run, touch or dry run), in
     order: the blocks start with ``rule X:``, ``localrule X:``, ``checkpoint X:`` or
     ``localcheckpoint X:``."""
-    import re
-
     jobs: list[tuple[str, dict[str, str]]] = []
     for line in output.splitlines():
         header = re.match(r"^(?:local)?(?:rule|checkpoint) (\w+):$", line)
