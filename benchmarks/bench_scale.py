@@ -1,4 +1,4 @@
-"""Benchmark at scale: a random-weight model with Llama-3.1-8B's exact shape, in bf16.
+"""Benchmark at scale: a random-weight model with Llama-3.1-8B's exact shape (float32 or bf16).
 
 Measures the fast exact path (:func:`neuron_effects.effects.compute_effects`) on one prompt of
 ``--prompt-tokens`` random tokens: treated rows per second for neurons of one start layer (at
@@ -6,11 +6,13 @@ several layer positions) and for a uniform mix of all layers, with full-vocabula
 with target-only metrics; achieved TFLOP/s against a FLOP model; peak memory; and the projected
 time of the user's job (8,177 neurons x 100 prompts) from the measured mixed-layer throughput.
 
-On CUDA the model is Llama-3.1-8B-shaped (no download: random weights, 16 GB in bf16). Without a
+On CUDA the model is Llama-3.1-8B-shaped (no download: random weights, 32 GB in float32, 16 GB
+in bf16). Without a
 GPU it runs a scaled-down Llama config (same code path) so that it stays runnable here; the
 projection then also gives the H200 time implied by the FLOP model.
 
 Usage: .venv/bin/python benchmarks/bench_scale.py [--device auto] [--prompt-tokens 128]
+       [--dtype float32|bfloat16] [--tf32]   (--tf32: allow TF32, to measure what it would gain)
 The last line printed is one JSON object.
 """
 
@@ -27,7 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from neuron_effects.clean import run_clean
 from neuron_effects.effects import EffectSettings, auto_batch_rows, compute_effects, neuron_block
 from neuron_effects.inputs import Neuron
-from neuron_effects.model import LlamaFamily
+from neuron_effects.model import DTYPES, LlamaFamily, precision_flags, set_precision_flags
 
 LLAMA_31_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -43,6 +45,7 @@ CPU_SCALED = {**LLAMA_31_8B, "hidden_size": 1024, "intermediate_size": 3584,
               "vocab_size": 32064}
 USER_JOB = {"neurons": 8177, "prompts": 100}
 H200_BF16_PEAK = 790e12  # dense bf16 FLOP/s measured on such a machine (issue 5)
+H200_FP32_PEAK = 67e12  # dense float32 FLOP/s without TF32 (H100 SXM and H200 alike)
 
 
 def layer_flops(config: LlamaConfig, n_tokens: int) -> float:
@@ -85,7 +88,14 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--rows", type=int, default=0, help="rows per batch (0: auto)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 products")
     args = parser.parse_args()
+    set_precision_flags()
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     shape = LLAMA_31_8B if device.type == "cuda" else CPU_SCALED
@@ -93,7 +103,7 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.perf_counter()
     with torch.device(device):
-        torch.set_default_dtype(torch.bfloat16)
+        torch.set_default_dtype(DTYPES[args.dtype])
         causal_lm = LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)
     model = LlamaFamily(causal_lm)
@@ -150,13 +160,15 @@ def main() -> None:
                    + USER_JOB["neurons"] * 4 * full["block_ms_per_neuron"] / 1e3
                    + USER_JOB["prompts"] * clean_seconds)
     llama = LlamaConfig(**LLAMA_31_8B)
+    peak = H200_FP32_PEAK if args.dtype == "float32" else H200_BF16_PEAK
     job_flop = USER_JOB["prompts"] * sum(
         row_flops(llama, layer, args.prompt_tokens, True) * USER_JOB["neurons"]
         / llama.num_hidden_layers for layer in range(llama.num_hidden_layers))
     print(json.dumps({
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model_shape": "Llama-3.1-8B" if shape is LLAMA_31_8B else "Llama-3.1-8B scaled down",
-        "dtype": "bfloat16", "prompt_tokens": args.prompt_tokens,
+        "dtype": args.dtype, "precision_flags": precision_flags(),
+        "prompt_tokens": args.prompt_tokens,
         "build_seconds": round(build_seconds, 1), "clean_forward_ms": round(1e3 * clean_seconds, 2),
         **{f"{mode}_{key}": value for mode, values in results.items()
            for key, value in values.items()},
@@ -164,8 +176,8 @@ def main() -> None:
         "user_job_perturbations": perturbations,
         "projected_user_job_seconds_this_device": round(job_seconds, 1),
         "user_job_pflop_llama_8b": round(job_flop / 1e15, 2),
-        "h200_seconds_at_peak": round(job_flop / H200_BF16_PEAK, 1),
-        "h200_seconds_at_40pct_mfu": round(job_flop / (0.4 * H200_BF16_PEAK), 1),
+        "h200_seconds_at_peak": round(job_flop / peak, 1),
+        "h200_seconds_at_40pct_mfu": round(job_flop / (0.4 * peak), 1),
     }))
 
 

@@ -219,6 +219,15 @@ def test_validation_passed(outputs):
     assert validation["n_pairs"] == 4
     assert validation["dtype"] == "float32" and validation["device"] == "cpu"
     assert 0 <= validation["max_abs_diff"] <= validation["tolerance"] == 1e-4
+    # the reference ran at a higher precision than the run, on the same weights
+    assert validation["reference_dtype"] == "float64" and validation["reference_note"] is None
+    assert set(validation["relative_error"]) == {"direct", "indirect", "total"}
+    assert validation["relative_error"]["total"] < 1e-3
+    assert validation["rows_off_10pct"] == 0.0 and validation["max_relative_error"] == 0.05
+    assert validation["precision_flags"]["float32_matmul_precision"] == "highest"
+    assert validation["failure"] is None and validation["dtype_warning"] is None
+    log = (outputs["workdir"] / "logs/validate_sample.log").read_text().splitlines()
+    assert "validation PASSED" in log[-1]
 
 
 @pytest.mark.slow

@@ -31,9 +31,10 @@ class CleanRun:
     input_ids: torch.Tensor  # [T] int64
     layer_outputs: torch.Tensor  # [n_layers, hidden], model dtype
     final_hidden: torch.Tensor  # [hidden], model dtype
-    logits: torch.Tensor  # [vocab], float32
-    activations: torch.Tensor  # [n_layers, intermediate], float32
-    activation_sums: torch.Tensor  # [n_layers, intermediate], float32, summed over positions
+    # the next three in the readout dtype: float32 (float64 in a float64 model)
+    logits: torch.Tensor  # [vocab]
+    activations: torch.Tensor  # [n_layers, intermediate]
+    activation_sums: torch.Tensor  # [n_layers, intermediate], summed over positions
     prefix_keys: torch.Tensor  # [n_layers, kv_heads, T-1, head_dim], model dtype
     prefix_values: torch.Tensor  # [n_layers, kv_heads, T-1, head_dim], model dtype
     full_layer_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # L -> [T, hidden]
@@ -95,7 +96,7 @@ def run_clean(
 
     def keep_activations(layer: int):
         def hook(module, args):
-            acts = args[0][0].float()  # [T, intermediate]
+            acts = args[0][0].to(model.readout_dtype)  # [T, intermediate]
             if not torch.isfinite(acts).all():
                 raise FloatingPointError(
                     f"prompt {prompt_id!r}: non-finite MLP activations at layer {layer}"
@@ -119,7 +120,7 @@ def run_clean(
     finally:
         for handle in handles:
             handle.remove()
-    logits = output.logits[0, -1].float()
+    logits = output.logits[0, -1].to(model.readout_dtype)
     if not torch.isfinite(logits).all():
         raise FloatingPointError(f"prompt {prompt_id!r}: non-finite logits")
     keys, values = zip(*(_cache_layer(output.past_key_values, layer) for layer in range(n_layers)))

@@ -1,11 +1,12 @@
-"""The final readout in float32, and the DIRECT effects, computed algebraically (no forward).
+"""The final readout in float32 (float64 for a float64 model), and the DIRECT effects, computed algebraically (no forward).
 
 Readout of a final pre-norm hidden state ``h`` (the input of ``model.model.norm``) over a set of
 vocabulary rows ``W`` of ``lm_head`` (all of them, or only the target/distractor rows):
 
     logits(h) = W (g * h) / r(h),      r(h) = sqrt(mean(h^2) + eps)
 
-in float32 even when the model runs in bf16 (``g``: the final norm's weight).
+in float32 even when the model runs in bf16, in float64 when it runs in float64 (``g``: the
+final norm's weight).
 
 Freezing every downstream layer at its clean value makes the final hidden state ``h_c + V``
 (``h_c``: the clean one, last position). With ``A = W (g * h_c)`` and the neuron's unembedded
@@ -25,17 +26,19 @@ from .model import LlamaFamily
 
 
 class Readout:
-    """Final norm and unembedding in float32, over all vocabulary rows or the given ones."""
+    """Final norm and unembedding in the model's readout dtype (max(float32, model dtype)), over
+    all vocabulary rows or the given ones."""
 
     def __init__(self, model: LlamaFamily, token_ids: torch.Tensor | None = None):
         norm_weight, unembedding, eps = model.readout()
         self.norm_weight = norm_weight
+        self.dtype = norm_weight.dtype
         self.eps = eps
         self.token_ids = token_ids
         self.unembedding = unembedding if token_ids is None else unembedding[token_ids]
 
     def inverse_rms(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``1 / r(h)`` for rows h [B, hidden] (float32) -> [B, 1]."""
+        """``1 / r(h)`` for rows h [B, hidden] (readout dtype) -> [B, 1]."""
         return torch.rsqrt(hidden.pow(2).mean(dim=-1, keepdim=True) + self.eps)
 
     def unnormalized(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -43,8 +46,9 @@ class Readout:
         return (hidden * self.norm_weight) @ self.unembedding.T
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``W (g * h) / r(h)`` for rows h [B, hidden] (any dtype; computed in float32)."""
-        hidden = hidden.float()
+        """``W (g * h) / r(h)`` for rows h [B, hidden] (any dtype; computed in the readout
+        dtype)."""
+        hidden = hidden.to(self.dtype)
         return self.unnormalized(hidden) * self.inverse_rms(hidden)
 
 
@@ -58,12 +62,12 @@ def direct_effects(
     clean_hidden: h_c [hidden]; directions: w_n [B, hidden]; unembedded_directions: B_n = W (g*w_n)
     [B, vocab rows] (from :meth:`Readout.unnormalized`). Returns ``(direct, direct_frozen_norm,
     clean_logits)``: [B, vocab rows], [B, vocab rows or len(frozen_columns)] and [vocab rows],
-    float32. A zero V gives exactly zero (the clean row is normalized in the same batch as the
+    in the readout dtype. A zero V gives exactly zero (the clean row is normalized in the same batch as the
     treated rows).
     """
-    clean_hidden = clean_hidden.float()
-    scales = scales.float()[:, None]
-    rows = torch.cat([clean_hidden[None], clean_hidden + scales * directions.float()])
+    clean_hidden = clean_hidden.to(readout.dtype)
+    scales = scales.to(readout.dtype)[:, None]
+    rows = torch.cat([clean_hidden[None], clean_hidden + scales * directions.to(readout.dtype)])
     inverse = readout.inverse_rms(rows)
     clean_unnormalized = readout.unnormalized(clean_hidden[None])  # A
     clean_logits = clean_unnormalized * inverse[0]

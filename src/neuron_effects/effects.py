@@ -42,14 +42,14 @@ class EffectSettings:
     top_k: int = 10
     noise_floor: float = 1e-4  # |d| + |i| below this: direct_ratio undefined
     batch_rows: int | None = None  # treated rows per replay batch; None: from free memory
-    vocab_rows: int = 64  # rows per vocabulary-wide metric chunk (kept small: cache-resident)
+    vocab_rows: int | None = None  # rows per vocabulary-wide metric chunk; None: per device
 
     def __post_init__(self) -> None:
         if self.treatment not in TREATMENTS:
             raise ValueError(f"unknown treatment {self.treatment!r} (use {', '.join(TREATMENTS)})")
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r} (use {', '.join(POSITIONS)})")
-        if min(self.batch_rows or 1, self.vocab_rows, self.top_k) < 1:
+        if min(self.batch_rows or 1, self.vocab_rows or 1, self.top_k) < 1:
             raise ValueError("batch_rows, vocab_rows and top_k must be >= 1")
 
 
@@ -97,22 +97,46 @@ def _with_baselines(layers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 CPU_BATCH_ROWS = 512  # on a CPU, larger batches gain nothing and leave the cache
+# Rows per vocabulary-wide metric chunk: on a CPU few enough that the [rows x vocab] passes stay
+# in cache; on CUDA many, since each chunk ends in one blocking copy of its metrics to the host
+# (1024 x 128,256 x 4 B = 0.5 GB per float32 [rows x vocab] matrix on Llama-3.1-8B).
+VOCAB_ROWS = {"cpu": 64, "cuda": 1024}
+VOCAB_CHUNK_MATRICES = 6  # [vocab_rows x vocab] matrices alive at once in the metric passes
+
+
+def auto_vocab_rows(device: torch.device) -> int:
+    """``compute.vocab_rows: auto``: 64 on a CPU, 1024 on CUDA (:data:`VOCAB_ROWS`)."""
+    return VOCAB_ROWS["cuda" if device.type == "cuda" else "cpu"]
 
 
 def auto_batch_rows(model: LlamaFamily, n_tokens: int, full_vocab: bool,
+                    positions: str = "last", vocab_rows: int | None = None,
                     free_bytes: int | None = None) -> int:
-    """Rows per replay batch that fit in ~60 % of the free device memory (CUDA), from a
-    per-row estimate: residual, attention and MLP intermediates in the model dtype, float32
-    attention scores over the prompt, and the float32 logits row (full-vocabulary metrics)."""
+    """Rows per replay batch that fit in ~60 % of the free device memory (CUDA).
+
+    Per row, for the ``P = T - 1`` prompt positions before the last and ``S`` replayed
+    positions (``S = 1`` for ``positions: last``, ``S = T`` for ``all``): residual, attention and
+    MLP intermediates of S tokens in the model dtype; readout-dtype attention scores and
+    probabilities (4 copies) of S queries over ``P + S`` keys per head; the row's own keys and
+    values in the readout dtype; and the readout-dtype logits row (full-vocabulary metrics).
+    The vocabulary-wide metric chunk (``vocab_rows`` rows) is taken off the free memory first.
+    """
     if model.device.type != "cuda" and free_bytes is None:
         return CPU_BATCH_ROWS
     if free_bytes is None:
         free_bytes = torch.cuda.mem_get_info(model.device)[0]
     width = torch.finfo(model.dtype).bits // 8
-    per_row = (width * (8 * model.hidden_size + 4 * model.intermediate_size)
-               + 4 * 4 * model.n_heads * (n_tokens + model.head_dim)
-               + (4 * model.vocab_size if full_vocab else 0))
-    return int(max(16, min(16384, 0.6 * free_bytes // per_row)) // 16 * 16)
+    wide = torch.finfo(model.readout_dtype).bits // 8
+    replayed = n_tokens if positions == "all" else 1
+    prefix = n_tokens - 1 if positions == "last" else 0
+    per_row = (replayed * width * (8 * model.hidden_size + 4 * model.intermediate_size)
+               + 4 * wide * model.n_heads * replayed * (prefix + replayed)
+               + 2 * wide * model.n_kv_heads * model.head_dim * replayed
+               + (wide * model.vocab_size if full_vocab else 0))
+    chunk = VOCAB_CHUNK_MATRICES * wide * model.vocab_size * (
+        (vocab_rows or auto_vocab_rows(model.device)) if full_vocab else 0)
+    usable = max(0.0, 0.6 * free_bytes - chunk)
+    return int(max(16, min(16384, usable // per_row)) // 16 * 16)
 
 
 @torch.inference_mode()
@@ -141,7 +165,9 @@ def compute_effects(
         target_column, distractor_column = 0, (1 if distractor_id is not None else None)
         frozen_columns = None
     means = mean_activations.to(device) if mean_activations is not None else None
-    batch_rows = settings.batch_rows or auto_batch_rows(model, clean.n_tokens, settings.full_vocab)
+    vocab_rows = settings.vocab_rows or auto_vocab_rows(device)
+    batch_rows = settings.batch_rows or auto_batch_rows(
+        model, clean.n_tokens, settings.full_vocab, settings.positions, vocab_rows)
     parts: list[dict[str, np.ndarray]] = []
     for start in range(0, len(block), batch_rows):
         rows = slice(start, start + batch_rows)
@@ -159,15 +185,16 @@ def compute_effects(
             scale = scales[:, -1]
             vectors = scales[:, :, None] * directions[:, None, :]
         starts, treated, baseline = _with_baselines(layers)
-        replay_vectors = torch.zeros((len(starts), *vectors.shape[1:]), device=device)
+        replay_vectors = torch.zeros((len(starts), *vectors.shape[1:]), device=device,
+                                     dtype=vectors.dtype)
         replay_vectors[treated] = vectors
         replay = (perturbed_final_hidden if settings.positions == "last"
                   else perturbed_final_hidden_all_positions)
         # One unembedding GEMM for the whole batch (W_U is read once), then the memory-bound
         # vocabulary-wide work in small row chunks that stay in cache.
         final_logits = readout.logits(replay(model, clean, starts, replay_vectors))
-        for part in range(0, len(layers), settings.vocab_rows):
-            chunk = slice(part, part + settings.vocab_rows)
+        for part in range(0, len(layers), vocab_rows):
+            chunk = slice(part, part + vocab_rows)
             total = final_logits[treated[chunk]] - final_logits[baseline[chunk]]
             unembedded = (block.unembedded[rows][chunk] if block.unembedded is not None
                           else readout.unnormalized(directions[chunk]))

@@ -43,6 +43,19 @@ def ratio_columns(
     }
 
 
+def _to_host(tensors: dict[str, torch.Tensor], rows: int) -> dict[str, np.ndarray]:
+    """Copy [rows] and [rows, k] device tensors to the host as float64 arrays in one transfer
+    (one stacked tensor, one ``.cpu()``): on CUDA each copy is a blocking synchronisation."""
+    flat = [tensor.reshape(rows, -1).double() for tensor in tensors.values()]
+    stacked = torch.cat(flat, dim=1).cpu().numpy()
+    host, start = {}, 0
+    for (name, tensor), part in zip(tensors.items(), flat):
+        width = part.shape[1]
+        host[name] = stacked[:, start:start + width].reshape(rows, *tensor.shape[1:])
+        start += width
+    return host
+
+
 def effect_metrics(
     direct: torch.Tensor, direct_frozen_norm: torch.Tensor, total: torch.Tensor,
     clean_logits: torch.Tensor, target_column: int, distractor_column: int | None,
@@ -58,45 +71,49 @@ def effect_metrics(
     vectors = {"direct": direct, "total": total, "indirect": total - direct,
                "direct_frozen_norm": direct_frozen_norm}
     rows = direct.shape[0]
-    columns: dict[str, np.ndarray] = {}
-    # Scalars: the measured ones from the float32 vectors, the derived ones as float64
-    # differences of those, so total = direct_frozen_norm + norm_mediated + indirect exactly.
+    # Every per-row value is gathered on the device and copied to the host in ONE transfer.
+    on_device: dict[str, torch.Tensor] = {}
     for measured in ("direct", "total", "direct_frozen_norm"):
         target, distractor = ((0, 1) if measured == "direct_frozen_norm"
                               else (target_column, distractor_column))
-        at_target = vectors[measured][:, target].double().cpu().numpy()
-        columns[measured] = at_target
-        columns[f"{measured}_logit_diff"] = (
-            np.full(rows, np.nan) if distractor_column is None
-            else at_target - vectors[measured][:, distractor].double().cpu().numpy())
-    for suffix in ("", "_logit_diff"):
-        columns[f"indirect{suffix}"] = columns[f"total{suffix}"] - columns[f"direct{suffix}"]
-        columns[f"norm_mediated{suffix}"] = (columns[f"direct{suffix}"]
-                                             - columns[f"direct_frozen_norm{suffix}"])
+        on_device[measured] = vectors[measured][:, target]
+        if distractor_column is not None:
+            on_device[f"{measured}@distractor"] = vectors[measured][:, distractor]
     if full_vocab:
         clean_max = clean_logits.max()
         clean_shifted = clean_logits - clean_max
         clean_prob = (clean_shifted[target_column] - torch.logsumexp(clean_shifted, -1)).exp()
+        for name in FULL_VOCAB_EFFECTS:
+            vector = vectors[name]
+            shifted = vector + clean_shifted  # c + E - max(c): log-sum-exp without a max pass
+            at_target = shifted[:, target_column].clone()
+            log_norm = shifted.exp_().sum(dim=-1).log()
+            unsafe = ~torch.isfinite(log_norm) | (log_norm < -80)
+            if bool(unsafe.any()):  # |E| large enough to over/underflow: the careful way
+                log_norm[unsafe] = torch.logsumexp(vector[unsafe] + clean_shifted, dim=-1)
+            on_device[f"prob_change_{name}"] = (at_target - log_norm).exp() - clean_prob
+            values, tokens = vector.abs().topk(min(top_k, vector.shape[1]), dim=-1)
+            on_device[f"top_k_{name}_mean"] = values.mean(dim=-1)
+            on_device[f"top_k_{name}_max"] = values[:, 0]
+            on_device[f"top_k_{name}_tokens"] = tokens  # ids < 2^53: exact in float64
+    host = _to_host(on_device, rows)
+    columns: dict[str, np.ndarray] = {}
+    # Scalars: the measured ones from the float32 vectors, the derived ones as float64
+    # differences of those, so total = direct_frozen_norm + norm_mediated + indirect exactly.
+    for measured in ("direct", "total", "direct_frozen_norm"):
+        columns[measured] = host[measured]
+        columns[f"{measured}_logit_diff"] = (
+            np.full(rows, np.nan) if distractor_column is None
+            else host[measured] - host[f"{measured}@distractor"])
+    for suffix in ("", "_logit_diff"):
+        columns[f"indirect{suffix}"] = columns[f"total{suffix}"] - columns[f"direct{suffix}"]
+        columns[f"norm_mediated{suffix}"] = (columns[f"direct{suffix}"]
+                                             - columns[f"direct_frozen_norm{suffix}"])
     for name in FULL_VOCAB_EFFECTS:
-        if not full_vocab:
-            columns[f"prob_change_{name}"] = np.full(rows, np.nan)
-            columns[f"top_k_{name}_mean"] = np.full(rows, np.nan)
-            columns[f"top_k_{name}_max"] = np.full(rows, np.nan)
-            columns[f"top_k_{name}_tokens"] = np.empty((rows, 0), dtype=np.int64)
-            continue
-        vector = vectors[name]
-        shifted = vector + clean_shifted  # c + E - max(c): log-sum-exp without a max pass
-        at_target = shifted[:, target_column].clone()
-        log_norm = shifted.exp_().sum(dim=-1).log()
-        unsafe = ~torch.isfinite(log_norm) | (log_norm < -80)
-        if bool(unsafe.any()):  # |E| large enough to over/underflow: the careful way
-            log_norm[unsafe] = torch.logsumexp(vector[unsafe] + clean_shifted, dim=-1)
-        change = (at_target - log_norm).exp() - clean_prob
-        columns[f"prob_change_{name}"] = change.double().cpu().numpy()
-        values, tokens = vector.abs().topk(min(top_k, vector.shape[1]), dim=-1)
-        columns[f"top_k_{name}_mean"] = values.mean(dim=-1).double().cpu().numpy()
-        columns[f"top_k_{name}_max"] = values[:, 0].double().cpu().numpy()
-        columns[f"top_k_{name}_tokens"] = tokens.cpu().numpy()
+        for column in (f"prob_change_{name}", f"top_k_{name}_mean", f"top_k_{name}_max"):
+            columns[column] = host[column] if full_vocab else np.full(rows, np.nan)
+        columns[f"top_k_{name}_tokens"] = (host[f"top_k_{name}_tokens"].astype(np.int64)
+                                           if full_vocab else np.empty((rows, 0), dtype=np.int64))
     columns.update(ratio_columns(columns["direct"], columns["indirect"], columns["total"],
                                  noise_floor))
     frozen = columns["direct_frozen_norm"]

@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where the model comes from and how to run it (``auto``: bf16 on CUDA, float32 on CPU)."""
+    """Where the model comes from and how to run it (``dtype: auto`` = float32 on every device)."""
 
     model: str
     tokenizer: str | None = None
@@ -53,10 +53,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """``auto`` -> float32 on every device. bfloat16/float16 are explicit choices only: they
+    round single-neuron effects away (:func:`neuron_effects.precision.low_precision_warning`)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float32
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r} (use auto, {', '.join(DTYPES)})")
     return DTYPES[dtype]
@@ -137,28 +138,103 @@ def load_tokenizer(spec: ModelSpec) -> Any:
         raise InputError(f"cannot load the tokenizer of {spec.model}: {error}") from error
 
 
-def load_model(spec: ModelSpec) -> "LlamaFamily":
-    """Load the weights (dtype and device from ``spec``) and wrap them in the adapter."""
+def set_precision_flags() -> None:
+    """Full-precision float32 products everywhere: TF32 off for CUDA matmuls and cuDNN,
+    ``torch.set_float32_matmul_precision("highest")`` (also for the CPU's matmuls)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+def precision_flags() -> dict[str, Any]:
+    """The precision flags in force (for the validation summary): TF32 and the reduced-precision
+    reductions that bf16/fp16 matmuls may use on CUDA."""
+    matmul = torch.backends.cuda.matmul
+    return {
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "cuda_matmul_allow_tf32": bool(matmul.allow_tf32),
+        "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        "cuda_matmul_allow_bf16_reduced_precision_reduction":
+            bool(matmul.allow_bf16_reduced_precision_reduction),
+        "cuda_matmul_allow_fp16_reduced_precision_reduction":
+            bool(matmul.allow_fp16_reduced_precision_reduction),
+    }
+
+
+def parameter_count(spec: ModelSpec) -> int:
+    """Number of parameters of ``spec``'s model, from its config (on the meta device: no
+    weights are read or allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def load_model(spec: ModelSpec, compute_dtype: torch.dtype | None = None) -> "LlamaFamily":
+    """Load the weights onto ``spec``'s device in ``spec``'s dtype and wrap them in the adapter.
+
+    ``from_pretrained`` sets the dtype of the parameters only (the rotary ``inv_freq`` buffers
+    stay float32, as published) and, through ``device_map``, streams the weights straight onto
+    the device: host memory never holds the whole model. TF32 is switched off
+    (:func:`set_precision_flags`).
+
+    ``compute_dtype`` (the validation's reference path): load in this wider dtype instead, then
+    round every parameter to ``spec``'s dtype and back, so that the model has exactly the run's
+    rounded weights but computes at the higher precision.
+    """
     from transformers import AutoModelForCausalLM
 
     load_config(spec)
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    weights_dtype = resolve_dtype(spec.dtype)
+    set_precision_flags()
     location, extra = model_location(spec.model)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, trust_remote_code=spec.trust_remote_code, **extra
+            location, dtype=compute_dtype or weights_dtype, device_map={"": str(device)},
+            trust_remote_code=spec.trust_remote_code, **extra
         )
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load the model {spec.model}: {error}") from error
-    model.to(device=device, dtype=dtype)
+    if compute_dtype is not None and compute_dtype != weights_dtype:
+        round_parameters(model, weights_dtype)
     return LlamaFamily(model)
+
+
+@torch.no_grad()
+def round_parameters(module: nn.Module, dtype: torch.dtype) -> None:
+    """Round every parameter of ``module`` to ``dtype`` and back, in place (same dtype after)."""
+    for parameter in module.parameters():
+        parameter.copy_(parameter.to(dtype))
+
+
+@torch.no_grad()
+def cast_parameters(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the parameters (not the buffers: the rotary ``inv_freq`` stays float32) of
+    ``module`` to ``dtype`` in place, as ``from_pretrained(dtype=...)`` does; returns it."""
+    for parameter in module.parameters():
+        parameter.data = parameter.data.to(dtype)
+    return module
+
+
+def _float64_rms_norm(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """``g * h / sqrt(mean(h^2) + eps)`` in float64 (transformers' RMSNorm rounds through
+    float32 whatever the model dtype)."""
+    hidden = args[0]
+    eps = getattr(module, "variance_epsilon", None) or module.eps
+    return module.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + eps))
 
 
 class LlamaFamily:
     """Accessors for a loaded Llama-family ``...ForCausalLM``; raises a clear error otherwise.
 
-    Puts the model in eval mode without gradients (everything here is inference)."""
+    Puts the model in eval mode without gradients (everything here is inference). A float64
+    model gets its RMSNorms recomputed in float64 by forward hooks (transformers computes them in
+    float32); its RoPE angles stay float32, as transformers computes them for every dtype."""
 
     def __init__(self, model: nn.Module):
         model.eval()
@@ -202,6 +278,12 @@ class LlamaFamily:
         self.vocab_size = int(self.lm_head.out_features)
         self.device = self.lm_head.weight.device
         self.dtype = self.lm_head.weight.dtype
+        # final norm, unembedding and effect differences: float32, or float64 in a float64 model
+        self.readout_dtype = torch.promote_types(self.dtype, torch.float32)
+        if self.dtype == torch.float64:
+            for module in model.modules():
+                if type(module).__name__.endswith("RMSNorm"):
+                    module.register_forward_hook(_float64_rms_norm)
         attention = self.layers[0].self_attn
         self.head_dim = int(attention.head_dim)
         self.n_heads = int(attention.q_proj.out_features) // self.head_dim
@@ -214,25 +296,28 @@ class LlamaFamily:
         return str(getattr(self.config, "_name_or_path", "") or type(self.causal_lm).__name__)
 
     def output_directions(self, layers: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
-        """``w_n = layers[L].mlp.down_proj.weight[:, n]`` for each (L, n) row: [B, hidden], f32."""
-        directions = torch.empty(len(layers), self.hidden_size, device=self.device)
+        """``w_n = layers[L].mlp.down_proj.weight[:, n]`` for each (L, n) row: [B, hidden] in
+        the readout dtype."""
+        directions = torch.empty(len(layers), self.hidden_size, device=self.device,
+                                 dtype=self.readout_dtype)
         for layer in torch.unique(layers).tolist():
             rows = (layers == layer).nonzero().squeeze(1)
             weight = self.layers[layer].mlp.down_proj.weight
-            directions[rows] = weight[:, neurons[rows].to(weight.device)].T.float()
+            directions[rows] = weight[:, neurons[rows].to(weight.device)].T.to(self.readout_dtype)
         return directions
 
     def readout(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Float32 copies of the final norm weight ``g`` [hidden], the unembedding ``W_U``
-        [vocab, hidden] and the norm's epsilon, made once."""
+        """Copies in the readout dtype (float32; float64 for a float64 model) of the final norm
+        weight ``g`` [hidden], the unembedding ``W_U`` [vocab, hidden] and the norm's epsilon,
+        made once."""
         if self._readout is None:
             norm = self.final_norm
             eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
             if eps is None:
                 raise InputError(f"unsupported final norm {type(norm).__name__}: no epsilon")
             self._readout = (
-                norm.weight.detach().float(),
-                self.lm_head.weight.detach().float(),
+                norm.weight.detach().to(self.readout_dtype),
+                self.lm_head.weight.detach().to(self.readout_dtype),
                 float(eps),
             )
         return self._readout

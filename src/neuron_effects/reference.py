@@ -10,7 +10,8 @@
 * DIRECT with the final-norm scale frozen: the same forward, read out with the clean
   ``r(h_c)`` instead of recomputing it.
 
-Logits are read out from the final norm's input ``h`` (last position) in float32, as the
+Logits are read out from the final norm's input ``h`` (last position) in float32 (float64 for a
+float64 model: the readout dtype of :class:`~neuron_effects.model.LlamaFamily`), as the
 definitions ask: ``lm_head.weight @ (g * h) / sqrt(mean(h^2) + eps)``.
 
 Nothing here is used by the fast path; tests and the workflow's validation rule compare them.
@@ -28,11 +29,11 @@ from .treatments import add_to_residual
 def _logits(
     model: LlamaFamily, input_ids: torch.Tensor, inverse_rms: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """One forward; the last position's logits [vocab] read out in float32 from the final
+    """One forward; the last position's logits [vocab] read out in the readout dtype from the final
     norm's input (with ``inverse_rms`` instead of ``1 / r(h)`` when given)."""
     captured = []
     handle = model.final_norm.register_forward_pre_hook(
-        lambda module, args: captured.append(args[0][0, -1].float()))
+        lambda module, args: captured.append(args[0][0, -1].to(model.readout_dtype)))
     try:
         model.causal_lm(input_ids=input_ids.reshape(1, -1).to(model.device), logits_to_keep=1)
     finally:
@@ -73,19 +74,25 @@ def treated_logits(
 
 @torch.inference_mode()
 def reference_total(
-    model: LlamaFamily, input_ids: torch.Tensor, layer: int, vector: torch.Tensor
+    model: LlamaFamily, input_ids: torch.Tensor, layer: int, vector: torch.Tensor,
+    clean_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Total effect [vocab]: :func:`treated_logits` minus the untreated forward's logits."""
-    return treated_logits(model, input_ids, layer, vector) - _logits(model, input_ids)
+    """Total effect [vocab]: :func:`treated_logits` minus the untreated forward's logits
+    (``clean_logits``, from :func:`reference_clean_logits`, when given)."""
+    if clean_logits is None:
+        clean_logits = _logits(model, input_ids)
+    return treated_logits(model, input_ids, layer, vector) - clean_logits
 
 
 @torch.inference_mode()
 def reference_direct(
-    model: LlamaFamily, clean: CleanRun, layer: int, vector: torch.Tensor, freeze_norm: bool = False
+    model: LlamaFamily, clean: CleanRun, layer: int, vector: torch.Tensor, freeze_norm: bool = False,
+    clean_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Direct effect [vocab] of a last-position ``vector`` [hidden] added after layer ``layer``,
     with every downstream layer output frozen at its clean value (+ V). ``freeze_norm`` also
-    freezes the final norm's scale at its clean value."""
+    freezes the final norm's scale at its clean value. ``clean_logits``: as in
+    :func:`reference_total`."""
 
     def freeze(downstream: int):
         def hook(module, args, output):
@@ -98,16 +105,18 @@ def reference_direct(
     handles = [model.layers[downstream].register_forward_hook(freeze(downstream))
                for downstream in range(layer, model.n_layers)]
     _, _, eps = model.readout()
-    clean_inverse_rms = torch.rsqrt(clean.final_hidden.float().pow(2).mean() + eps)
+    clean_inverse_rms = torch.rsqrt(clean.final_hidden.to(model.readout_dtype).pow(2).mean() + eps)
     try:
         direct_logits = _logits(model, clean.input_ids, clean_inverse_rms if freeze_norm else None)
     finally:
         for handle in handles:
             handle.remove()
-    return direct_logits - _logits(model, clean.input_ids)
+    if clean_logits is None:
+        clean_logits = _logits(model, clean.input_ids)
+    return direct_logits - clean_logits
 
 
 @torch.inference_mode()
 def reference_clean_logits(model: LlamaFamily, input_ids: torch.Tensor) -> torch.Tensor:
-    """The untreated forward's last-position logits [vocab], read out in float32."""
+    """The untreated forward's last-position logits [vocab], read out in the readout dtype."""
     return _logits(model, input_ids)

@@ -29,6 +29,8 @@ td,th{border:1px solid #ddd;padding:.2rem .5rem;text-align:left;vertical-align:t
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .pass{background:#e6f4ea;border:1px solid #34a853;padding:.5rem 1rem}
 .fail{background:#fce8e6;border:1px solid #ea4335;padding:.5rem 1rem}
+.banner{background:#d93025;color:#fff;padding:.7rem 1rem;font-size:1.05rem}
+.warn{background:#fef7e0;border:1px solid #f9ab00;padding:.5rem 1rem}
 figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}img{max-width:100%}
 .defs{background:#f8f8f8;padding:.6rem 1rem;font-size:.9rem}code{font-size:.85rem}
 """
@@ -130,6 +132,49 @@ def _alignment(layers: pd.DataFrame) -> str:
     return _figure_uri(figure)
 
 
+def _precision_banners(validation: dict[str, Any]) -> str:
+    """At the top of the page: a red banner when the validation failed (its cause and fix), and
+    a warning when the run computed in bfloat16/float16."""
+    banners = ""
+    if not validation["passed"]:
+        banners += (f'<div class="banner" id="validation-failed"><b>Validation FAILED: these '
+                    f"results are not trustworthy.</b> "
+                    f"{html.escape(validation.get('failure') or '')}</div>")
+    if validation.get("dtype_warning"):
+        banners += f'<div class="warn">{html.escape(validation["dtype_warning"])}</div>'
+    return banners
+
+
+def _validation_figures(validation: dict[str, Any]) -> str:
+    """The precision figures of the validation: reference dtype, median relative errors,
+    rows off by more than 10 %, precision flags."""
+    if "relative_error" not in validation:
+        return ""
+
+    def shown(value: Any, percent: bool = False) -> str:
+        if value is None:
+            return "– (no pair above the floor)"
+        return f"{value:.1%}" if percent else f"{value:.3g}"
+
+    relative = validation["relative_error"]
+    above = validation.get("pairs_above_floor", {})
+    rows = pd.DataFrame([
+        ("run dtype / reference dtype",
+         f"{validation['dtype']} / {validation['reference_dtype']}"),
+        *[(f"median relative error of {name} (pairs with |reference| ≥ "
+           f"{validation['relative_error_floor']:g}: {above.get(name, '?')})",
+           shown(relative[name])) for name in ("total", "indirect", "direct")],
+        ("limit on total and indirect (validation.max_relative_error)",
+         f"{validation['max_relative_error']:g}"),
+        ("pairs off by more than 10 % on total or indirect", shown(validation["rows_off_10pct"],
+                                                                 percent=True)),
+        ("precision flags", ", ".join(f"{key}={value}" for key, value
+                                      in validation.get("precision_flags", {}).items())),
+    ], columns=["measure", "value"])
+    note = validation.get("reference_note")
+    return _table(rows) + (f'<p class="warn">{html.escape(note)}</p>' if note else "")
+
+
 def render_report(
     metadata: dict[str, Any], per_prompt: pd.DataFrame, neurons: pd.DataFrame,
     layers: pd.DataFrame, prompts: pd.DataFrame, validation: dict[str, Any],
@@ -140,7 +185,8 @@ def render_report(
     verdict = (
         f'<div class="{"pass" if passed else "fail"}"><b>{"PASSED" if passed else "FAILED"}</b>: '
         f"{validation['n_pairs']} sampled (prompt, neuron) pairs recomputed with the slow "
-        f"reference paths; max |fast − reference| over every metric = "
+        f"reference paths in {html.escape(validation.get('reference_dtype', validation['dtype']))}"
+        f"; max |run − reference| over every metric = "
         f"{validation['max_abs_diff']:.3g} (tolerance {validation['tolerance']:.3g}, "
         f"{html.escape(validation['dtype'])} on {html.escape(validation['device'])}).</div>"
     )
@@ -164,6 +210,7 @@ def render_report(
     sections = [
         f"<h1>Direct vs indirect effects of {len(neurons)} MLP neurons over "
         f"{per_prompt['prompt_id'].nunique()} prompts</h1>",
+        _precision_banners(validation),
         "<h2>Run</h2>", _table(meta_rows),
         "<p>Neurons by class: " + ", ".join(
             f"{label}: {int(counts.get(label, 0))}" for label in (*CLASSES, UNDETERMINED))
@@ -183,9 +230,12 @@ def render_report(
         f"{metadata.get('logit_dominant_above', 0.7)} &lt; logit-dominant. Entropy-type "
         "neurons, which act through the final norm's scale, count as direct under the first "
         "definition and as indirect under the frozen-norm one.</p></div>",
-        "<h2>Validation against the reference path</h2>", verdict, _table(per_metric),
+        "<h2>Validation against the reference path</h2>", verdict,
+        _validation_figures(validation), _table(per_metric),
         _table(validation_pairs[[c for c in ("prompt_id", "neuron_id", "layer", "total",
-                                              "max_abs_diff") if c in validation_pairs]]),
+                                              "reference_total", "relative_error_total",
+                                              "relative_error_indirect", "max_abs_diff")
+                                 if c in validation_pairs]]),
         "<h2>Effect types by layer</h2>",
         _figure(_class_bars(layers), "Neurons per class and layer, under both definitions of "
                                      "the direct effect."),

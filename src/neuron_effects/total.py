@@ -18,7 +18,8 @@ With ``positions: all`` the treatment changes every position, so the replay runs
 positions of every row from layer ``L+1`` on (from the clean layer-``L`` outputs plus the
 per-position V), with causal attention inside the row.
 
-Attention scores, softmax and the weighted sum are computed in float32 in both modes.
+Attention scores, softmax and the weighted sum are computed in float32 in both modes (float64 in
+a float64 model).
 """
 
 from __future__ import annotations
@@ -40,21 +41,22 @@ def _attend(
 
     q: [B, S, heads, d]; k, v: [B, S, kv_heads, d] (the rows' own positions, causal among
     themselves); prefix_k/v: [kv_heads, P, d] (positions before all of them, one copy).
-    Returns [B, S, heads * d] in float32. Query head ``h`` reads key/value head
+    Returns [B, S, heads * d] in float32 (float64 for float64 inputs). Query head ``h`` reads key/value head
     ``h // (heads // kv_heads)``, as in grouped-query attention.
     """
     batch, length, heads, dim = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
-    qf = q.float().reshape(batch, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)
-    kf = k.float().permute(0, 2, 1, 3)  # [B, kv, S, d]
-    vf = v.float().permute(0, 2, 1, 3)
+    wide = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(wide).reshape(batch, length, kv_heads, groups, dim).permute(0, 2, 3, 1, 4)
+    kf = k.to(wide).permute(0, 2, 1, 3)  # [B, kv, S, d]
+    vf = v.to(wide).permute(0, 2, 1, 3)
     own = torch.einsum("bhgsd,bhtd->bhgst", qf, kf) * scaling
     if length > 1:
         future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
         own = own.masked_fill(future, float("-inf"))
     if prefix_k is not None and prefix_k.shape[1] > 0:
-        pk, pv = prefix_k.float(), prefix_v.float()
+        pk, pv = prefix_k.to(wide), prefix_v.to(wide)
         shared = torch.einsum("bhgsd,hpd->bhgsp", qf, pk) * scaling
         probs = torch.cat([shared, own], dim=-1).softmax(dim=-1)
         n_prefix = pk.shape[1]

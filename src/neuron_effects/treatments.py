@@ -35,9 +35,11 @@ def treatment_scales(
 
 
 def add_to_residual(residual: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """``residual + V`` computed in float32 and rounded once to the residual's dtype.
+    """``residual + V`` computed in float32 (float64 for a float64 residual) and rounded once to
+    the residual's dtype.
 
     The single place where a treatment enters the residual stream, shared by the fast path and
     the reference path so that both round identically in bf16.
     """
-    return (residual.float() + vectors).to(residual.dtype)
+    wide = torch.promote_types(residual.dtype, torch.float32)
+    return (residual.to(wide) + vectors.to(wide)).to(residual.dtype)

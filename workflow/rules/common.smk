@@ -2,13 +2,18 @@
 
 from pathlib import Path
 
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.inputs import digest, model_location, read_neurons, read_prompts
 from neuron_effects.plan import make_plan
+from neuron_effects.precision import low_precision_warning
 
 validate(config, "../../config/config.schema.yaml")
+# bfloat16/float16 are allowed, but say at once what they do to the results.
+if low_precision_warning(config["dtype"]):
+    logger.warning(low_precision_warning(config["dtype"]))
 
 # Bad input stops the run here, before any job is submitted (file, line, record in the error).
 if config["model"] != str(DEMO_MODEL):  # the demo model is fetched by a rule
@@ -38,7 +43,11 @@ EFFECT_SETTINGS = {
         if config["compute"]["batch_rows"] == "auto"
         else config["compute"]["batch_rows"]
     ),
-    "vocab_rows": config["compute"]["vocab_rows"],
+    "vocab_rows": (
+        None
+        if config["compute"]["vocab_rows"] == "auto"
+        else config["compute"]["vocab_rows"]
+    ),
 }
 # Jobs that run the model ask for one GPU unless the config pins the CPU.
 GPUS = 0 if config["device"] == "cpu" else 1

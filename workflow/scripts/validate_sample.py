@@ -18,6 +18,7 @@ validate_sample(
     n_pairs=validation["pairs"],
     seed=validation["seed"],
     tolerance=None if validation["tolerance"] == "auto" else validation["tolerance"],
+    max_relative_error=validation["max_relative_error"],
     table_out=snakemake.output.table,
     summary_out=snakemake.output.summary,
 )
