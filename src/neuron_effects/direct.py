@@ -1,4 +1,5 @@
-"""The final readout in float32 (float64 for a float64 model), and the DIRECT effects, computed algebraically (no forward).
+"""The final readout in float32 (float64 for a float64 model), and the DIRECT effects, computed
+algebraically (no forward).
 
 Readout of a final pre-norm hidden state ``h`` (the input of ``model.model.norm``) over a set of
 vocabulary rows ``W`` of ``lm_head`` (all of them, or only the target/distractor rows):
@@ -62,8 +63,8 @@ def direct_effects(
     clean_hidden: h_c [hidden]; directions: w_n [B, hidden]; unembedded_directions: B_n = W (g*w_n)
     [B, vocab rows] (from :meth:`Readout.unnormalized`). Returns ``(direct, direct_frozen_norm,
     clean_logits)``: [B, vocab rows], [B, vocab rows or len(frozen_columns)] and [vocab rows],
-    in the readout dtype. A zero V gives exactly zero (the clean row is normalized in the same batch as the
-    treated rows).
+    in the readout dtype. A zero V gives exactly zero (the clean row is normalized in the same
+    batch as the treated rows).
     """
     clean_hidden = clean_hidden.to(readout.dtype)
     scales = scales.to(readout.dtype)[:, None]

@@ -29,8 +29,8 @@ from .treatments import add_to_residual
 def _logits(
     model: LlamaFamily, input_ids: torch.Tensor, inverse_rms: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """One forward; the last position's logits [vocab] read out in the readout dtype from the final
-    norm's input (with ``inverse_rms`` instead of ``1 / r(h)`` when given)."""
+    """One forward; the last position's logits [vocab] read out in the readout dtype from the
+    final norm's input (with ``inverse_rms`` instead of ``1 / r(h)`` when given)."""
     captured = []
     handle = model.final_norm.register_forward_pre_hook(
         lambda module, args: captured.append(args[0][0, -1].to(model.readout_dtype)))
@@ -86,8 +86,8 @@ def reference_total(
 
 @torch.inference_mode()
 def reference_direct(
-    model: LlamaFamily, clean: CleanRun, layer: int, vector: torch.Tensor, freeze_norm: bool = False,
-    clean_logits: torch.Tensor | None = None,
+    model: LlamaFamily, clean: CleanRun, layer: int, vector: torch.Tensor,
+    freeze_norm: bool = False, clean_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Direct effect [vocab] of a last-position ``vector`` [hidden] added after layer ``layer``,
     with every downstream layer output frozen at its clean value (+ V). ``freeze_norm`` also

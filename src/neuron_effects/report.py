@@ -191,7 +191,7 @@ def render_report(
         f"{html.escape(validation['dtype'])} on {html.escape(validation['device'])}).</div>"
     )
     per_metric = pd.DataFrame(sorted(validation["max_abs_diff_by_metric"].items()),
-                              columns=["metric", "max |fast − reference|"])
+                              columns=["metric", "max |run − reference|"])
     neuron_columns = ["neuron_id", "layer", "mean_direct_ratio", "std_direct_ratio",
                       "consistency", "aligned_fraction", "mean_cancellation", "mean_total",
                       "mean_direct_ratio_frozen_norm", "classification_frozen_norm",

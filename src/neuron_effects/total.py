@@ -41,8 +41,8 @@ def _attend(
 
     q: [B, S, heads, d]; k, v: [B, S, kv_heads, d] (the rows' own positions, causal among
     themselves); prefix_k/v: [kv_heads, P, d] (positions before all of them, one copy).
-    Returns [B, S, heads * d] in float32 (float64 for float64 inputs). Query head ``h`` reads key/value head
-    ``h // (heads // kv_heads)``, as in grouped-query attention.
+    Returns [B, S, heads * d] in float32 (float64 for float64 inputs). Query head ``h`` reads
+    key/value head ``h // (heads // kv_heads)``, as in grouped-query attention.
     """
     batch, length, heads, dim = q.shape
     kv_heads = k.shape[2]
