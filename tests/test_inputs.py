@@ -227,11 +227,74 @@ def test_distractor_without_target(tmp_path):
         read_prompts(path)
 
 
-def test_unknown_prompt_field(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt_id": "u", "prompt": "x",
-                                               "answer": " y"}])
-    with raises(r"line 1: unknown field\(s\) \['answer'\]"):
+@pytest.mark.parametrize("field, known", [("targt", "target"), ("Target", "target"),
+                                          ("distracter", "distractor"), ("promt", "prompt"),
+                                          ("prompt_ids", "prompt_id"), ("targets", "target")])
+def test_near_miss_of_a_known_prompt_field(tmp_path, field, known):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt_id": "a", "prompt": "x"},
+                                              {"prompt_id": "u", "prompt": "x", field: " y"}])
+    with raises(rf"^{re.escape(str(path))}: line 2: unknown field '{field}': did you mean "
+                rf"'{known}'\?$"):
         read_prompts(path)
+
+
+def test_prompt_field_named_like_a_written_column(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt_id": "u", "prompt": "x", "n_tokens": 3}])
+    with raises(r"line 1: field 'n_tokens' is a column the workflow writes; rename it"):
+        read_prompts(path)
+
+
+def test_own_prompt_fields_are_kept(tmp_path):
+    """Fields beyond prompt_id, prompt, target and distractor are the user's: kept per record
+    (in order), as columns of one type each, and not part of what the clean runs depend on."""
+    from neuron_effects.inputs import extra_columns, prompt_fields
+
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt_id": "a", "prompt": "x", "category": "cardiology", "answer": " yes",
+         "score": 1, "tags": ["a", "b"]},
+        {"prompt_id": "b", "prompt": "y", "category": "oncology", "score": 2.5,
+         "source": {"doi": "10.1/x"}, "mixed": 3},
+        {"prompt_id": "c", "prompt": "z", "mixed": "three"}])
+    records = read_prompts(path)
+    assert records[0].extra == {"category": "cardiology", "answer": " yes", "score": 1,
+                                "tags": ["a", "b"]}
+    assert records[2].extra == {"mixed": "three"}
+    assert extra_columns(records) == {
+        "category": ["cardiology", "oncology", None], "answer": [" yes", None, None],
+        "score": [1, 2.5, None], "tags": ['["a", "b"]', None, None],
+        "mixed": [None, "3", "three"], "source": [None, '{"doi": "10.1/x"}', None]}
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt_id": r.prompt_id, "prompt": r.prompt}
+                                                    for r in records])
+    assert prompt_fields(records) == prompt_fields(read_prompts(plain))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv"])
+def test_utf8_byte_order_mark_is_accepted(tmp_path, suffix):
+    """Files saved by Windows editors and spreadsheet exports start with a BOM (utf-8-sig)."""
+    separator = {".csv": ",", ".tsv": "\t"}.get(suffix)
+    text = (_table_text(separator) if separator else "".join(
+        json.dumps(r) + "\n" for r in [{"prompt_id": "penicillin", "prompt": "Penicillin was "
+                                        "discovered in 1928 by Alexander", "target": " Fleming"}]))
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_prompts(marked) == read_prompts(plain)
+    profiles = tmp_path / "profiles.json"
+    profiles.write_bytes(b"\xef\xbb\xbf" + json.dumps(
+        {"profiles": [{"neuron_id": "L0/N1", "layer": 0, "neuron": 1, "label": "é"}]}).encode())
+    assert [n.neuron_id for n in read_neurons(profiles)] == ["L0/N1"]
+
+
+def test_utf8_byte_order_mark_in_the_config_file(tmp_path):
+    """Snakemake reads --configfile with PyYAML, which drops a BOM; the config validates."""
+    from snakemake.common.configfile import load_configfile
+    from snakemake.utils import validate
+
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + (REPO / "config/config.yaml").read_bytes())
+    config = load_configfile(str(path))
+    assert config == _default_config()
+    validate(config, str(REPO / "config/config.schema.yaml"))
 
 
 def test_unknown_prompt_file_type(tmp_path):
