@@ -4,9 +4,10 @@ Running them at parse time means that bad input stops ``snakemake`` (a dry run t
 job is planned, and that the plan's jobs get their prepared prompts (token ids, targets resolved
 in context) from their params: no job waits for a checking job, so a dry run after an edit lists
 exactly the jobs that will rerun. The result is cached in ``<cache_dir>/<digest>.json``, the
-digest covering the two input files' bytes, the model and tokenizer settings, the prompt format
-and the package version, so that parsing again (every Slurm job parses the workflow) reads one
-small file instead of loading a tokenizer.
+digest covering the two input files' bytes, the model and tokenizer settings (and the
+modification time of a local model or tokenizer path), the prompt format and the package
+version, so that parsing again (every Slurm job parses the workflow) reads one small file
+instead of loading a tokenizer.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def _modified(location: str | None) -> int | None:
+    """The modification time of a local model or tokenizer path (``None`` for a hub id)."""
+    path = None if location is None else Path(location).expanduser()
+    return path.stat().st_mtime_ns if path is not None and path.exists() else None
+
+
 def checked_inputs(
     neurons_path: str, prompts_path: str, model: dict[str, Any], chat_template: bool,
     system_prompt: str | None, cache_dir: str | Path | None = None,
@@ -78,7 +85,8 @@ def checked_inputs(
     :class:`InputError` and caches nothing; ``cache_dir=None`` caches nothing either."""
     neurons = read_neurons(neurons_path)
     records = read_prompts(prompts_path)
-    key = digest([_file_digest(neurons_path), _file_digest(prompts_path), model, chat_template,
+    key = digest([_file_digest(neurons_path), _file_digest(prompts_path), model,
+                  _modified(model["model"]), _modified(model.get("tokenizer")), chat_template,
                   system_prompt, __version__])
     cached = None if cache_dir is None else Path(cache_dir) / f"{key}.json"
     if cached is not None and cached.exists():
