@@ -144,7 +144,8 @@ SCRIPT = r"""
     let top = 0;
     for (const k of names) for (const v of values[k]) if (Number.isFinite(v)) top = Math.max(top, Math.abs(v));
     top = top || 1;
-    const x = i => L + (i + 0.5) * (W - L - R) / n, y = v => T + (H - T - B) * (1 - v / top) / 2;
+    const slot = (W - L - R) / n, gap = Math.min(5, slot / (names.length + 1));
+    const x = i => L + (i + 0.5) * slot, y = v => T + (H - T - B) * (1 - v / top) / 2;
     let svg = `<svg viewBox="0 0 ${W} ${H}" width="${W}" height="${H}" role="img" ` +
       `aria-label="per-prompt effects"><line x1="${L}" x2="${W - R}" y1="${y(0)}" y2="${y(0)}" ` +
       `stroke="#999" stroke-width="0.6"/>` +
@@ -156,7 +157,7 @@ SCRIPT = r"""
     names.forEach((k, j) => {
       svg += `<text x="${L + 8 + j * 90}" y="11" font-size="11" fill="${COLOURS[k]}">\u25CF ${k}</text>`;
       values[k].forEach((v, i) => {
-        if (Number.isFinite(v)) svg += `<circle cx="${x(i) + (j - 1.5) * 1.5}" cy="${y(v)}" r="2.4" ` +
+        if (Number.isFinite(v)) svg += `<circle cx="${x(i) + (j - (names.length - 1) / 2) * gap}" cy="${y(v)}" r="2.4" ` +
           `fill="${COLOURS[k]}" fill-opacity="0.75"><title>${escape(data.prompts[i])} ${k}: ${fmt(v)}</title></circle>`;
       });
     });
