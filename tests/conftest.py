@@ -123,11 +123,14 @@ LLAMA_8B_CONFIG = {
 
 
 @pytest.fixture(scope="session")
-def llama_8b_dir(tmp_path_factory) -> Path:
-    """A local model folder holding only Llama-3.1-8B's config.json: enough for the layer and
-    index checks and for planning (a dry run loads nothing)."""
+def llama_8b_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A local model folder holding Llama-3.1-8B's config.json and, in place of its gated
+    tokenizer, SmolLM2's, without weights: enough for the input checks (layer and index ranges,
+    tokenization) and for planning (a dry run loads no weights)."""
     import json
 
     folder = tmp_path_factory.mktemp("llama-3.1-8b-config")
     (folder / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG, indent=1))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_model_dir / name, folder / name)
     return folder

@@ -1,10 +1,10 @@
 """Bad input: a clear error before any effect job runs, naming the record and the file (issue 3).
 
-Most checks are tested at unit level: the parse-time ones (``neuron_effects.inputs``, run while
-the Snakefile is parsed) and the model-dependent ones (``steps.prepare_inputs`` with the tiny
-model folder: config and tokenizer only). A few go through the real workflow to show where each
-kind stops a run: parse-time errors stop ``snakemake -n``; model-dependent ones fail the
-prepare_inputs job before any cache_clean_runs or compute_effects job starts.
+Most checks are tested at unit level: the tokenizer-free ones (``neuron_effects.inputs``) and the
+model-dependent ones (``input_checks``/``steps.prepare_inputs`` with the tiny model folder: config
+and tokenizer only). Both kinds run while the Snakefile is parsed (the model-dependent ones cached
+by input digest), so a few tests through the real workflow show that each stops ``snakemake -n``
+before any job is planned.
 """
 
 from __future__ import annotations
@@ -227,11 +227,74 @@ def test_distractor_without_target(tmp_path):
         read_prompts(path)
 
 
-def test_unknown_prompt_field(tmp_path):
-    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt_id": "u", "prompt": "x",
-                                               "answer": " y"}])
-    with raises(r"line 1: unknown field\(s\) \['answer'\]"):
+@pytest.mark.parametrize("field, known", [("targt", "target"), ("Target", "target"),
+                                          ("distracter", "distractor"), ("promt", "prompt"),
+                                          ("prompt_ids", "prompt_id"), ("targets", "target")])
+def test_near_miss_of_a_known_prompt_field(tmp_path, field, known):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt_id": "a", "prompt": "x"},
+                                              {"prompt_id": "u", "prompt": "x", field: " y"}])
+    with raises(rf"^{re.escape(str(path))}: line 2: unknown field '{field}': did you mean "
+                rf"'{known}'\?$"):
         read_prompts(path)
+
+
+def test_prompt_field_named_like_a_written_column(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt_id": "u", "prompt": "x", "n_tokens": 3}])
+    with raises(r"line 1: field 'n_tokens' is a column the workflow writes; rename it"):
+        read_prompts(path)
+
+
+def test_own_prompt_fields_are_kept(tmp_path):
+    """Fields beyond prompt_id, prompt, target and distractor are the user's: kept per record
+    (in order), as columns of one type each, and not part of what the clean runs depend on."""
+    from neuron_effects.inputs import extra_columns, prompt_fields
+
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt_id": "a", "prompt": "x", "category": "cardiology", "answer": " yes",
+         "score": 1, "tags": ["a", "b"]},
+        {"prompt_id": "b", "prompt": "y", "category": "oncology", "score": 2.5,
+         "source": {"doi": "10.1/x"}, "mixed": 3},
+        {"prompt_id": "c", "prompt": "z", "mixed": "three"}])
+    records = read_prompts(path)
+    assert records[0].extra == {"category": "cardiology", "answer": " yes", "score": 1,
+                                "tags": ["a", "b"]}
+    assert records[2].extra == {"mixed": "three"}
+    assert extra_columns(records) == {
+        "category": ["cardiology", "oncology", None], "answer": [" yes", None, None],
+        "score": [1, 2.5, None], "tags": ['["a", "b"]', None, None],
+        "mixed": [None, "3", "three"], "source": [None, '{"doi": "10.1/x"}', None]}
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"prompt_id": r.prompt_id, "prompt": r.prompt}
+                                                    for r in records])
+    assert prompt_fields(records) == prompt_fields(read_prompts(plain))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".tsv"])
+def test_utf8_byte_order_mark_is_accepted(tmp_path, suffix):
+    """Files saved by Windows editors and spreadsheet exports start with a BOM (utf-8-sig)."""
+    separator = {".csv": ",", ".tsv": "\t"}.get(suffix)
+    text = (_table_text(separator) if separator else "".join(
+        json.dumps(r) + "\n" for r in [{"prompt_id": "penicillin", "prompt": "Penicillin was "
+                                        "discovered in 1928 by Alexander", "target": " Fleming"}]))
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    plain.write_text(text, encoding="utf-8")
+    marked.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert read_prompts(marked) == read_prompts(plain)
+    profiles = tmp_path / "profiles.json"
+    profiles.write_bytes(b"\xef\xbb\xbf" + json.dumps(
+        {"profiles": [{"neuron_id": "L0/N1", "layer": 0, "neuron": 1, "label": "é"}]}).encode())
+    assert [n.neuron_id for n in read_neurons(profiles)] == ["L0/N1"]
+
+
+def test_utf8_byte_order_mark_in_the_config_file(tmp_path):
+    """Snakemake reads --configfile with PyYAML, which drops a BOM; the config validates."""
+    from snakemake.common.configfile import load_configfile
+    from snakemake.utils import validate
+
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + (REPO / "config/config.yaml").read_bytes())
+    config = load_configfile(str(path))
+    assert config == _default_config()
+    validate(config, str(REPO / "config/config.schema.yaml"))
 
 
 def test_unknown_prompt_file_type(tmp_path):
@@ -544,26 +607,77 @@ def test_parse_time_errors_stop_the_dry_run(tmp_path, tiny_model_dir, breaker):
     assert not (workdir / "results").exists() and not (workdir / "logs").exists()
 
 
-@pytest.mark.slow
-def test_model_dependent_error_fails_prepare_inputs_before_any_heavy_job(tmp_path,
-                                                                          tiny_model_dir):
-    workdir = write_workdir(tmp_path / "run", str(tiny_model_dir), device="cpu")
+def _layer_the_model_lacks(workdir: Path) -> str:
     document = json.loads((workdir / "neurons.json").read_text())
     document["profiles"].append({"neuron_id": "L6/N0", "layer": 6, "neuron": 0})
     (workdir / "neurons.json").write_text(json.dumps(document))
-    assert snakemake(workdir, "-n").returncode == 0  # the layer range needs the model
-    result = snakemake(workdir, "--cores", "2", check=False)
-    assert result.returncode != 0
-    assert "Error in rule prepare_inputs" in result.stdout, result.stdout[-3000:]
-    log = (workdir / "logs/prepare_inputs.log").read_text()
-    assert re.search(r"neurons\.json: neuron L6/N0: layer 6 out of range \(the model has 6 "
-                     r"layers", log), log[-2000:]
-    # no heavy job ever started: no logs, benchmarks or outputs of theirs
-    for rule in ("cache_clean_runs", "compute_effects", "extract_activations"):
-        assert not (workdir / "logs" / rule).exists()
-        assert not (workdir / "benchmarks" / rule).exists()
-        assert f"rule {rule}:" not in result.stdout
-    assert [p for p in (workdir / "results").rglob("*") if p.is_file()] == []
+    return r"neurons\.json: neuron L6/N0: layer 6 out of range \(the model has 6 layers"
+
+
+def _target_merging_with_the_prompt(workdir: Path) -> str:
+    path = workdir / "prompts.jsonl"
+    path.write_text(path.read_text() + json.dumps(
+        {"prompt_id": "merge", "prompt": "Penicillin was discovered by Alex", "target": "ander"})
+        + "\n")
+    return r"prompts\.jsonl: prompt 'merge' \(line 7\): the target 'ander' merges with the prompt"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("breaker", [_layer_the_model_lacks, _target_merging_with_the_prompt])
+def test_model_dependent_errors_stop_the_dry_run(tmp_path, tiny_model_dir, breaker):
+    """The checks that need the model's config or tokenizer run at parse time too: nothing is
+    planned, nothing written but Snakemake's own folder, and nothing cached."""
+    workdir = write_workdir(tmp_path / "run", str(tiny_model_dir), device="cpu")
+    assert snakemake(workdir, "-n").returncode == 0
+    cached = set((workdir / ".snakemake/input-checks").glob("*.json"))
+    assert len(cached) == 1  # the good inputs' checks
+    message = breaker(workdir)
+    for arguments in (["-n"], ["--cores", "2"]):
+        result = snakemake(workdir, *arguments, check=False)
+        assert result.returncode != 0
+        assert re.search(message, result.stdout), result.stdout[-3000:]
+        assert "Job stats" not in result.stdout
+    assert not (workdir / "results").exists() and not (workdir / "logs").exists()
+    assert set((workdir / ".snakemake/input-checks").glob("*.json")) == cached
+
+
+def test_input_checks_are_cached_by_digest(tmp_path, tiny_model_dir, monkeypatch):
+    """The second parse with the same files and settings reads the cache (no tokenizer); any
+    change of a file's bytes or of a setting checks again."""
+    from neuron_effects import input_checks
+
+    neurons, prompts, _ = prepare(tmp_path, tiny_model_dir)
+    model = {"model": str(tiny_model_dir), "tokenizer": None, "dtype": "auto", "device": "cpu",
+             "trust_remote_code": False}
+    cache = tmp_path / "cache"
+    first = input_checks.checked_inputs(str(neurons), str(prompts), model, False, None, cache)
+    assert len(list(cache.glob("*.json"))) == 1
+    calls = []
+    real = input_checks.prepare_prompts
+    monkeypatch.setattr(input_checks, "prepare_prompts",
+                        lambda *arguments: calls.append(1) or real(*arguments))
+    again = input_checks.checked_inputs(str(neurons), str(prompts), model, False, None, cache)
+    assert calls == [] and again == first
+    assert first.prepared[0]["target_id"] is not None and first.prepared[0]["input_ids"]
+    input_checks.checked_inputs(str(neurons), str(prompts), model, True, None, cache)
+    prompts.write_text(prompts.read_text().replace("Alexander", "Sir Alexander"))
+    changed = input_checks.checked_inputs(str(neurons), str(prompts), model, False, None, cache)
+    assert len(calls) == 2 and len(list(cache.glob("*.json"))) == 3
+    assert changed.prepared[0]["input_ids"] != first.prepared[0]["input_ids"]
+
+
+def test_own_prompt_fields_reach_the_prepared_table(tmp_path, tiny_model_dir):
+    _, _, table = prepare(tmp_path, tiny_model_dir, prompts=[
+        {"prompt_id": "p", "prompt": "Penicillin was discovered by Alexander",
+         "target": " Fleming", "category": "history", "year": 1928},
+        {"prompt_id": "q", "prompt": "The heart has four", "tags": ["anatomy"]}])
+    frame = pd.read_parquet(table)
+    assert list(frame.columns) == ["prompt_id", "prompt", "text", "n_tokens", "input_ids",
+                                   "target", "target_id", "distractor", "distractor_id",
+                                   "warnings", "category", "year", "tags"]
+    assert frame["category"].tolist()[0] == "history" and pd.isna(frame["category"][1])
+    assert frame["year"].tolist()[0] == 1928 and pd.isna(frame["year"][1])
+    assert pd.isna(frame["tags"][0]) and frame["tags"][1] == '["anatomy"]'
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
 """The HTML report of a real tiny-model run, rendered by headless Chromium (Debian's package,
 driven by Playwright): every plot loads, the sections are there, nothing errs, nothing is
-fetched from outside the page."""
+fetched from outside the page, the page fits 1280 px, and the table of every neuron filters,
+sorts and opens a neuron's per-prompt values (also with the optional mediation and AtP columns,
+on a synthetic table)."""
 
 from __future__ import annotations
 
@@ -18,17 +20,23 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SECTIONS = ["Run", "Definitions", "Validation against the reference path",
             "Effect types by layer", "Most logit-dominant neurons", "Most routing-dominant neurons",
-            "Most cancelling neurons (self-repair)", "Prompts and targets"]
+            "Most cancelling neurons (self-repair)", "All neurons", "Prompts and targets"]
+ROWS = "#neuron-table tr.neuron"
 
 
-@pytest.fixture(scope="module")
-def rendered(tiny_workflow):
+def _playwright():
     if not CHROMIUM.exists() and not shutil.which("chromium"):
         skip_or_fail(f"Debian's chromium is not installed ({CHROMIUM})")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         skip_or_fail("the playwright Python package is not installed")
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def rendered(tiny_workflow):
+    sync_playwright = _playwright()
     report = tiny_workflow[0] / "results/report/report.html"
     console, page_errors, requests, failed = [], [], [], []
     with sync_playwright() as playwright:
@@ -88,3 +96,113 @@ def test_self_contained(rendered):
     """The page fetches nothing but itself and its inline data URIs."""
     outside = [url for url in rendered["requests"] if not url.startswith(("file:", "data:"))]
     assert not outside
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with _playwright()() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
+            args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def _open(browser, path: Path):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(path.resolve().as_uri(), wait_until="load")
+    page.wait_for_selector(ROWS)
+    return page, errors
+
+
+def _cells(page, row: int = 0) -> list[str]:
+    return page.locator(ROWS).nth(row).locator("td").all_inner_texts()
+
+
+def test_page_fits_1280_px(browser, tiny_workflow):
+    """Wide tables scroll in their own box; the page itself does not scroll sideways."""
+    page, errors = _open(browser, tiny_workflow[0] / "results/report/report.html")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+    assert page.evaluate("Array.from(document.querySelectorAll('table')).every(t => "
+                         "t.closest('.table-box, .neuron-box, .values'))")
+    assert not errors
+    page.close()
+
+
+def test_neuron_table_search_sort_and_per_prompt_values(browser, tiny_workflow):
+    page, errors = _open(browser, tiny_workflow[0] / "results/report/report.html")
+    headers = page.locator("#neuron-table th").all_inner_texts()
+    assert headers == ["neuron", "layer", "class", "class (frozen norm)", "mean direct ratio",
+                       "consistency", "sign alignment", "mean total"]
+    assert page.locator(ROWS).count() == 18  # every neuron
+    page.fill("#neuron-search", "L3/N10")
+    assert page.locator(ROWS).count() == 1 and _cells(page)[0] == "L3/N10"
+    page.fill("#neuron-search", "L3/N1")  # L3/N10 and L3/N17
+    assert sorted(page.locator(f"{ROWS} td:first-child").all_inner_texts()) == ["L3/N10",
+                                                                                 "L3/N17"]
+    page.fill("#neuron-search", "nothing like this")
+    assert page.locator(ROWS).count() == 0
+    page.fill("#neuron-search", "")
+    assert page.locator(ROWS).count() == 18
+    layer = page.locator("#neuron-table th", has_text="layer")
+    layer.click()
+    layer.click()  # descending
+    assert _cells(page)[1] == "5" and layer.get_attribute("aria-sort") == "descending"
+    page.fill("#neuron-search", "L3/N10")
+    page.locator(ROWS).first.click()
+    detail = page.locator("#neuron-table tr.neuron-detail")
+    assert detail.locator("svg circle").count() == 3 * 6  # direct, indirect, total x 6 prompts
+    values = detail.locator("tbody tr")
+    assert values.count() == 6
+    assert detail.locator("th").all_inner_texts() == ["prompt", "direct", "indirect", "total"]
+    direct, indirect, total = (float(v) for v in values.first.locator("td").all_inner_texts()[1:])
+    assert abs(direct + indirect - total) <= 1e-3 * max(abs(total), abs(direct), 1e-6)
+    page.locator(ROWS).first.click()  # closes again
+    assert page.locator("#neuron-table tr.neuron-detail").count() == 0
+    assert not errors
+    page.close()
+
+
+def test_neuron_table_with_optional_columns_and_many_neurons(browser, tmp_path):
+    """A synthetic table of 1,000 neurons with the mediation and AtP columns: they are shown,
+    the rows are drawn a page at a time, and the detail has the AtP series."""
+    import numpy as np
+    import pandas as pd
+
+    from neuron_effects.report_table import PAGE_ROWS, neuron_table_section
+
+    rng = np.random.default_rng(0)
+    ids = [f"L{i % 32}/N{i}" for i in range(1000)]
+    neurons = pd.DataFrame({
+        "neuron_id": ids, "layer": [i % 32 for i in range(1000)],
+        "classification": "mixed", "classification_frozen_norm": "mixed",
+        "mean_direct_ratio": rng.uniform(0, 1, 1000), "consistency": 1.0,
+        "aligned_fraction": 0.5, "mean_total": rng.normal(0, 1, 1000),
+        "top_mediator": [f"L{i % 32 + 1}/H{i % 8}" for i in range(1000)],
+        "indirect_share_attn": 0.5, "atp_spearman": rng.uniform(-1, 1, 1000)})
+    per_prompt = pd.DataFrame({"neuron_id": np.repeat(ids, 7),
+                               "prompt_id": np.tile([f"q{i}" for i in range(7)], 1000),
+                               "direct": rng.normal(0, 1, 7000), "total": rng.normal(0, 1, 7000),
+                               "total_atp": rng.normal(0, 1, 7000)})
+    path = tmp_path / "table.html"
+    path.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
+                    f"{neuron_table_section(neurons, per_prompt)}</body></html>")
+    page, errors = _open(browser, path)
+    assert page.locator("#neuron-table th").all_inner_texts()[-3:] == [
+        "top mediator", "indirect share via attention", "AtP Spearman"]
+    assert page.locator(ROWS).count() == PAGE_ROWS
+    page.click("#neuron-more")
+    assert page.locator(ROWS).count() == 2 * PAGE_ROWS
+    page.fill("#neuron-search", "L5/H")  # by the top-mediator column
+    assert page.locator(ROWS).count() == sum("L5/H" in m for m in neurons["top_mediator"])
+    page.fill("#neuron-search", "L7/N999")
+    assert page.locator(ROWS).count() == 1
+    page.locator(ROWS).first.click()
+    detail = page.locator("#neuron-table tr.neuron-detail")
+    assert detail.locator("th").all_inner_texts() == ["prompt", "direct", "indirect", "total",
+                                                      "total_atp"]
+    assert detail.locator("svg circle").count() == 4 * 7
+    assert not errors
+    page.close()

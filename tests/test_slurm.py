@@ -246,13 +246,24 @@ def test_results_equal_a_local_run(slurm_run, tiny_workflow):
     assert (slurm_run["workdir"] / "results/report/report.html").stat().st_size > 0
 
 
-def test_profile_resolves_by_name_from_the_repository_root(tmp_path):
-    """``snakemake --profile slurm`` from the root finds ./slurm -> profiles/slurm (a dry run)."""
+def test_profile_resolves_by_name_from_the_repository_root(tmp_path, demo_model_path):
+    """``snakemake --profile slurm`` from the root finds ./slurm -> profiles/slurm (a dry run).
+
+    Run in a scratch copy of the repository's workflow files, so that it plans the whole job
+    whatever the repository's own results/ and .snakemake/ hold, and leaves them as they are."""
     assert (REPO / "slurm").resolve() == PROFILE.resolve()
-    result = subprocess.run([*SNAKEMAKE, "--profile", "slurm", "--dry-run", "--quiet", "rules"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    root = tmp_path / "repository"
+    root.mkdir()
+    for name in ("Snakefile", "workflow", "config", "profiles"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, root / name)
+    (root / "slurm").symlink_to("profiles/slurm")
+    result = subprocess.run([*SNAKEMAKE, "--profile", "slurm", "--dry-run", "--quiet", "rules",
+                             "--config", f"model={demo_model_path}"],
+                            cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "compute_effects" in result.stdout + result.stderr
+    assert not (root / "results").exists()
 
 
 def test_edit_reruns_only_the_affected_shards(slurm_run, test_profile, tmp_path):
@@ -260,13 +271,11 @@ def test_edit_reruns_only_the_affected_shards(slurm_run, test_profile, tmp_path)
     before = pd.read_parquet(workdir / RESULT_TABLES[0])
     assert move_neuron(workdir, "L3/N10", 60) == "L3/N60"
 
-    # what would rerun (README): the input checks are a checkpoint, so a dry run lists the
-    # shards only once they have run (a local rule, seconds); every job comes with its reason
-    assert not jobs_of(run_slurm(workdir, test_profile, "--dry-run").stdout, "compute_effects")
-    run_slurm(workdir, test_profile, "prepare_inputs")
+    # what would rerun (README): one dry run lists exactly the stale shards, with their reason
     dry = run_slurm(workdir, test_profile, "--dry-run").stdout
     assert jobs_of(dry, "compute_effects") == {"L02-03_c000", "L02-03_c001"}, dry
-    assert "Params have changed since last execution" in dry
+    assert not jobs_of(dry, "cache_clean_runs")
+    assert dry.count("reason: Params have changed since last execution") == 2
     output = run_slurm(workdir, test_profile).stdout
     assert jobs_of(output, "compute_effects") == {"L02-03_c000", "L02-03_c001"}
     jobs = sacct_jobs(run_id(output), expected=4)

@@ -152,16 +152,14 @@ def test_assemble_refuses_missing_units(tmp_path):
 def clean_chunk(tiny_model_dir, tmp_path_factory):
     """A clean-run file of 3 prompts of the tiny model, as cache_clean_runs writes it."""
     folder = tmp_path_factory.mktemp("clean")
-    prompts = pd.DataFrame({
-        "prompt_id": ["a", "b", "c"],
-        "input_ids": [[5, 17, 2, 99, 43], [8, 61, 30, 12], [77, 3, 9, 14, 15, 16]],
-        "target_id": pd.array([7, None, 11], dtype="Int64"),
-        "distractor_id": pd.array([13, None, None], dtype="Int64"),
-    })
-    prompts.to_parquet(folder / "prompts.parquet")
+    prompts = [{"prompt_id": "a", "input_ids": [5, 17, 2, 99, 43], "target_id": 7,
+                "distractor_id": 13},
+               {"prompt_id": "b", "input_ids": [8, 61, 30, 12], "target_id": None,
+                "distractor_id": None},
+               {"prompt_id": "c", "input_ids": [77, 3, 9, 14, 15, 16], "target_id": 11,
+                "distractor_id": None}]
     spec = ModelSpec(str(tiny_model_dir), device="cpu")
-    steps.cache_clean_runs(spec, str(folder / "prompts.parquet"), ["a", "b", "c"],
-                           str(folder / "c000.safetensors"))
+    steps.cache_clean_runs(spec, prompts, str(folder / "c000.safetensors"))
     return spec, folder / "c000.safetensors"
 
 

@@ -120,6 +120,16 @@ def test_all_outputs_exist(outputs):
 
 
 @pytest.mark.slow
+def test_own_prompt_fields_reach_the_summary_and_the_report(outputs):
+    workdir = outputs["workdir"]
+    prompts = pd.read_parquet(workdir / "results/summary/prompts.parquet")
+    assert prompts["source"].tolist() == ["demo"] * 6 and prompts["rank"].tolist() == [*range(6)]
+    page = (workdir / "results/report/report.html").read_text()
+    prompt_table = page[page.index("<h2>Prompts and targets</h2>"):]
+    assert "<th>source</th>" in prompt_table and "<th>rank</th>" in prompt_table
+
+
+@pytest.mark.slow
 def test_per_prompt_table_contract(outputs):
     table = outputs["per_prompt"]
     missing = [c for c in CONTRACT_COLUMNS + LOGIT_DIFF_COLUMNS + TOP_K_COLUMNS
@@ -239,8 +249,33 @@ def test_snakemake_report_renders(tiny_workflow, tmp_path):
     text = report.read_text()
     assert report.stat().st_size > 100_000
     for name in ("report.html", "per_prompt.parquet", "neurons.json",
-                 "neurons.with_effects.json", "summary.json"):
+                 "neurons.with_effects.json", "summary.json", *FIGURES):
         assert name in text, name
+
+
+FIGURES = ("class_bars.png", "ratio_distributions.png", "direct_vs_indirect.png",
+           "alignment.png")
+
+
+@pytest.mark.slow
+def test_snakemake_report_zip_holds_the_report_and_the_figures_with_captions(tiny_workflow,
+                                                                             tmp_path):
+    import zipfile
+
+    workdir, _ = tiny_workflow
+    archive = tmp_path / "report.zip"
+    assert "Report created" in snakemake(workdir, "--report", str(archive)).stdout
+    with zipfile.ZipFile(archive) as opened:
+        names = opened.namelist()
+        index = opened.read("report/report.html").decode()
+        files = {Path(name).name: opened.read(name) for name in names
+                 if name.startswith("report/data/raw/")}
+    assert (files["report.html"] == (workdir / "results/report/report.html").read_bytes())
+    for name in FIGURES:
+        assert files[name].startswith(b"\x89PNG"), name  # the figure itself
+        assert files[name] == (workdir / "results/report/figures" / name).read_bytes()
+        caption = (REPO / f"workflow/report/figure_{name[:-4]}.rst").read_text().split("\n")[0]
+        assert caption.split("``")[0].strip() in index, name  # its caption
 
 
 # --- the shard plan at the seed's scale (dry runs and --touch, nothing computed) ----------------
@@ -326,9 +361,8 @@ def _pretend_everything_ran(workdir: Path) -> set[str]:
 
 
 def _touch_run(workdir: Path) -> str:
-    """What a real run would execute now, without computing: --touch runs the checkpoint
-    prepare_inputs, re-evaluates the jobs below it, and touches what would rerun. Outputs of
-    new jobs are created afterwards (--touch only touches existing files)."""
+    """What a real run would execute now, without computing: --touch touches what would rerun.
+    Outputs of new jobs are created afterwards (--touch only touches existing files)."""
     output = snakemake(workdir, "--touch", "--cores", "1").stdout
     new = [path for line in re.findall(r"Output files not touched because they don't exist: "
                                        r"(.*)$", output, re.M) for path in line.split(", ")]
@@ -338,9 +372,22 @@ def _touch_run(workdir: Path) -> str:
     return output
 
 
+def _one_dry_run_lists(workdir: Path, shards: set[str], chunks: set[str]) -> str:
+    """A single dry run after an edit lists exactly the stale shards and clean runs, each with
+    its reason (no input-checking job has to run first)."""
+    output = snakemake(workdir, "-n").stdout
+    assert jobs_of(output, "compute_effects") == shards
+    assert jobs_of(output, "cache_clean_runs") == chunks
+    reasons = re.findall(r"^rule compute_effects:\n(?:    .*\n)*?    reason: (.*)$", output, re.M)
+    assert len(reasons) == len(shards)
+    assert all(r.startswith(("Params have changed since last execution", "Missing output files",
+                             "Input files updated by another job")) for r in reasons), reasons
+    return output
+
+
 @pytest.mark.slow
 def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
-    assert len(_pretend_everything_ran(seed_scale)) == 2 + 4 + 28 + 2 + 6 + 2 + 1
+    assert len(_pretend_everything_ran(seed_scale)) == 2 + 4 + 28 + 2 + 6 + 2 + 5
     blocks = _expected_blocks(seed_scale)
     heavy = ("cache_clean_runs", "compute_effects", "extract_activations")
 
@@ -352,8 +399,10 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
     new_index = next(n for n in range(profile["neuron"] + 1, 14336) if (13, n) not in taken)
     profile.update(neuron=new_index, neuron_id=f"L13/N{new_index}")
     path.write_text(json.dumps(document))
+    stale = {f"L12-15_c00{c}" for c in range(4)}
+    _one_dry_run_lists(seed_scale, stale, set())
     output = _touch_run(seed_scale)
-    assert jobs_of(output, "compute_effects") == {f"L12-15_c00{c}" for c in range(4)}
+    assert jobs_of(output, "compute_effects") == stale
     assert not jobs_of(output, "cache_clean_runs") and not jobs_of(output, "extract_activations")
     for rule in ("prepare_inputs", "aggregate_effects", "validate_sample", "render_report"):
         assert jobs_of(output, rule) == {""}, rule
@@ -361,6 +410,7 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
     # 2. one prompt appended: 101 prompts open a fifth chunk, c004; only its shards run
     with (seed_scale / "prompts.jsonl").open("a") as handle:
         handle.write(json.dumps({"prompt_id": "q100", "prompt": "One more question:"}) + "\n")
+    _one_dry_run_lists(seed_scale, {f"{b}_c004" for b in blocks}, {"c004"})
     output = _touch_run(seed_scale)
     assert jobs_of(output, "compute_effects") == {f"{b}_c004" for b in blocks}
     assert jobs_of(output, "cache_clean_runs") == {"c004"}
@@ -370,6 +420,7 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
     # 3. another one: the last chunk c004 (now 2 prompts) changes; c000-c003 stay
     with (seed_scale / "prompts.jsonl").open("a") as handle:
         handle.write(json.dumps({"prompt_id": "q101", "prompt": "And the last one:"}) + "\n")
+    _one_dry_run_lists(seed_scale, {f"{b}_c004" for b in blocks}, {"c004"})
     output = _touch_run(seed_scale)
     assert jobs_of(output, "compute_effects") == {f"{b}_c004" for b in blocks}
     assert jobs_of(output, "cache_clean_runs") == {"c004"}
@@ -394,6 +445,8 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
 
     # 1. profile L3/N10 becomes L3/N60: the two shards of block L02-03 rerun, nothing else heavy
     assert move_neuron(workdir, "L3/N10", 60) == "L3/N60"
+    dry = _one_dry_run_lists(workdir, {"L02-03_c000", "L02-03_c001"}, set())
+    assert dry.count("reason: Params have changed since last execution") == 2
     output = snakemake(workdir, "--cores", "2").stdout
     assert jobs_of(output, "compute_effects") == {"L02-03_c000", "L02-03_c001"}
     assert not jobs_of(output, "cache_clean_runs")
@@ -414,6 +467,7 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     demo = (REPO / "config/demo/prompts.jsonl").read_text().splitlines()
     with (workdir / "prompts.jsonl").open("a") as handle:
         handle.write(demo[6] + "\n")
+    _one_dry_run_lists(workdir, {"L00-01_c001", "L02-03_c001", "L04-05_c001"}, {"c001"})
     output = snakemake(workdir, "--cores", "2").stdout
     assert jobs_of(output, "cache_clean_runs") == {"c001"}
     assert jobs_of(output, "compute_effects") == {"L00-01_c001", "L02-03_c001", "L04-05_c001"}

@@ -24,11 +24,14 @@ def write_workdir(
     **overrides: Any,
 ) -> Path:
     """A working directory with a config (the repo's defaults, then ``overrides``; nested dicts
-    are merged), the first ``n_prompts`` demo prompts and a profile file in the user's shape
-    with ``neurons_per_layer`` neurons in each of ``n_layers`` layers."""
+    are merged), the first ``n_prompts`` demo prompts (each with two fields of the user's own,
+    ``source`` and ``rank``) and a profile file in the user's shape with ``neurons_per_layer``
+    neurons in each of ``n_layers`` layers."""
     root.mkdir(parents=True, exist_ok=True)
     lines = (REPO / "config/demo/prompts.jsonl").read_text().splitlines()[:n_prompts]
-    (root / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    records = [{**json.loads(line), "source": "demo", "rank": rank}
+               for rank, line in enumerate(lines)]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     profiles = [{"neuron_id": f"L{layer}/N{7 * k + layer}", "layer": layer,
                  "neuron": 7 * k + layer, "label": f"test neuron {k}", "tags": ["kept"]}
                 for layer in range(n_layers) for k in range(neurons_per_layer)]

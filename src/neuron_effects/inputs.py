@@ -12,14 +12,23 @@ offending neuron id or prompt id.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 NEURON_ID_PATTERN = re.compile(r"^L(\d+)/N(\d+)$")
+# The fields of a prompt record the workflow reads; any other field is the user's own, carried
+# through into results/summary/prompts.parquet and the report.
+PROMPT_FIELDS = ("prompt_id", "prompt", "target", "distractor")
+# Columns the workflow writes into the prompt tables; a user field may not take one of these names.
+PROMPT_TABLE_COLUMNS = ("text", "n_tokens", "input_ids", "target_id", "distractor_id", "warnings",
+                        "target_token", "target_source", "distractor_token", "clean_top_token",
+                        "clean_top_prob", "clean_target_prob", "clean_target_rank")
 
 
 class InputError(ValueError):
@@ -44,6 +53,7 @@ class PromptRecord:
     target: str | None
     distractor: str | None
     line: int
+    extra: dict[str, Any] = dataclass_field(default_factory=dict)  # the user's own fields, in file order
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -52,7 +62,7 @@ def _read_text(path: Path, what: str) -> str:
     if not path.is_file():
         raise InputError(f"{what} path is not a file: {path}")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark is dropped
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"{what} file {path} cannot be read: {error}") from error
 
@@ -151,9 +161,15 @@ def _optional_text(value: Any, field: str, where: str, empty_is_missing: bool) -
 def _prompt_from_fields(
     fields: dict[str, Any], index: int, line: int, where: str, empty_is_missing: bool
 ) -> PromptRecord:
-    unknown = set(fields) - {"prompt", "prompt_id", "target", "distractor"}
-    if unknown:
-        raise InputError(f"{where}: unknown field(s) {sorted(unknown)}")
+    extra = {name: None if value == "" and empty_is_missing else value
+             for name, value in fields.items() if name not in PROMPT_FIELDS}
+    for name in extra:
+        if name in PROMPT_TABLE_COLUMNS:
+            raise InputError(f"{where}: field {name!r} is a column the workflow writes; "
+                             "rename it")
+        near = difflib.get_close_matches(name.lower(), PROMPT_FIELDS, n=1, cutoff=0.8)
+        if near:
+            raise InputError(f"{where}: unknown field {name!r}: did you mean {near[0]!r}?")
     prompt_id = fields.get("prompt_id")
     if prompt_id is None or prompt_id == "":
         prompt_id = str(index)
@@ -173,15 +189,17 @@ def _prompt_from_fields(
         raise InputError(f"{where}: a distractor needs a target")
     if distractor is not None and distractor == target:
         raise InputError(f"{where}: distractor equals target ({target!r})")
-    return PromptRecord(prompt_id, prompt, target, distractor, line)
+    return PromptRecord(prompt_id, prompt, target, distractor, line, extra)
 
 
 def read_prompts(path: str | Path) -> list[PromptRecord]:
     """The prompts of a JSONL, CSV or TSV file, validated without the tokenizer.
 
     Each record has ``prompt`` and optionally ``prompt_id`` (default: its 0-based index as a
-    string), ``target`` and ``distractor``. Checks: syntax (with line), non-empty prompt,
-    unknown fields, unique prompt ids, distractor different from target.
+    string), ``target`` and ``distractor``; any other field is kept in ``extra``. Checks: syntax
+    (with line), non-empty prompt, near-misses of the known field names ("targt"), user fields
+    named like a column the workflow writes, unique prompt ids, distractor different from target.
+    A UTF-8 byte-order mark at the start of the file is accepted.
     """
     path = Path(path)
     text = _read_text(path, "prompt")
@@ -266,7 +284,26 @@ def _jsonable(value: Any) -> Any:
 
 
 def prompt_fields(records: Iterable[PromptRecord]) -> list[dict[str, Any]]:
-    """The records as plain dicts without their line numbers (what their content is)."""
+    """The records as plain dicts without their line numbers and the user's own fields (what
+    the computation depends on)."""
     return [
-        {k: v for k, v in asdict(record).items() if k != "line"} for record in records
+        {k: v for k, v in asdict(record).items() if k not in ("line", "extra")}
+        for record in records
     ]
+
+
+def extra_columns(records: Sequence[PromptRecord]) -> dict[str, list[Any]]:
+    """The user's own prompt fields as table columns (first-seen order, ``None`` where a record
+    lacks one). Strings, numbers and booleans are kept; lists and objects, and every value of a
+    column that mixes types, become JSON text so that the column has one type."""
+    names = list(dict.fromkeys(name for record in records for name in record.extra))
+    columns = {}
+    for name in names:
+        values = [record.extra.get(name) for record in records]
+        kinds = {float if type(value) is int else type(value)
+                 for value in values if value is not None}
+        if len(kinds) > 1 or kinds & {list, dict}:
+            values = [None if value is None else value if isinstance(value, str)
+                      else json.dumps(value, ensure_ascii=False) for value in values]
+        columns[name] = values
+    return columns

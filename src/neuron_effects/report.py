@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .aggregate import CLASSES, UNDETERMINED  # noqa: E402
+from .inputs import PROMPT_FIELDS, PROMPT_TABLE_COLUMNS  # noqa: E402
+from .report_table import neuron_table_section  # noqa: E402
 
 CLASS_COLOURS = {"routing-dominant": "#4477aa", "mixed": "#ccbb44",
                  "logit-dominant": "#ee6677", UNDETERMINED: "#bbbbbb"}
@@ -33,6 +35,7 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .warn{background:#fef7e0;border:1px solid #f9ab00;padding:.5rem 1rem}
 figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}img{max-width:100%}
 .defs{background:#f8f8f8;padding:.6rem 1rem;font-size:.9rem}code{font-size:.85rem}
+.table-box{max-width:100%;overflow-x:auto}
 """
 
 
@@ -62,7 +65,8 @@ def _table(frame: pd.DataFrame, columns: list[str] | None = None) -> str:
             and not isinstance(v, bool) else f"<td>{_format(v)}</td>" for v in row
         ) + "</tr>" for row in frame.itertuples(index=False)
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (f'<div class="table-box"><table><thead><tr>{head}</tr></thead><tbody>{body}'
+            "</tbody></table></div>")  # a wide table scrolls in its own box, not the page
 
 
 def _figure(uri: str, caption: str) -> str:
@@ -175,12 +179,39 @@ def _validation_figures(validation: dict[str, Any]) -> str:
     return _table(rows) + (f'<p class="warn">{html.escape(note)}</p>' if note else "")
 
 
+# The figures of the section "Effect types by layer", by name (also their file names, .png, in
+# the Snakemake report).
+FIGURE_CAPTIONS = {
+    "class_bars": "Neurons per class and layer, under both definitions of the direct effect.",
+    "ratio_distributions": "Per-prompt direct ratios by layer (boxes: quartiles; dashed: class "
+                           "boundaries).",
+    "direct_vs_indirect": "Direct vs indirect effect on the target logit, one point per (prompt, "
+                          "neuron), coloured by layer (symlog axes).",
+    "alignment": "Sign alignment and cancellation by layer.",
+}
+
+
+def report_figures(per_prompt: pd.DataFrame, layers: pd.DataFrame) -> dict[str, str]:
+    """The figures of :data:`FIGURE_CAPTIONS`, as PNG data URIs."""
+    return {"class_bars": _class_bars(layers), "ratio_distributions":
+            _ratio_distributions(per_prompt), "direct_vs_indirect": _scatter(per_prompt),
+            "alignment": _alignment(layers)}
+
+
+def png_bytes(uri: str) -> bytes:
+    """The PNG inside a data URI made by :func:`_figure_uri`."""
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
 def render_report(
     metadata: dict[str, Any], per_prompt: pd.DataFrame, neurons: pd.DataFrame,
     layers: pd.DataFrame, prompts: pd.DataFrame, validation: dict[str, Any],
     validation_pairs: pd.DataFrame, timings: pd.DataFrame, top_n: int = 12,
+    figures: dict[str, str] | None = None,
 ) -> str:
-    """The report page as one HTML string."""
+    """The report page as one HTML string (``figures``: from :func:`report_figures`, made here
+    when not given)."""
+    figures = figures or report_figures(per_prompt, layers)
     passed = validation["passed"]
     verdict = (
         f'<div class="{"pass" if passed else "fail"}"><b>{"PASSED" if passed else "FAILED"}</b>: '
@@ -206,6 +237,8 @@ def render_report(
                                   "target_source", "distractor_token", "clean_top_token",
                                   "clean_top_prob", "clean_target_prob", "warnings")
                       if c in prompts.columns]
+    prompt_columns += [c for c in prompts.columns  # the user's own prompt fields
+                       if c not in (*PROMPT_FIELDS, *PROMPT_TABLE_COLUMNS)]
     meta_rows = pd.DataFrame(list(metadata.items()), columns=["setting", "value"])
     sections = [
         f"<h1>Direct vs indirect effects of {len(neurons)} MLP neurons over "
@@ -237,17 +270,12 @@ def render_report(
                                               "relative_error_indirect", "max_abs_diff")
                                  if c in validation_pairs]]),
         "<h2>Effect types by layer</h2>",
-        _figure(_class_bars(layers), "Neurons per class and layer, under both definitions of "
-                                     "the direct effect."),
-        _figure(_ratio_distributions(per_prompt), "Per-prompt direct ratios by layer (boxes: "
-                                                  "quartiles; dashed: class boundaries)."),
-        _figure(_scatter(per_prompt), "Direct vs indirect effect on the target logit, one point "
-                                      "per (prompt, neuron), coloured by layer (symlog axes)."),
-        _figure(_alignment(layers), "Sign alignment and cancellation by layer."),
+        *(_figure(figures[name], caption) for name, caption in FIGURE_CAPTIONS.items()),
         _table(layers),
         f"<h2>Most logit-dominant neurons</h2>{_table(logit, neuron_columns)}",
         f"<h2>Most routing-dominant neurons</h2>{_table(routing, neuron_columns)}",
         f"<h2>Most cancelling neurons (self-repair)</h2>{_table(cancelling, neuron_columns)}",
+        neuron_table_section(neurons, per_prompt),
         f"<h2>Prompts and targets</h2>{_table(prompts, prompt_columns)}",
     ]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,12 +23,11 @@ from tqdm import tqdm
 from . import aggregate, store
 from .clean import run_clean
 from .effects import EffectSettings, compute_effects, neuron_block
-from .inputs import InputError, Neuron, load_profile_document, read_neurons, read_prompts
-from .model import (ModelSpec, check_neurons, check_prompt_length, load_config, load_model,
-                    load_tokenizer, parameter_count, precision_flags,
+from .input_checks import checked_inputs
+from .inputs import InputError, Neuron, extra_columns, load_profile_document
+from .model import (ModelSpec, load_model, load_tokenizer, parameter_count, precision_flags,
                     resolve_device, resolve_dtype)
 from .precision import low_precision_warning
-from .prompts import prepare_prompt
 from .reference import reference_clean_logits
 from .validation import (RELATIVE_METRICS, absolute_differences, reference_dtype,
                          reference_metrics, relative_errors, sample_pairs, summarize)
@@ -36,6 +36,9 @@ log = logging.getLogger("neuron_effects")
 
 # Progress bars go to the job's log (stderr); update them at most every few seconds there.
 PROGRESS = {"mininterval": 5.0, "dynamic_ncols": False, "ncols": 100}
+# The columns of the prepared prompt table, in order; the user's own prompt fields follow them.
+PREPARED_COLUMNS = ("prompt_id", "prompt", "text", "n_tokens", "input_ids", "target",
+                    "target_id", "distractor", "distractor_id", "warnings")
 # Prompt-level columns copied from the clean cache into every per-prompt row.
 PROMPT_COLUMNS = ("prompt_id", "target_id", "target_token", "target_source", "distractor_id",
                   "distractor_token")
@@ -51,58 +54,46 @@ def configure_job(threads: int) -> None:
 
 def prepare_inputs(
     neurons_path: str, prompts_path: str, spec: ModelSpec, chat_template: bool,
-    system_prompt: str | None, prompts_out: str, neurons_out: str,
+    system_prompt: str | None, prompts_out: str, neurons_out: str, cache_dir: str | None = None,
 ) -> None:
-    """Validate both input files against the model (config and tokenizer only, no weights) and
-    write the prepared prompts (token ids, targets resolved in context) and the neuron table."""
+    """Validate both input files against the model (config and tokenizer only, no weights;
+    reusing the parse-time checks cached in ``cache_dir``) and write the prepared prompts (the
+    user's records with token ids and targets resolved in context) and the neuron table."""
     warning = low_precision_warning(spec.dtype)
     if warning:
         log.warning("%s", warning)
-    neurons = read_neurons(neurons_path)
-    records = read_prompts(prompts_path)
-    config = load_config(spec)
-    check_neurons(config, neurons, neurons_path)
-    tokenizer = load_tokenizer(spec)
-    rows = []
-    for record in records:
-        try:
-            prepared = prepare_prompt(tokenizer, record, chat_template, system_prompt)
-        except InputError as error:  # name the file too, as the parse-time checks do
-            raise InputError(f"{prompts_path}: {error}") from error
-        check_prompt_length(config, len(prepared.input_ids),
-                            f"{prompts_path}: line {record.line}: prompt {record.prompt_id!r}")
-        for warning in prepared.warnings:
-            log.warning("prompt %r: %s", record.prompt_id, warning)
-        rows.append({
-            "prompt_id": prepared.prompt_id, "prompt": record.prompt, "text": prepared.text,
-            "n_tokens": len(prepared.input_ids), "input_ids": prepared.input_ids,
-            "target": prepared.target, "target_id": prepared.target_id,
-            "distractor": prepared.distractor, "distractor_id": prepared.distractor_id,
-            "warnings": prepared.warnings,
-        })
-    frame = pd.DataFrame(rows).astype({"target_id": "Int64", "distractor_id": "Int64"})
+    checked = checked_inputs(neurons_path, prompts_path, asdict(spec), chat_template,
+                             system_prompt, cache_dir)
+    for row in checked.prepared:
+        for warning in row["warnings"]:
+            log.warning("prompt %r: %s", row["prompt_id"], warning)
+    records = pd.DataFrame([{"prompt_id": r.prompt_id, "prompt": r.prompt, "target": r.target,
+                             "distractor": r.distractor} for r in checked.records])
+    prepared = pd.DataFrame(checked.prepared).drop(columns="prompt_id")
+    frame = pd.concat([records, prepared, pd.DataFrame(extra_columns(checked.records))], axis=1)
+    frame = frame[[*PREPARED_COLUMNS, *(c for c in frame.columns if c not in PREPARED_COLUMNS)]]
+    frame = frame.astype({"target_id": "Int64", "distractor_id": "Int64"})
     store.write_parquet(prompts_out, frame)
-    store.write_parquet(neurons_out, pd.DataFrame([vars(n) for n in neurons]))
+    store.write_parquet(neurons_out, pd.DataFrame([vars(n) for n in checked.neurons]))
     log.info("%d prompts (%d-%d tokens) and %d neurons validated", len(frame),
-             frame["n_tokens"].min(), frame["n_tokens"].max(), len(neurons))
+             frame["n_tokens"].min(), frame["n_tokens"].max(), len(checked.neurons))
 
 
-def cache_clean_runs(spec: ModelSpec, prompts_table: str, prompt_ids: Sequence[str],
-                     output: str) -> None:
-    """One clean forward per prompt of the chunk; saves the runs and, per prompt, the target
-    (given, or the clean argmax), the distractor and the clean prediction."""
-    table = pd.read_parquet(prompts_table).set_index("prompt_id")
+def cache_clean_runs(spec: ModelSpec, prompts: Sequence[dict[str, Any]], output: str) -> None:
+    """One clean forward per prepared prompt of the chunk (``prompt_id``, ``input_ids``,
+    ``target_id`` and ``distractor_id``, ``None`` when not given); saves the runs and, per prompt,
+    the target (given, or the clean argmax), the distractor and the clean prediction."""
     model = load_model(spec)
     tokenizer = load_tokenizer(spec)
     runs, records = [], []
-    for prompt_id in tqdm(prompt_ids, desc="clean forwards", **PROGRESS):
-        row = table.loc[prompt_id]
+    for row in tqdm(prompts, desc="clean forwards", **PROGRESS):
+        prompt_id = row["prompt_id"]
         run = run_clean(model, list(row["input_ids"]), prompt_id)
         probabilities = run.logits.softmax(-1)
         top = int(run.logits.argmax())
-        given = not pd.isna(row["target_id"])
+        given = row["target_id"] is not None
         target = int(row["target_id"]) if given else top
-        distractor = None if pd.isna(row["distractor_id"]) else int(row["distractor_id"])
+        distractor = None if row["distractor_id"] is None else int(row["distractor_id"])
         records.append({
             "prompt_id": prompt_id, "n_tokens": run.n_tokens,
             "target_id": target, "target_token": tokenizer.decode([target]),
@@ -338,13 +329,16 @@ def render_report(
     settings: dict[str, Any], per_prompt_path: str, neurons_path: str, layers_path: str,
     prompts_path: str, activation_stats_path: str, validation_table: str,
     validation_summary: str, benchmark_paths: Sequence[str], top_n: int, output: str,
+    figures_dir: str | None = None,
 ) -> None:
-    """Write the self-contained HTML report."""
+    """Write the self-contained HTML report and, into ``figures_dir``, its figures as
+    ``<name>.png`` (for Snakemake's report)."""
     import platform
 
     import transformers
 
     from . import __version__
+    from .report import png_bytes, report_figures
     from .report import render_report as render
 
     validation = json.loads(Path(validation_summary).read_text())
@@ -357,7 +351,12 @@ def render_report(
     }
     stats = pd.read_parquet(activation_stats_path, columns=["layer", "neuron", "frac_active"])
     neurons = pd.read_parquet(neurons_path).merge(stats, on=["layer", "neuron"], how="left")
-    page = render(metadata, pd.read_parquet(per_prompt_path), neurons,
-                  pd.read_parquet(layers_path), pd.read_parquet(prompts_path), validation,
-                  pd.read_parquet(validation_table), timings, top_n)
+    per_prompt, layers = pd.read_parquet(per_prompt_path), pd.read_parquet(layers_path)
+    figures = report_figures(per_prompt, layers)
+    page = render(metadata, per_prompt, neurons, layers, pd.read_parquet(prompts_path),
+                  validation, pd.read_parquet(validation_table), timings, top_n, figures)
+    if figures_dir is not None:
+        for name, uri in figures.items():
+            with store.atomic_path(Path(figures_dir) / f"{name}.png") as temporary:
+                temporary.write_bytes(png_bytes(uri))
     store.write_text(output, page)

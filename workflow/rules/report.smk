@@ -8,10 +8,31 @@ rule render_report:
         validation_summary=rules.validate_sample.output.summary,
         activation_stats=rules.extract_activations.output.stats,
     output:
-        report(
+        page=report(
             "results/report/report.html",
             caption="../report/report.rst",
             category="Report",
+        ),
+        # the report's figures as files too, for Snakemake's report (one caption each)
+        class_bars=report(
+            "results/report/figures/class_bars.png",
+            caption="../report/figure_class_bars.rst",
+            category="Figures",
+        ),
+        ratio_distributions=report(
+            "results/report/figures/ratio_distributions.png",
+            caption="../report/figure_ratio_distributions.rst",
+            category="Figures",
+        ),
+        direct_vs_indirect=report(
+            "results/report/figures/direct_vs_indirect.png",
+            caption="../report/figure_direct_vs_indirect.rst",
+            category="Figures",
+        ),
+        alignment=report(
+            "results/report/figures/alignment.png",
+            caption="../report/figure_alignment.rst",
+            category="Figures",
         ),
     log:
         "logs/render_report.log",

@@ -10,7 +10,6 @@ from neuron_effects.steps import cache_clean_runs, configure_job
 configure_job(snakemake.threads)
 cache_clean_runs(
     spec=ModelSpec(**snakemake.params.model),
-    prompts_table=snakemake.input.prompts,
-    prompt_ids=snakemake.params.prompt_ids,
+    prompts=snakemake.params.prompts,
     output=snakemake.output[0],
 )

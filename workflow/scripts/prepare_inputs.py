@@ -16,4 +16,5 @@ prepare_inputs(
     system_prompt=snakemake.params.prompt_format["system_prompt"],
     prompts_out=snakemake.output.prompts,
     neurons_out=snakemake.output.neurons,
+    cache_dir=snakemake.params.cache_dir,
 )

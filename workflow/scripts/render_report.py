@@ -1,6 +1,7 @@
 """Rule render_report: the self-contained HTML report."""
 
 import sys
+from pathlib import Path
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
@@ -18,5 +19,6 @@ render_report(
     validation_summary=snakemake.input.validation_summary,
     benchmark_paths=snakemake.params.benchmarks,
     top_n=snakemake.params.top_n,
-    output=snakemake.output[0],
+    output=snakemake.output.page,
+    figures_dir=str(Path(snakemake.output.class_bars).parent),
 )
