@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -111,10 +112,13 @@ def test_all_outputs_exist(outputs):
                  "results/summary/neurons.json", "results/summary/layers.parquet",
                  "results/summary/prompts.parquet", "results/labels/neurons.with_effects.json",
                  "results/validation/summary.json", "results/validation/pairs.parquet",
-                 "results/activations/neuron_stats.parquet", "results/report/report.html"):
+                 "results/activations/neuron_stats.parquet", "results/report/report.html",
+                 "results/effects/mediation.parquet", "results/effects/mediators.parquet",
+                 "results/summary/mediation_layers.parquet"):
         assert (workdir / path).stat().st_size > 0, path
-    shards = sorted(p.stem for p in (workdir / "results/effects/shards").glob("*.parquet"))
-    assert shards == [f"L{b:02d}-{b + 1:02d}_c00{c}" for b in (0, 2, 4) for c in (0, 1)]
+    shards = sorted(p.name for p in (workdir / "results/effects/shards").glob("*.parquet"))
+    assert shards == sorted(f"L{b:02d}-{b + 1:02d}_c00{c}{table}.parquet" for b in (0, 2, 4)
+                            for c in (0, 1) for table in ("", ".mediation", ".mediators"))
     # each shard assembled its units and removed its progress folder
     assert list((workdir / "results/effects/partial").glob("*")) == []
 
@@ -180,6 +184,51 @@ def test_neuron_summary_and_json_plan_shape(outputs):
         row = neurons.set_index("neuron_id").loc[document["neuron_id"]]
         assert summary["classification"] == row["classification"]
         assert alignment["aligned_fraction"] == pytest.approx(row["aligned_fraction"])
+
+
+@pytest.mark.slow
+def test_mediation_outputs(outputs):
+    """The long split, the top-k mediators, the layer flow and the per-neuron columns."""
+    workdir, table = outputs["workdir"], outputs["per_prompt"]
+    mediation = pd.read_parquet(workdir / "results/effects/mediation.parquet")
+    assert list(mediation.columns) == ["prompt_id", "neuron_id", "layer", "component",
+                                       "contribution"]
+    layers = dict(zip(table["neuron_id"], table["layer"]))
+    # per (prompt, neuron): 2 rows per downstream layer and one norm row
+    counts = mediation.groupby(["prompt_id", "neuron_id"]).size()
+    expected = [2 * (6 - 1 - layers[neuron]) + 1 for _, neuron in counts.index]
+    assert counts.tolist() == expected and len(counts) == len(table)
+    last = mediation[mediation["neuron_id"].map(layers) == 5]
+    assert set(last["component"]) == {"norm"} and (last["layer"] == -1).all()
+    # the split sums to total - direct_frozen_norm, and matches the per-prompt columns
+    merged = table.set_index(["prompt_id", "neuron_id"])
+    sums = mediation.groupby(["prompt_id", "neuron_id"])["contribution"].sum()
+    np.testing.assert_allclose(sums, (merged["total"] - merged["direct_frozen_norm"])
+                               .loc[sums.index], atol=1e-5)
+    parts = table["indirect_attn"] + table["indirect_mlp"] + table["indirect_norm"]
+    np.testing.assert_allclose(parts, table["indirect"], atol=1e-5)
+    assert table["indirect_mlp"].abs().max() > 1e-3
+    schema = pq.read_schema(workdir / "results/effects/mediation.parquet")
+    assert str(schema.field("contribution").type) == "float"
+    mediators = pd.read_parquet(workdir / "results/effects/mediators.parquet")
+    assert list(mediators.columns) == ["prompt_id", "neuron_id", "kind", "rank", "layer",
+                                       "index", "contribution"]
+    assert set(mediators["kind"]) == {"neuron", "head"}
+    assert mediators.groupby(["prompt_id", "neuron_id", "kind"]).size().max() == 10
+    assert (mediators["layer"] > mediators["neuron_id"].map(layers)).all()
+    flow = pd.read_parquet(workdir / "results/summary/mediation_layers.parquet")
+    assert (flow["layer"] > flow["source_layer"]).all() and len(flow) == 2 * 15
+    neurons = outputs["neurons"]
+    shares = neurons[["indirect_share_attn", "indirect_share_mlp", "indirect_share_norm"]]
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+    assert neurons.loc[neurons["layer"] < 5, "top_mediator"].str.match(r"L\d+/[NH]\d+$").all()
+    with_edges = neurons[neurons["edge_n_neuron_targets"].notna()]
+    assert len(with_edges) == 6 and (with_edges["edge_n_logit_targets"] == 1).all()
+    document = outputs["documents"][0]
+    assert document["effect_mediators"]["top_mediators"] and "edge_agreement" in document
+    labels = outputs["labels"]["profiles"]
+    assert labels[0]["edge_agreement"]["edge_n_neuron_targets"] == 2
+    assert labels[1]["edge_agreement"] is None and "effect_mediators" in labels[1]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
+from neuron_effects.edges import read_edges
 from neuron_effects.inputs import digest, model_location, read_neurons, read_prompts
 from neuron_effects.plan import make_plan
 
@@ -14,6 +15,7 @@ validate(config, "../../config/config.schema.yaml")
 if config["model"] != str(DEMO_MODEL):  # the demo model is fetched by a rule
     model_location(config["model"])
 NEURONS = read_neurons(config["neurons"])
+read_edges(config["neurons"])  # malformed top_downstream_targets stop the run here
 PROMPTS = read_prompts(config["prompts"])
 PLAN = make_plan(
     NEURONS,
@@ -39,6 +41,8 @@ EFFECT_SETTINGS = {
         else config["compute"]["batch_rows"]
     ),
     "vocab_rows": config["compute"]["vocab_rows"],
+    "mediators": config["mediators"]["enabled"],
+    "mediator_top_k": config["mediators"]["top_k"],
 }
 # Jobs that run the model ask for one GPU unless the config pins the CPU.
 GPUS = 0 if config["device"] == "cpu" else 1
@@ -64,9 +68,13 @@ def clean_chunks(wildcards=None):
     )
 
 
-def effect_shards(wildcards=None):
+def effect_shards(table=None):
+    """The shards' per-prompt tables, or their ``table`` ("mediation", "mediators") tables."""
+    suffix = f".{table}" if table else ""
     return expand(
-        "results/effects/shards/{shard}.parquet", shard=[s.name for s in PLAN.shards]
+        "results/effects/shards/{shard}{suffix}.parquet",
+        shard=[s.name for s in PLAN.shards],
+        suffix=suffix,
     )
 
 

@@ -19,4 +19,5 @@ render_report(
     benchmark_paths=snakemake.params.benchmarks,
     top_n=snakemake.params.top_n,
     output=snakemake.output[0],
+    mediation_layers_path=snakemake.input.mediation_layers,
 )
