@@ -44,7 +44,7 @@ LOGIT_DIFF_COLUMNS = ["direct_logit_diff", "indirect_logit_diff", "total_logit_d
 TOP_K_COLUMNS = [f"top_k_{kind}_{stat}" for kind in ("direct", "indirect", "total")
                  for stat in ("mean", "max", "tokens")]
 LABEL_FIELDS = {"effect_type", "direct_ratio", "effect_type_frozen_norm",
-                "direct_ratio_frozen_norm"}
+                "direct_ratio_frozen_norm", "effect_mediators", "edge_agreement"}
 
 
 # --- lint and format ----------------------------------------------------------------------------
@@ -421,6 +421,12 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
 
 # --- the same on the tiny model, with real runs -------------------------------------------------
 
+def shard_files(*shards: str) -> set[str]:
+    """A shard's three files: per-prompt rows, mediation rows, top-k mediators."""
+    return {f"{shard}{table}.parquet" for shard in shards
+            for table in ("", ".mediation", ".mediators")}
+
+
 def _mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*")}
 
@@ -441,7 +447,7 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     assert "L3/N60" in set(after["neuron_id"]) and "L3/N10" not in set(after["neuron_id"])
     assert len(after) == len(before)
     changed = {name for name, t in _mtimes(shards).items() if t != shard_times[name]}
-    assert changed == {"L02-03_c000.parquet", "L02-03_c001.parquet"}
+    assert changed == shard_files("L02-03_c000", "L02-03_c001")
     kept = ~before["neuron_id"].eq("L3/N10")
     pd.testing.assert_frame_equal(
         before[kept].reset_index(drop=True),
@@ -457,8 +463,8 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     output = snakemake(workdir, "--cores", "2").stdout
     assert jobs_of(output, "cache_clean_runs") == {"c001"}
     assert jobs_of(output, "compute_effects") == {"L00-01_c001", "L02-03_c001", "L04-05_c001"}
-    assert {name for name, t in _mtimes(shards).items() if t != shard_times[name]} == {
-        "L00-01_c001.parquet", "L02-03_c001.parquet", "L04-05_c001.parquet"}
+    assert {name for name, t in _mtimes(shards).items() if t != shard_times[name]} == \
+        shard_files("L00-01_c001", "L02-03_c001", "L04-05_c001")
     assert _mtimes(clean)["c000.safetensors"] == clean_times["c000.safetensors"]
     final = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
     assert final["prompt_id"].nunique() == 7 and len(final) == 7 * 18
