@@ -125,3 +125,26 @@ def test_concat_of_empty_files_keeps_the_columns(tmp_path):
     store.write_parquet(empty, pd.DataFrame({"a": pd.Series([], dtype=float)}))
     assert store.concat_parquet([empty, empty], tmp_path / "out.parquet") == 0
     assert list(pd.read_parquet(tmp_path / "out.parquet").columns) == ["a"]
+
+
+def test_report_section_shows_heatmaps_mediators_and_edges():
+    from neuron_effects.report import indirect_routes_section
+
+    neurons = pd.DataFrame({
+        "neuron_id": ["L0/N1", "L1/N2"], "layer": [0, 1],
+        "classification": ["routing-dominant", "mixed"], "mean_direct_ratio": [0.1, 0.5],
+        "mean_indirect": [0.3, 0.1], "indirect_share_attn": [0.2, 0.5],
+        "indirect_share_mlp": [0.7, 0.4], "indirect_share_norm": [0.1, 0.1],
+        "top_mediator": ["L1/N7", "L2/H0"], "top_mediators": ["L1/N7 +0.2 (100%)", "x"],
+        "edge_n_neuron_targets": [2.0, np.nan], "edge_n_logit_targets": [1.0, np.nan],
+        "edge_neuron_overlap": [0.5, np.nan], "edge_sign_agreement": [1.0, np.nan],
+        "edge_logit_overlap": [0.0, np.nan]})
+    flow = pd.DataFrame({"source_layer": [0, 0, 1, 1], "layer": [1, 1, 2, 2],
+                         "component": ["attn", "mlp", "attn", "mlp"], "n": [3] * 4,
+                         "mean_contribution": [0.1, -0.2, 0.0, 0.3],
+                         "mean_abs_contribution": [0.1, 0.2, 0.05, 0.3]})
+    page = indirect_routes_section(neurons, flow, top_n=5)
+    assert "Where the indirect effect goes" in page and page.count("data:image/png") == 2
+    assert "L1/N7 +0.2 (100%)" in page and "1 profiles list" in page
+    assert "is off" in indirect_routes_section(neurons.drop(columns="top_mediator"),
+                                               flow.iloc[:0], 5)

@@ -34,7 +34,6 @@ import torch
 from .model import LlamaFamily
 
 MEDIATION_COMPONENTS = ("attn", "mlp", "norm")
-MEDIATOR_KINDS = ("neuron", "head")
 MEDIATION_COLUMNS = ("neuron_id", "layer", "component", "contribution")
 MEDIATOR_COLUMNS = ("neuron_id", "kind", "rank", "layer", "index", "contribution")
 
