@@ -10,6 +10,9 @@ and compute the direct effect algebraically; they differ in the TOTAL effect:
 * fast: :func:`neuron_effects.effects.compute_effects` (replay of layers L+1.. for the last
   token only against the cached prefix keys/values, batched over neurons of all layers).
 
+The fast path runs twice per prompt, with and without the mediation split (``mediators``, on
+by default in the workflow), alternating which goes first, to measure its overhead.
+
 The naive path runs on a subset (``--naive-per-layer`` neurons per layer, same prompts); the
 fast path on all neurons. ``max_abs_diff`` is over every compared metric of the shared rows.
 
@@ -84,6 +87,7 @@ def main() -> None:
                for n in torch.randperm(model.intermediate_size, generator=generator)
                [:args.per_layer]]
     settings = EffectSettings(batch_rows=args.batch_rows)
+    plain = EffectSettings(batch_rows=args.batch_rows, mediators=False)
 
     # The two paths alternate prompt by prompt, so that a change in the machine's load during
     # the run (other processes on a shared machine) weighs on both alike.
@@ -92,12 +96,18 @@ def main() -> None:
     started = time.perf_counter()
     block = neuron_block(model, neurons, settings.full_vocab)
     fast_seconds, naive_seconds = time.perf_counter() - started, 0.0
+    plain_seconds = fast_seconds
     tables, rows = [], []
-    for p, clean, (target, distractor) in zip(prepared, cleans, targets):
-        started = time.perf_counter()
-        tables.append(compute_effects(model, clean, block, settings, target, distractor)
-                      .assign(prompt_id=p.prompt_id))
-        fast_seconds += time.perf_counter() - started
+    for index, (p, clean, (target, distractor)) in enumerate(zip(prepared, cleans, targets)):
+        for mediators in ((True, False) if index % 2 == 0 else (False, True)):
+            started = time.perf_counter()
+            result = compute_effects(model, clean, block, settings if mediators else plain,
+                                     target, distractor)
+            if mediators:
+                fast_seconds += time.perf_counter() - started
+                tables.append(result.per_prompt.assign(prompt_id=p.prompt_id))
+            else:
+                plain_seconds += time.perf_counter() - started
         started = time.perf_counter()
         clean_logits = reference_clean_logits(model, clean.input_ids)  # once per prompt
         for neuron in subset:
@@ -113,11 +123,14 @@ def main() -> None:
                    for name in COMPARED if joined[name].notna().any()}
     naive_ms = 1e3 * naive_seconds / len(naive)
     fast_ms = 1e3 * fast_seconds / fast_count
+    plain_ms = 1e3 * plain_seconds / fast_count
     by_layer = fast.groupby("layer")["total"].apply(lambda s: float(s.abs().median()))
     print(f"prompts: {len(prepared)} ({np.mean([len(p.input_ids) for p in prepared]):.1f} "
           f"tokens on average); neurons: {len(neurons)} (fast), {len(subset)} (naive)")
     print(f"naive: {len(naive)} perturbations in {naive_seconds:.1f} s = {naive_ms:.2f} ms each")
     print(f"fast : {fast_count} perturbations in {fast_seconds:.1f} s = {fast_ms:.3f} ms each")
+    print(f"fast without mediators: {plain_seconds:.1f} s = {plain_ms:.3f} ms each "
+          f"(mediation overhead x{fast_ms / plain_ms:.3f})")
     print("max |fast - naive| by metric: " + ", ".join(f"{k} {v:.2g}"
                                                         for k, v in differences.items()))
     print(f"median |total effect| by layer: min {by_layer.min():.2g}, max {by_layer.max():.2g}")
@@ -125,6 +138,8 @@ def main() -> None:
         "speedup_vs_naive": round(naive_ms / fast_ms, 1),
         "naive_ms_per_perturbation": round(naive_ms, 3),
         "fast_ms_per_perturbation": round(fast_ms, 4),
+        "fast_ms_per_perturbation_without_mediators": round(plain_ms, 4),
+        "mediation_overhead_ratio": round(fast_ms / plain_ms, 3),
         "max_abs_diff": max(differences.values()),
         "prompt_tokens_mean": round(float(np.mean([len(p.input_ids) for p in prepared])), 2),
         "n_prompts": len(prepared), "n_neurons_fast": len(neurons),

@@ -30,7 +30,8 @@ def fast_and_reference(
     layers = sorted({n.layer for n in neurons}) if settings.positions == "all" else ()
     clean = run_clean(model, input_ids, "prompt", layers)
     block = neuron_block(model, neurons, settings.full_vocab)
-    fast = compute_effects(model, clean, block, settings, target, distractor, mean_activations)
+    fast = compute_effects(model, clean, block, settings, target, distractor,
+                          mean_activations).per_prompt
     fast = fast.assign(target_id=target, distractor_id=distractor)
     differences = pd.DataFrame([
         compare_with_reference(model, clean, row, settings.treatment, settings.positions,

@@ -67,7 +67,7 @@ def test_zero_ablate_equals_zeroing_the_neuron():
         clean = run_clean(model, PROMPT, "p", [1, 2])
         block = neuron_block(model, neurons, True)
         fast = compute_effects(model, clean, block, settings(treatment="zero_ablate",
-                                                             positions=positions), 7)
+                                                             positions=positions), 7).per_prompt
         for row, neuron in zip(fast.itertuples(), neurons):
             def zero(module, args, neuron=neuron):
                 acts = args[0].clone()
@@ -87,9 +87,10 @@ def test_zero_ablate_is_add_with_negated_activation():
     model = tiny_model()
     clean = run_clean(model, PROMPT, "p")
     block = neuron_block(model, random_neurons(model, 4, seed=3), True)
-    ablated = compute_effects(model, clean, block, settings(treatment="zero_ablate"), 7, 11)
+    ablated = compute_effects(model, clean, block, settings(treatment="zero_ablate"),
+                             7, 11).per_prompt
     clean.activations = -clean.activations
-    added = compute_effects(model, clean, block, settings(treatment="add"), 7, 11)
+    added = compute_effects(model, clean, block, settings(treatment="add"), 7, 11).per_prompt
     pd.testing.assert_frame_equal(ablated.drop(columns="activation"),
                                   added.drop(columns="activation"))
 
@@ -105,7 +106,7 @@ def test_zero_vector_gives_zero_effects():
     clean = run_clean(model, PROMPT, "p")
     block = neuron_block(model, random_neurons(model, 4, seed=4), True)
     frame = compute_effects(model, clean, block, settings(treatment="mean_ablate"), 7, 11,
-                            mean_activations=clean.activations.clone())
+                            mean_activations=clean.activations.clone()).per_prompt
     for column in ("direct", "direct_frozen_norm", "norm_mediated", "direct_logit_diff",
                    "prob_change_direct", "top_k_direct_max"):
         assert (frame[column] == 0).all(), column
@@ -138,7 +139,7 @@ def test_last_layer_total_equals_direct():
     clean = run_clean(model, PROMPT, "p")
     last = model.n_layers - 1
     block = neuron_block(model, [Neuron("a", last, 3), Neuron("b", last, 50)], True)
-    frame = compute_effects(model, clean, block, settings(), 7)
+    frame = compute_effects(model, clean, block, settings(), 7).per_prompt
     assert (frame["indirect"].abs() <= 1e-5).all()
     assert (frame["direct_ratio"] > 0.999).all()
 
@@ -156,7 +157,8 @@ def test_invariant_to_batch_size_and_neuron_order():
     for batch_rows, vocab_rows, order in ((1, 1, 1), (4, 2, -1), (64, 64, 1)):
         block = neuron_block(model, neurons[::order], True)
         frame = compute_effects(model, clean, block, settings(batch_rows=batch_rows,
-                                                              vocab_rows=vocab_rows), 7, 11)
+                                                              vocab_rows=vocab_rows),
+                                7, 11).per_prompt
         frames.append(frame.set_index("neuron_id").sort_index())
     effects = [c for c in frames[0].select_dtypes("number").columns if "ratio" not in c
                and c != "cancellation"]
@@ -198,9 +200,9 @@ def test_target_only_metrics_match_full_vocab():
     model = tiny_model()
     clean = run_clean(model, PROMPT, "p")
     block = neuron_block(model, random_neurons(model, 4, seed=6), True)
-    full = compute_effects(model, clean, block, settings(), 7, 11)
+    full = compute_effects(model, clean, block, settings(), 7, 11).per_prompt
     cheap = compute_effects(model, clean, neuron_block(model, random_neurons(model, 4, seed=6),
-                                                       False), settings(full_vocab=False), 7, 11)
+                                                       False), settings(full_vocab=False), 7, 11).per_prompt
     for column in ("direct", "indirect", "total", "direct_frozen_norm", "total_logit_diff",
                    "direct_ratio"):
         np.testing.assert_allclose(cheap[column], full[column], rtol=1e-4, atol=1e-6)

@@ -402,7 +402,9 @@ def running_shards(name: str) -> dict[str, str]:
 
 
 def saved_units(workdir: Path, shard: str) -> set[str]:
-    return {p.stem for p in (workdir / "results/effects/partial" / shard).glob("*/*.parquet")}
+    # a unit is done when its main table <unit>.parquet exists (its other tables come first)
+    return {p.stem for p in (workdir / "results/effects/partial" / shard).glob("*/*.parquet")
+            if "." not in p.stem}
 
 
 def wait_for_shard(controller: Controller, name: str, *, exclude=(), min_units: int = 1,

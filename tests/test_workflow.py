@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -43,7 +44,7 @@ LOGIT_DIFF_COLUMNS = ["direct_logit_diff", "indirect_logit_diff", "total_logit_d
 TOP_K_COLUMNS = [f"top_k_{kind}_{stat}" for kind in ("direct", "indirect", "total")
                  for stat in ("mean", "max", "tokens")]
 LABEL_FIELDS = {"effect_type", "direct_ratio", "effect_type_frozen_norm",
-                "direct_ratio_frozen_norm"}
+                "direct_ratio_frozen_norm", "effect_mediators", "edge_agreement"}
 
 
 # --- lint and format ----------------------------------------------------------------------------
@@ -111,10 +112,13 @@ def test_all_outputs_exist(outputs):
                  "results/summary/neurons.json", "results/summary/layers.parquet",
                  "results/summary/prompts.parquet", "results/labels/neurons.with_effects.json",
                  "results/validation/summary.json", "results/validation/pairs.parquet",
-                 "results/activations/neuron_stats.parquet", "results/report/report.html"):
+                 "results/activations/neuron_stats.parquet", "results/report/report.html",
+                 "results/effects/mediation.parquet", "results/effects/mediators.parquet",
+                 "results/summary/mediation_layers.parquet"):
         assert (workdir / path).stat().st_size > 0, path
-    shards = sorted(p.stem for p in (workdir / "results/effects/shards").glob("*.parquet"))
-    assert shards == [f"L{b:02d}-{b + 1:02d}_c00{c}" for b in (0, 2, 4) for c in (0, 1)]
+    shards = sorted(p.name for p in (workdir / "results/effects/shards").glob("*.parquet"))
+    assert shards == sorted(f"L{b:02d}-{b + 1:02d}_c00{c}{table}.parquet" for b in (0, 2, 4)
+                            for c in (0, 1) for table in ("", ".mediation", ".mediators"))
     # each shard assembled its units and removed its progress folder
     assert list((workdir / "results/effects/partial").glob("*")) == []
 
@@ -190,6 +194,51 @@ def test_neuron_summary_and_json_plan_shape(outputs):
         row = neurons.set_index("neuron_id").loc[document["neuron_id"]]
         assert summary["classification"] == row["classification"]
         assert alignment["aligned_fraction"] == pytest.approx(row["aligned_fraction"])
+
+
+@pytest.mark.slow
+def test_mediation_outputs(outputs):
+    """The long split, the top-k mediators, the layer flow and the per-neuron columns."""
+    workdir, table = outputs["workdir"], outputs["per_prompt"]
+    mediation = pd.read_parquet(workdir / "results/effects/mediation.parquet")
+    assert list(mediation.columns) == ["prompt_id", "neuron_id", "layer", "component",
+                                       "contribution"]
+    layers = dict(zip(table["neuron_id"], table["layer"]))
+    # per (prompt, neuron): 2 rows per downstream layer and one norm row
+    counts = mediation.groupby(["prompt_id", "neuron_id"]).size()
+    expected = [2 * (6 - 1 - layers[neuron]) + 1 for _, neuron in counts.index]
+    assert counts.tolist() == expected and len(counts) == len(table)
+    last = mediation[mediation["neuron_id"].map(layers) == 5]
+    assert set(last["component"]) == {"norm"} and (last["layer"] == -1).all()
+    # the split sums to total - direct_frozen_norm, and matches the per-prompt columns
+    merged = table.set_index(["prompt_id", "neuron_id"])
+    sums = mediation.groupby(["prompt_id", "neuron_id"])["contribution"].sum()
+    np.testing.assert_allclose(sums, (merged["total"] - merged["direct_frozen_norm"])
+                               .loc[sums.index], atol=1e-5)
+    parts = table["indirect_attn"] + table["indirect_mlp"] + table["indirect_norm"]
+    np.testing.assert_allclose(parts, table["indirect"], atol=1e-5)
+    assert table["indirect_mlp"].abs().max() > 1e-3
+    schema = pq.read_schema(workdir / "results/effects/mediation.parquet")
+    assert str(schema.field("contribution").type) == "float"
+    mediators = pd.read_parquet(workdir / "results/effects/mediators.parquet")
+    assert list(mediators.columns) == ["prompt_id", "neuron_id", "kind", "rank", "layer",
+                                       "index", "contribution"]
+    assert set(mediators["kind"]) == {"neuron", "head"}
+    assert mediators.groupby(["prompt_id", "neuron_id", "kind"]).size().max() == 10
+    assert (mediators["layer"] > mediators["neuron_id"].map(layers)).all()
+    flow = pd.read_parquet(workdir / "results/summary/mediation_layers.parquet")
+    assert (flow["layer"] > flow["source_layer"]).all() and len(flow) == 2 * 15
+    neurons = outputs["neurons"]
+    shares = neurons[["indirect_share_attn", "indirect_share_mlp", "indirect_share_norm"]]
+    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+    assert neurons.loc[neurons["layer"] < 5, "top_mediator"].str.match(r"L\d+/[NH]\d+$").all()
+    with_edges = neurons[neurons["edge_n_neuron_targets"].notna()]
+    assert len(with_edges) == 6 and (with_edges["edge_n_logit_targets"] == 1).all()
+    document = outputs["documents"][0]
+    assert document["effect_mediators"]["top_mediators"] and "edge_agreement" in document
+    labels = outputs["labels"]["profiles"]
+    assert labels[0]["edge_agreement"]["edge_n_neuron_targets"] == 2
+    assert labels[1]["edge_agreement"] is None and "effect_mediators" in labels[1]
 
 
 @pytest.mark.slow
@@ -432,6 +481,17 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
 
 # --- the same on the tiny model, with real runs -------------------------------------------------
 
+def shard_files(*shards: str) -> set[str]:
+    """A shard's three files: per-prompt rows, mediation rows, top-k mediators."""
+    return {f"{shard}{table}.parquet" for shard in shards
+            for table in ("", ".mediation", ".mediators")}
+
+
+def unit_files(paths) -> list[Path]:
+    """A shard's finished units: their main tables (``<unit>.parquet``, written last)."""
+    return [path for path in paths if "." not in path.stem]
+
+
 def _mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in folder.glob("*")}
 
@@ -454,7 +514,7 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     assert "L3/N60" in set(after["neuron_id"]) and "L3/N10" not in set(after["neuron_id"])
     assert len(after) == len(before)
     changed = {name for name, t in _mtimes(shards).items() if t != shard_times[name]}
-    assert changed == {"L02-03_c000.parquet", "L02-03_c001.parquet"}
+    assert changed == shard_files("L02-03_c000", "L02-03_c001")
     kept = ~before["neuron_id"].eq("L3/N10")
     pd.testing.assert_frame_equal(
         before[kept].reset_index(drop=True),
@@ -471,8 +531,8 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     output = snakemake(workdir, "--cores", "2").stdout
     assert jobs_of(output, "cache_clean_runs") == {"c001"}
     assert jobs_of(output, "compute_effects") == {"L00-01_c001", "L02-03_c001", "L04-05_c001"}
-    assert {name for name, t in _mtimes(shards).items() if t != shard_times[name]} == {
-        "L00-01_c001.parquet", "L02-03_c001.parquet", "L04-05_c001.parquet"}
+    assert {name for name, t in _mtimes(shards).items() if t != shard_times[name]} == \
+        shard_files("L00-01_c001", "L02-03_c001", "L04-05_c001")
     assert _mtimes(clean)["c000.safetensors"] == clean_times["c000.safetensors"]
     final = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
     assert final["prompt_id"].nunique() == 7 and len(final) == 7 * 18
@@ -512,7 +572,7 @@ def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_mode
     partial = workdir / "results/effects/partial" / SHARD
     deadline = time.monotonic() + 300
     try:
-        while len(list(partial.glob("*/*.parquet"))) < 25:
+        while len(unit_files(partial.glob("*/*.parquet"))) < 25:
             assert process.poll() is None, "the shard finished before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -522,9 +582,10 @@ def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_mode
     time.sleep(1.0)  # nothing may still be writing: the group is dead
     folders = list(partial.iterdir())
     assert len(folders) == 1  # one fingerprint folder
-    done = {p.stem: p.stat().st_mtime_ns for p in folders[0].glob("*.parquet")}
+    done = {p.stem: p.stat().st_mtime_ns for p in unit_files(folders[0].glob("*.parquet"))}
     time.sleep(1.0)
-    assert {p.stem: p.stat().st_mtime_ns for p in folders[0].glob("*.parquet")} == done
+    assert {p.stem: p.stat().st_mtime_ns for p in unit_files(folders[0].glob("*.parquet"))} \
+        == done
     all_units = {f"n{b:03d}_p{p:05d}" for b in range(30) for p in range(12)}
     assert 25 <= len(done) < len(all_units) and set(done) <= all_units
     assert not (workdir / target).exists()

@@ -35,6 +35,11 @@ def write_workdir(
     profiles = [{"neuron_id": f"L{layer}/N{7 * k + layer}", "layer": layer,
                  "neuron": 7 * k + layer, "label": f"test neuron {k}", "tags": ["kept"]}
                 for layer in range(n_layers) for k in range(neurons_per_layer)]
+    for profile in profiles[::neurons_per_layer]:  # downstream edges in the user's format
+        profile["top_downstream_targets"] = [
+            {"target": f"{profile['layer'] + 1}_{n}_9", "avg_weight": weight}
+            for n, weight in ((5, 0.4), (11, -0.3))] + [
+            {"target": "L_42_9", "avg_weight": 0.2}, {"target": "E_13_0", "avg_weight": 0.1}]
     (root / "neurons.json").write_text(json.dumps({"source": "test", "profiles": profiles},
                                                   indent=1))
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())

@@ -8,7 +8,11 @@ For each neuron (L, n) of the block and the prompt's clean run:
   per start layer), so a zero treatment gives exactly zero;
 * DIRECT and DIRECT_FROZEN_NORM algebraically from the clean final hidden state
   (:mod:`neuron_effects.direct`); INDIRECT = TOTAL - DIRECT;
-* the metrics of :mod:`neuron_effects.metrics` on the target (and distractor) token.
+* the metrics of :mod:`neuron_effects.metrics` on the target (and distractor) token;
+* with ``mediators``, the exact split of the indirect effect over the downstream attention and
+  MLP layers, heads and neurons (:mod:`neuron_effects.mediation`), from the components the
+  replay computes: ``indirect_attn``, ``indirect_mlp``, ``indirect_norm`` (and their
+  ``_logit_diff`` versions), the long per-layer table and the top-k mediator table.
 
 Only [batch_rows x vocabulary] effect matrices ever exist; the result is one row of metrics per
 neuron. Final norm, unembedding and all differences are float32.
@@ -26,6 +30,9 @@ import torch
 from .clean import CleanRun
 from .direct import Readout, direct_effects
 from .inputs import Neuron
+from .mediation import (MEDIATION_COLUMNS, MEDIATION_COMPONENTS, MEDIATOR_COLUMNS,
+                        BatchMediation, MediationCollector, mediation_readout, mediation_rows,
+                        mediator_rows)
 from .metrics import effect_metrics
 from .model import LlamaFamily
 from .total import perturbed_final_hidden, perturbed_final_hidden_all_positions
@@ -43,14 +50,28 @@ class EffectSettings:
     noise_floor: float = 1e-4  # |d| + |i| below this: direct_ratio undefined
     batch_rows: int | None = None  # treated rows per replay batch; None: from free memory
     vocab_rows: int | None = None  # rows per vocabulary-wide metric chunk; None: per device
+    mediators: bool = True  # split the indirect effect over downstream layers, heads, neurons
+    mediator_top_k: int = 10  # top neurons and top heads kept per (prompt, neuron)
 
     def __post_init__(self) -> None:
         if self.treatment not in TREATMENTS:
             raise ValueError(f"unknown treatment {self.treatment!r} (use {', '.join(TREATMENTS)})")
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r} (use {', '.join(POSITIONS)})")
-        if min(self.batch_rows or 1, self.vocab_rows or 1, self.top_k) < 1:
-            raise ValueError("batch_rows, vocab_rows and top_k must be >= 1")
+        if min(self.batch_rows or 1, self.vocab_rows or 1, self.top_k, self.mediator_top_k) < 1:
+            raise ValueError("batch_rows, vocab_rows, top_k and mediator_top_k must be >= 1")
+
+
+@dataclass
+class EffectTables:
+    """What :func:`compute_effects` returns for one prompt: one row per neuron
+    (``per_prompt``), the long per-layer split (``mediation``: neuron_id, layer, component,
+    contribution) and the top-k mediators (``mediators``: neuron_id, kind, rank, layer, index,
+    contribution); the last two are empty without ``mediators``."""
+
+    per_prompt: pd.DataFrame
+    mediation: pd.DataFrame
+    mediators: pd.DataFrame
 
 
 @dataclass
@@ -144,13 +165,15 @@ def compute_effects(
     model: LlamaFamily, clean: CleanRun, block: NeuronBlock, settings: EffectSettings,
     target_id: int, distractor_id: int | None = None,
     mean_activations: torch.Tensor | None = None,
-) -> pd.DataFrame:
-    """One row of metrics per neuron of ``block`` for the prompt of ``clean``.
+) -> EffectTables:
+    """One row of metrics per neuron of ``block`` for the prompt of ``clean``, and the
+    mediation tables (see :class:`EffectTables`).
 
     ``mean_activations`` [n_layers, intermediate]: the prompt-set means (``mean_ablate`` only;
     last-position means for ``positions: last``, all-position means for ``positions: all``).
-    Columns: ``neuron_id, layer, neuron, activation, scale`` and those of
-    :func:`neuron_effects.metrics.effect_metrics`.
+    Columns: ``neuron_id, layer, neuron, activation, scale``, those of
+    :func:`neuron_effects.metrics.effect_metrics` and ``indirect_{attn,mlp,norm}[_logit_diff]``
+    (NaN without ``mediators``; the ``_logit_diff`` ones also without a distractor).
     """
     device = model.device
     if settings.full_vocab:
@@ -168,7 +191,11 @@ def compute_effects(
     vocab_rows = settings.vocab_rows or auto_vocab_rows(device)
     batch_rows = settings.batch_rows or auto_batch_rows(
         model, clean.n_tokens, settings.full_vocab, settings.positions, vocab_rows)
+    mediation = (mediation_readout(model, clean.final_hidden, target_id, distractor_id)
+                 if settings.mediators else None)
     parts: list[dict[str, np.ndarray]] = []
+    mediation_parts: list[pd.DataFrame] = []
+    mediator_parts: list[pd.DataFrame] = []
     for start in range(0, len(block), batch_rows):
         rows = slice(start, start + batch_rows)
         layers, indices, directions = block.layers[rows], block.neurons[rows], block.directions[rows]
@@ -190,9 +217,23 @@ def compute_effects(
         replay_vectors[treated] = vectors
         replay = (perturbed_final_hidden if settings.positions == "last"
                   else perturbed_final_hidden_all_positions)
+        collector = None
+        if mediation is not None:
+            baselines = torch.arange(len(starts), device=device)
+            baselines[treated] = baseline
+            collector = MediationCollector(mediation, baselines, model.n_layers, model.n_heads,
+                                           settings.mediator_top_k)
+        final_hidden = replay(model, clean, starts, replay_vectors, collector)
+        split = collector.result(treated, final_hidden) if collector is not None else None
+        if split is not None:
+            ids = block.neuron_ids[rows]
+            mediation_parts.append(mediation_rows(
+                ids, layers.cpu().numpy(), split.attn[0].cpu().numpy(),
+                split.mlp[0].cpu().numpy(), split.norm[0].cpu().numpy()))
+            mediator_parts.append(mediator_rows(ids, split.neurons, split.heads))
         # One unembedding GEMM for the whole batch (W_U is read once), then the memory-bound
         # vocabulary-wide work in small row chunks that stay in cache.
-        final_logits = readout.logits(replay(model, clean, starts, replay_vectors))
+        final_logits = readout.logits(final_hidden)
         for part in range(0, len(layers), vocab_rows):
             chunk = slice(part, part + vocab_rows)
             total = final_logits[treated[chunk]] - final_logits[baseline[chunk]]
@@ -209,6 +250,7 @@ def compute_effects(
                 activation=activation[chunk].double().cpu().numpy(),
                 scale=scale[chunk].double().cpu().numpy(),
             )
+            columns.update(_split_columns(split, chunk, columns))
             parts.append(columns)
     table = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]
              if not name.startswith("top_k_") or not name.endswith("_tokens")}
@@ -216,4 +258,28 @@ def compute_effects(
     for name in parts[0]:
         if name.startswith("top_k_") and name.endswith("_tokens"):
             frame[name] = [list(map(int, tokens)) for part in parts for tokens in part[name]]
-    return frame
+    return EffectTables(
+        frame,
+        pd.concat(mediation_parts, ignore_index=True) if mediation_parts
+        else pd.DataFrame(columns=list(MEDIATION_COLUMNS)),
+        pd.concat(mediator_parts, ignore_index=True) if mediator_parts
+        else pd.DataFrame(columns=list(MEDIATOR_COLUMNS)))
+
+
+def _split_columns(split: BatchMediation | None, chunk: slice,
+                   columns: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``indirect_{attn,mlp,norm}`` (row 0 of the split: target logit) and their
+    ``_logit_diff`` versions (row 1, when there is a distractor) for a chunk of treated rows;
+    ``indirect_norm = norm_term - norm_mediated``. NaN where there is no split."""
+    rows = len(columns["direct"])
+    result = {}
+    for index, suffix in enumerate(("", "_logit_diff")):
+        if split is None or split.attn.shape[0] <= index:
+            for part in MEDIATION_COMPONENTS:
+                result[f"indirect_{part}{suffix}"] = np.full(rows, np.nan)
+            continue
+        result[f"indirect_attn{suffix}"] = split.attn[index, chunk].double().sum(-1).cpu().numpy()
+        result[f"indirect_mlp{suffix}"] = split.mlp[index, chunk].double().sum(-1).cpu().numpy()
+        result[f"indirect_norm{suffix}"] = (split.norm[index, chunk].double().cpu().numpy()
+                                            - columns[f"norm_mediated{suffix}"])
+    return result

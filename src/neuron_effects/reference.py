@@ -9,6 +9,11 @@
   final norm reads ``h_c + V``. Effect = its logits - the clean logits.
 * DIRECT with the final-norm scale frozen: the same forward, read out with the clean
   ``r(h_c)`` instead of recomputing it.
+* MEDIATION: the treated and the untreated full forward with hooks capturing, at the last
+  position of every decoder layer, ``o_proj``'s input and output and ``down_proj``'s input and
+  output, and the final norm's input; each layer's, head's and neuron's contribution is its
+  change read out along ``u`` with the clean scale (heads: ``o_proj`` applied to the head's slice
+  of the change alone; neurons: the change of ``act_m`` times column m of ``down_proj``).
 
 Logits are read out from the final norm's input ``h`` (last position) in float32 (float64 for a
 float64 model: the readout dtype of :class:`~neuron_effects.model.LlamaFamily`), as the
@@ -120,3 +125,80 @@ def reference_direct(
 def reference_clean_logits(model: LlamaFamily, input_ids: torch.Tensor) -> torch.Tensor:
     """The untreated forward's last-position logits [vocab], read out in the readout dtype."""
     return _logits(model, input_ids)
+
+
+def _captured_components(model: LlamaFamily, input_ids: torch.Tensor, layer: int | None,
+                         vector: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """One full forward (treated after ``layer`` by ``vector`` as in :func:`treated_logits`, or
+    untreated when ``layer`` is None) capturing at the last position, per decoder layer, the
+    inputs and outputs of ``o_proj`` and ``down_proj`` ([n_layers, width], float32) and the
+    final norm's input ``final`` [hidden]."""
+    captured: dict[str, list[torch.Tensor]] = {"z": [], "attn": [], "act": [], "mlp": []}
+
+    def capture(input_key: str, output_key: str):
+        def hook(module, args, output):
+            captured[input_key].append(args[0][0, -1].float())
+            captured[output_key].append(output[0, -1].float())
+        return hook
+
+    handles = []
+    for block in model.layers:
+        handles.append(block.self_attn.o_proj.register_forward_hook(capture("z", "attn")))
+        handles.append(block.mlp.down_proj.register_forward_hook(capture("act", "mlp")))
+    final = []
+    handles.append(model.final_norm.register_forward_pre_hook(
+        lambda module, args: final.append(args[0][0, -1].float())))
+    if layer is not None:
+        def treat(module, args, output):
+            hidden = (output[0] if isinstance(output, tuple) else output).clone()
+            if vector.dim() == 1:
+                hidden[:, -1] = add_to_residual(hidden[:, -1], vector.to(hidden.device))
+            else:
+                hidden[0] = add_to_residual(hidden[0], vector.to(hidden.device))
+            return _replace_output(output, hidden)
+
+        handles.append(model.layers[layer].register_forward_hook(treat))
+    try:
+        model.causal_lm(input_ids=input_ids.reshape(1, -1).to(model.device), logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {**{key: torch.stack(values) for key, values in captured.items()}, "final": final[0]}
+
+
+@torch.inference_mode()
+def reference_mediation(
+    model: LlamaFamily, clean: CleanRun, layer: int, vector: torch.Tensor,
+    direction: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The split of the effect of ``vector`` added after ``layer`` along the readout direction
+    ``direction`` u [hidden] (e.g. ``g * W_U[target]``), from two hooked full forwards.
+
+    Returns ``attn``, ``mlp`` [n_layers] (ΔA_l · u / r, ΔM_l · u / r), ``heads`` [n_layers,
+    heads] (u · o_proj(Δz restricted to head h) / r), ``neurons`` [n_layers, intermediate]
+    (Δact_m (w_m · u) / r), ``norm_term`` (u · h' (1/r' − 1/r)) and ``total`` (u · h'/r' −
+    u · h/r); r, h: the clean scale and final hidden, r', h': the treated ones."""
+    treated = _captured_components(model, clean.input_ids, layer, vector)
+    untreated = _captured_components(model, clean.input_ids, None, None)
+    _, _, eps = model.readout()
+    u = direction.float()
+    clean_inverse = torch.rsqrt(untreated["final"].pow(2).mean() + eps)
+    treated_inverse = torch.rsqrt(treated["final"].pow(2).mean() + eps)
+    delta = {key: treated[key] - untreated[key] for key in ("z", "attn", "act", "mlp")}
+    heads = torch.zeros(model.n_layers, model.n_heads)
+    neurons = torch.zeros(model.n_layers, model.intermediate_size)
+    for downstream, block in enumerate(model.layers):
+        weight = block.self_attn.o_proj.weight.float()
+        for head in range(model.n_heads):
+            alone = torch.zeros_like(delta["z"][downstream])
+            part = slice(head * model.head_dim, (head + 1) * model.head_dim)
+            alone[part] = delta["z"][downstream][part]
+            heads[downstream, head] = (weight @ alone) @ u * clean_inverse
+        columns = block.mlp.down_proj.weight.float()  # [hidden, intermediate]: w_m = column m
+        neurons[downstream] = (u @ columns) * delta["act"][downstream] * clean_inverse
+    return {
+        "attn": delta["attn"] @ u * clean_inverse, "mlp": delta["mlp"] @ u * clean_inverse,
+        "heads": heads, "neurons": neurons,
+        "norm_term": treated["final"] @ u * (treated_inverse - clean_inverse),
+        "total": treated["final"] @ u * treated_inverse - untreated["final"] @ u * clean_inverse,
+    }

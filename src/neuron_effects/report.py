@@ -203,11 +203,85 @@ def png_bytes(uri: str) -> bytes:
     return base64.b64decode(uri.split(",", 1)[1])
 
 
+def _flow_heatmaps(flow: pd.DataFrame, n_layers: int) -> str:
+    """Source layer x mediator layer, mean |contribution| of attention and of MLP."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    largest = float(flow["mean_abs_contribution"].max()) if len(flow) else 1.0
+    for axis, component in zip(axes, ("attn", "mlp")):
+        grid = np.full((n_layers, n_layers), np.nan)
+        part = flow[flow["component"] == component]
+        grid[part["source_layer"].astype(int), part["layer"].astype(int)] = \
+            part["mean_abs_contribution"]
+        image = axis.imshow(grid, origin="lower", cmap="magma_r", vmin=0, vmax=largest or 1.0,
+                            aspect="auto")
+        axis.set_title(f"downstream {'attention' if component == 'attn' else 'MLP'}",
+                       fontsize=10)
+        axis.set_xlabel("mediator layer")
+    axes[0].set_ylabel("source layer (treated neuron)")
+    figure.colorbar(image, ax=axes, label="mean |contribution| to the target logit")
+    return _figure_uri(figure)
+
+
+def _edge_agreement_histograms(neurons: pd.DataFrame) -> str:
+    columns = [c for c in ("edge_neuron_overlap", "edge_sign_agreement", "edge_logit_overlap")
+               if c in neurons]
+    figure, axes = plt.subplots(1, len(columns), figsize=(11, 3.0), sharey=True)
+    for axis, column in zip(np.atleast_1d(axes), columns):
+        values = neurons[column].dropna().to_numpy(dtype=float)
+        axis.hist(values, bins=np.linspace(0, 1, 11), color="#4477aa")
+        axis.set_title(f"{column} (n = {len(values)})", fontsize=9)
+        axis.set_xlim(0, 1)
+    np.atleast_1d(axes)[0].set_ylabel("neurons")
+    return _figure_uri(figure)
+
+
+def indirect_routes_section(neurons: pd.DataFrame, flow: pd.DataFrame, top_n: int) -> str:
+    """The section "Where the indirect effect goes": the layer-flow heatmaps, the top
+    mediators of the most routing-dominant neurons, and the agreement with the profiles'
+    downstream edges."""
+    if "top_mediator" not in neurons or not len(flow):
+        return ("<h2>Where the indirect effect goes</h2><p>The mediation split is off "
+                "(<code>mediators.enabled: false</code>).</p>")
+    n_layers = int(max(flow["layer"].max(), neurons["layer"].max())) + 1
+    routing = neurons[neurons["classification"] == CLASSES[0]].sort_values(
+        "mean_direct_ratio").head(top_n)
+    columns = ["neuron_id", "mean_direct_ratio", "mean_indirect", "indirect_share_attn",
+               "indirect_share_mlp", "indirect_share_norm", "top_mediators"]
+    parts = [
+        "<h2>Where the indirect effect goes</h2>",
+        "<p>The indirect effect splits exactly over the downstream layers: each layer's change "
+        "of attention and MLP output at the last position, read out along "
+        "<code>u = g ⊙ W<sub>U</sub>[target]</code> with the clean norm scale, plus a final-norm "
+        "term; each MLP layer splits further over its neurons and each attention layer over its "
+        "heads. Shares: Σ|part| / Σ(|attn| + |mlp| + |norm|) over prompts. Mediators: mean "
+        "contribution over prompts (0 where outside the top k) and the fraction of prompts in "
+        "the top k.</p>",
+        _figure(_flow_heatmaps(flow, n_layers),
+                "Mean |contribution| of each downstream layer's attention and MLP, by the "
+                "treated neuron's layer."),
+        "<h3>Top mediators of the most routing-dominant neurons</h3>",
+        _table(routing, columns) if len(routing) else "<p>No routing-dominant neuron.</p>",
+    ]
+    if "edge_neuron_overlap" in neurons and neurons["edge_n_neuron_targets"].notna().any():
+        with_edges = neurons[neurons["edge_n_neuron_targets"].notna()]
+        parts += [
+            "<h3>Agreement with the profiles' downstream edges</h3>",
+            f"<p>{len(with_edges)} profiles list <code>top_downstream_targets</code>. Neuron "
+            "overlap: the share of the profile's top-k neuron targets among the exact top-k "
+            "mediator neurons; sign agreement: avg_weight vs mean contribution; logit overlap: "
+            "logit targets among the direct effect's most frequent top-k tokens.</p>",
+            _figure(_edge_agreement_histograms(with_edges),
+                    "Distribution of edge agreement over neurons."),
+        ]
+    return "".join(parts)
+
+
 def render_report(
     metadata: dict[str, Any], per_prompt: pd.DataFrame, neurons: pd.DataFrame,
     layers: pd.DataFrame, prompts: pd.DataFrame, validation: dict[str, Any],
     validation_pairs: pd.DataFrame, timings: pd.DataFrame, top_n: int = 12,
     figures: dict[str, str] | None = None,
+    mediation_layers: pd.DataFrame | None = None,
 ) -> str:
     """The report page as one HTML string (``figures``: from :func:`report_figures`, made here
     when not given)."""
@@ -275,6 +349,8 @@ def render_report(
         f"<h2>Most logit-dominant neurons</h2>{_table(logit, neuron_columns)}",
         f"<h2>Most routing-dominant neurons</h2>{_table(routing, neuron_columns)}",
         f"<h2>Most cancelling neurons (self-repair)</h2>{_table(cancelling, neuron_columns)}",
+        indirect_routes_section(neurons, mediation_layers if mediation_layers is not None
+                                else pd.DataFrame(), top_n),
         neuron_table_section(neurons, per_prompt),
         f"<h2>Prompts and targets</h2>{_table(prompts, prompt_columns)}",
     ]

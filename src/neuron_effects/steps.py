@@ -16,12 +16,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from . import aggregate, store
+from . import aggregate, mediation, store
 from .clean import run_clean
+from .edges import EDGE_COLUMNS, edge_agreement, read_edges
 from .effects import EffectSettings, compute_effects, neuron_block
 from .input_checks import checked_inputs
 from .inputs import InputError, Neuron, extra_columns, load_profile_document
@@ -152,12 +154,13 @@ def compute_shard(
     spec: ModelSpec, clean_path: str, neuron_table: Sequence[Sequence[Any]],
     settings: EffectSettings, output: str, partial_root: str, fingerprint: str,
     neuron_stats: str | None = None, neurons_per_block: int = 2048,
+    mediation_output: str | None = None, mediators_output: str | None = None,
 ) -> None:
     """Effects of the shard's neurons on the chunk's prompts, resumable unit by unit.
 
-    A unit is (neuron block, prompt); each finished unit is saved atomically under
-    ``partial_root/fingerprint`` and skipped when the shard is restarted; the output is assembled
-    from the units at the end.
+    A unit is (neuron block, prompt); each finished unit (its per-prompt rows, mediation rows
+    and top-k mediators) is saved atomically under ``partial_root/fingerprint`` and skipped when
+    the shard is restarted; the outputs are assembled from the units at the end.
     """
     runs, records = store.load_clean_runs(clean_path)
     neurons = [Neuron(str(i), int(layer), int(n)) for i, layer, n in neuron_table]
@@ -189,15 +192,20 @@ def compute_shard(
                 if settings.positions == "all":  # needs every position of the shard's layers
                     clean = run_clean(model, clean.input_ids, record["prompt_id"], layers)
                 started = time.perf_counter()
-                frame = compute_effects(model, clean.to(model.device), block, settings,
-                                        record["target_id"], record["distractor_id"], means)
-                frame = frame.assign(**{key: record[key] for key in PROMPT_COLUMNS})
-                progress.save(units[b, p], frame)
+                tables = compute_effects(model, clean.to(model.device), block, settings,
+                                         record["target_id"], record["distractor_id"], means)
+                frame = tables.per_prompt.assign(**{key: record[key] for key in PROMPT_COLUMNS})
+                split = {name: table.assign(prompt_id=record["prompt_id"])[
+                    ["prompt_id", *table.columns]] for name, table in
+                    (("mediation", tables.mediation), ("mediators", tables.mediators))}
+                progress.save(units[b, p], frame, split)
                 bar.update(len(members))
                 log.info("unit %s (%s): %d rows in %.2f s", units[b, p], record["prompt_id"],
                          len(members), time.perf_counter() - started)
         bar.close()
-    progress.assemble(list(units.values()), output)
+    extra = {name: path for name, path in (("mediation", mediation_output),
+                                           ("mediators", mediators_output)) if path}
+    progress.assemble(list(units.values()), output, extra)
 
 
 def _ordered_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -208,13 +216,71 @@ def _ordered_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[first + [c for c in frame.columns if c not in first]]
 
 
+def _row_groups(path: str) -> Any:
+    source = pq.ParquetFile(path)
+    for group in range(source.num_row_groups):
+        yield source.read_row_group(group).to_pandas()
+
+
+def aggregate_mediation(
+    mediation_shards: Sequence[str], mediator_shards: Sequence[str], per_prompt: pd.DataFrame,
+    profile_path: str, top_k: int, mediation_out: str, mediators_out: str,
+    mediation_layers_out: str,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Stream the shards' mediation and top-k tables into one file each, write the layer flow
+    (source layer x mediator layer), and return per neuron the mediation and edge-agreement
+    columns and the top mediators over prompts (:func:`mediation.mediator_summary`)."""
+    store.concat_parquet(mediation_shards, mediation_out)
+    store.concat_parquet(mediator_shards, mediators_out)
+    source_layers = per_prompt.groupby("neuron_id")["layer"].first()
+    flow = [mediation.layer_flow_sums(part, source_layers) for part in _row_groups(mediation_out)]
+    store.write_parquet(mediation_layers_out, mediation.layer_flow(flow))
+    sums = [mediation.mediator_sums(part) for part in _row_groups(mediators_out)]
+    summary = mediation.mediator_summary(sums, per_prompt.groupby("neuron_id").size(),
+                                         keep=top_k)
+    columns = mediation.neuron_mediation(per_prompt, summary)
+    edges = read_edges(profile_path)
+    mediator_neurons = summary[summary["kind"] == "neuron"]
+    by_neuron = {neuron_id: group for neuron_id, group in mediator_neurons.groupby("neuron_id")}
+    tokens = per_prompt.groupby("neuron_id")["top_k_direct_tokens"].apply(list)
+    agreement = pd.DataFrame([
+        {"neuron_id": neuron_id,
+         **edge_agreement(edges[neuron_id], by_neuron.get(neuron_id, mediator_neurons.iloc[:0]),
+                          tokens[neuron_id], top_k)}
+        for neuron_id in columns["neuron_id"] if neuron_id in edges
+    ], columns=["neuron_id", *EDGE_COLUMNS])
+    return columns.merge(agreement, on="neuron_id", how="left"), summary
+
+
+def _with_mediation(records: list[dict[str, Any]], columns: pd.DataFrame,
+                    summary: pd.DataFrame, listed: int) -> None:
+    """Add ``effect_mediators`` and ``edge_agreement`` (None without edges) to each record
+    (a neuron document or a profile) in place."""
+    by_id = columns.set_index("neuron_id")
+    groups = {neuron_id: group for neuron_id, group in summary.groupby("neuron_id")}
+    for record in records:
+        neuron_id = record.get("neuron_id", f"L{record['layer']}/N{record['neuron']}")
+        row = by_id.loc[neuron_id]
+        shares = {part: aggregate._clean_float(row[f"indirect_share_{part}"])
+                  for part in ("attn", "mlp", "norm")}
+        record["effect_mediators"] = mediation.mediators_document(
+            groups.get(neuron_id, summary.iloc[:0]), shares, listed)
+        edges = {name: aggregate._clean_float(row[name]) for name in EDGE_COLUMNS}
+        record["edge_agreement"] = (None if pd.isna(row["edge_n_neuron_targets"])
+                                    else edges)
+
+
 def aggregate_effects(
     shard_paths: Sequence[str], prompts_table: str, clean_paths: Sequence[str],
     profile_path: str, thresholds: aggregate.Thresholds, per_prompt_out: str, neurons_out: str,
     neurons_json_out: str, layers_out: str, prompts_out: str, labels_out: str,
+    mediation_shards: Sequence[str] = (), mediator_shards: Sequence[str] = (),
+    mediation_out: str | None = None, mediators_out: str | None = None,
+    mediation_layers_out: str | None = None, mediator_top_k: int = 10,
 ) -> None:
     """Merge the shards into the long table and write the neuron, layer, prompt and label
-    summaries."""
+    summaries; with the mediation outputs, also the mediation tables, the layer flow and the
+    per-neuron mediators and edge agreement (:func:`aggregate_mediation`)."""
     per_prompt = pd.concat([pd.read_parquet(path) for path in shard_paths], ignore_index=True)
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
@@ -228,12 +294,23 @@ def aggregate_effects(
     if duplicated.any():
         raise RuntimeError(f"{int(duplicated.sum())} duplicated (prompt, neuron) rows in shards")
     neurons = aggregate.summarize_neurons(per_prompt, thresholds)
+    split = None
+    if mediation_out is not None:
+        split = aggregate_mediation(mediation_shards, mediator_shards, per_prompt, profile_path,
+                                    mediator_top_k, mediation_out, mediators_out,
+                                    mediation_layers_out)
+        neurons = neurons.merge(split[0], on="neuron_id", how="left")
     store.write_parquet(per_prompt_out, per_prompt)
     store.write_parquet(neurons_out, neurons)
-    store.write_json(neurons_json_out, aggregate.neuron_documents(neurons, per_prompt))
+    documents = aggregate.neuron_documents(neurons, per_prompt)
+    document = aggregate.enrich_profiles(load_profile_document(profile_path), neurons)
+    if split is not None:
+        _with_mediation(documents, *split, listed=mediator_top_k)
+        _with_mediation(document["profiles"] if isinstance(document, dict) else document,
+                        *split, listed=mediator_top_k)
+    store.write_json(neurons_json_out, documents)
     store.write_parquet(layers_out, aggregate.summarize_layers(neurons, per_prompt))
-    document = load_profile_document(profile_path)
-    store.write_json(labels_out, aggregate.enrich_profiles(document, neurons))
+    store.write_json(labels_out, document)
 
 
 def validate_sample(
@@ -330,6 +407,7 @@ def render_report(
     prompts_path: str, activation_stats_path: str, validation_table: str,
     validation_summary: str, benchmark_paths: Sequence[str], top_n: int, output: str,
     figures_dir: str | None = None,
+    mediation_layers_path: str | None = None,
 ) -> None:
     """Write the self-contained HTML report and, into ``figures_dir``, its figures as
     ``<name>.png`` (for Snakemake's report)."""
@@ -354,7 +432,8 @@ def render_report(
     per_prompt, layers = pd.read_parquet(per_prompt_path), pd.read_parquet(layers_path)
     figures = report_figures(per_prompt, layers)
     page = render(metadata, per_prompt, neurons, layers, pd.read_parquet(prompts_path),
-                  validation, pd.read_parquet(validation_table), timings, top_n, figures)
+                  validation, pd.read_parquet(validation_table), timings, top_n, figures,
+                  pd.read_parquet(mediation_layers_path) if mediation_layers_path else None)
     if figures_dir is not None:
         for name, uri in figures.items():
             with store.atomic_path(Path(figures_dir) / f"{name}.png") as temporary:

@@ -16,9 +16,11 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -63,6 +65,33 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
         frame.to_parquet(temporary, index=False)
 
 
+def concat_parquet(paths: Sequence[str | Path], output: str | Path) -> int:
+    """Stream parquet files with the same columns into one (zstd; parquet's dictionary encoding
+    of repeated ids), one row group at a time, atomically. Empty files only give the schema
+    when every file is empty. Returns the number of rows written."""
+    rows = 0
+    with atomic_path(output) as temporary:
+        writer = None
+        try:
+            for path in paths:
+                source = pq.ParquetFile(path)
+                for group in range(source.num_row_groups):
+                    table = source.read_row_group(group)
+                    if table.num_rows == 0:
+                        continue
+                    if writer is None:
+                        writer = pq.ParquetWriter(temporary, table.schema, compression="zstd")
+                    writer.write_table(table.cast(writer.schema))
+                    rows += table.num_rows
+            if writer is None:
+                schema = pq.read_schema(paths[0]) if paths else pa.schema([])
+                writer = pq.ParquetWriter(temporary, schema, compression="zstd")
+        finally:
+            if writer is not None:
+                writer.close()
+    return rows
+
+
 _RUN_TENSORS = [f.name for f in fields(CleanRun) if f.name not in
                 ("prompt_id", "full_layer_outputs", "full_activations")]
 
@@ -96,8 +125,10 @@ def load_clean_runs(
 
 
 class ShardProgress:
-    """Completed units of one shard, each a parquet file ``<unit>.parquet`` in
-    ``<partial_root>/<fingerprint>/``; other fingerprints' folders are stale and removed."""
+    """Completed units of one shard in ``<partial_root>/<fingerprint>/``: per unit a main table
+    ``<unit>.parquet`` and optional named tables ``<unit>.<name>.parquet``, the main one written
+    last (a unit is done when its main table exists); other fingerprints' folders are stale and
+    removed."""
 
     def __init__(self, partial_root: str | Path, fingerprint: str):
         self.root = Path(partial_root)
@@ -108,24 +139,32 @@ class ShardProgress:
                     shutil.rmtree(stale, ignore_errors=True)
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def path(self, unit: str) -> Path:
-        return self.folder / f"{unit}.parquet"
+    def path(self, unit: str, table: str | None = None) -> Path:
+        return self.folder / (f"{unit}.parquet" if table is None else f"{unit}.{table}.parquet")
 
     def is_done(self, unit: str) -> bool:
         return self.path(unit).exists()
 
     def done_units(self) -> list[str]:
-        return sorted(p.stem for p in self.folder.glob("*.parquet"))
+        return sorted(p.stem for p in self.folder.glob("*.parquet") if "." not in p.stem)
 
-    def save(self, unit: str, frame: pd.DataFrame) -> None:
+    def save(self, unit: str, frame: pd.DataFrame,
+             tables: Mapping[str, pd.DataFrame] | None = None) -> None:
+        """Save a unit's named ``tables``, then its main ``frame`` (each atomically)."""
+        for name, table in (tables or {}).items():
+            write_parquet(self.path(unit, name), table)
         write_parquet(self.path(unit), frame)
 
-    def assemble(self, units: list[str], output: str | Path) -> pd.DataFrame:
-        """Concatenate the units in the given order into ``output`` (atomically), then remove the
-        partial folder."""
+    def assemble(self, units: list[str], output: str | Path,
+                 table_outputs: Mapping[str, str | Path] | None = None) -> pd.DataFrame:
+        """Concatenate the units in the given order into ``output`` and each named table into
+        its ``table_outputs`` file (streamed; all atomically), then remove the partial folder.
+        Returns the main table."""
         missing = [unit for unit in units if not self.is_done(unit)]
         if missing:
             raise RuntimeError(f"cannot assemble {output}: units not done: {missing}")
+        for name, path in (table_outputs or {}).items():
+            concat_parquet([self.path(unit, name) for unit in units], path)
         frame = pd.concat([pd.read_parquet(self.path(unit)) for unit in units],
                           ignore_index=True)
         write_parquet(output, frame)

@@ -20,11 +20,18 @@ per-position V), with causal attention inside the row.
 
 Attention scores, softmax and the weighted sum are computed in float32 in both modes (float64 in
 a float64 model).
+
+An optional ``collector`` (see :class:`LayerCollector`) receives, for every replayed layer, the
+active rows' components at the last position: the attention output (``o_proj``'s output), its
+input ``z`` (the heads' mixed values), the MLP's ``down_proj`` input (the neuron activations)
+and the MLP output. :mod:`neuron_effects.mediation` splits the indirect effect with them; without
+a collector the replay is unchanged.
 """
 
 from __future__ import annotations
 
 import bisect
+from typing import Protocol
 
 import torch
 
@@ -67,12 +74,26 @@ def _attend(
     return out.permute(0, 3, 1, 2, 4).reshape(batch, length, heads * dim)
 
 
+class LayerCollector(Protocol):
+    """Receives one replayed layer's components of the active rows at the last position."""
+
+    def __call__(self, layer: int, active: int, attention_output: torch.Tensor,
+                 attention_input: torch.Tensor, activations: torch.Tensor,
+                 mlp_output: torch.Tensor) -> None:
+        """``attention_output`` = o_proj(z) and ``mlp_output`` = down_proj(act), [active,
+        hidden]; ``attention_input`` = z [active, heads * head_dim]; ``activations`` = act
+        [active, intermediate]; all in the model dtype."""
+
+
 def _layer_step(
     model: LlamaFamily, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     prefix_k: torch.Tensor | None, prefix_v: torch.Tensor | None,
+    collector: LayerCollector | None = None,
 ) -> torch.Tensor:
     """One pre-norm decoder layer on rows x [B, S, hidden] (model dtype), as the model does it:
-    ``x += o_proj(attn(input_layernorm(x)))``, then ``x += mlp(post_attention_layernorm(x))``."""
+    ``x += o_proj(attn(input_layernorm(x)))``, then ``x += mlp(post_attention_layernorm(x))``.
+    With a ``collector``, the MLP is spelled out as ``down_proj(act_fn(gate_proj(y)) *
+    up_proj(y))`` (the model's own modules) to hand its input to the collector."""
     block = model.layers[layer]
     attention = block.self_attn
     h = block.input_layernorm(x)
@@ -86,13 +107,24 @@ def _layer_step(
     q, k = model.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos[None], sin[None])
     mixed = _attend(q.transpose(1, 2), k.transpose(1, 2), v, prefix_k, prefix_v,
                     float(attention.scaling))
-    x = x + attention.o_proj(mixed.to(x.dtype))
-    return x + block.mlp(block.post_attention_layernorm(x))
+    mixed = mixed.to(x.dtype)
+    attention_output = attention.o_proj(mixed)
+    x = x + attention_output
+    if collector is None:
+        return x + block.mlp(block.post_attention_layernorm(x))
+    mlp = block.mlp
+    normed = block.post_attention_layernorm(x)
+    activations = mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed)
+    mlp_output = mlp.down_proj(activations)
+    collector(layer, x.shape[0], attention_output[:, -1], mixed[:, -1], activations[:, -1],
+              mlp_output[:, -1])
+    return x + mlp_output
 
 
 def _run_downstream(
     model: LlamaFamily, start_layers: torch.Tensor, x: torch.Tensor,
     cos: torch.Tensor, sin: torch.Tensor, clean: CleanRun | None,
+    collector: LayerCollector | None = None,
 ) -> torch.Tensor:
     """Run rows x [B, S, hidden] (sorted by ``start_layers``) through layers start+1..end."""
     starts = start_layers.tolist()  # one device sync, not one per layer
@@ -102,30 +134,34 @@ def _run_downstream(
         active = bisect.bisect_left(starts, layer)  # rows with start < layer
         prefix_k = clean.prefix_keys[layer] if clean is not None else None
         prefix_v = clean.prefix_values[layer] if clean is not None else None
-        x[:active] = _layer_step(model, layer, x[:active], cos, sin, prefix_k, prefix_v)
+        x[:active] = _layer_step(model, layer, x[:active], cos, sin, prefix_k, prefix_v,
+                                   collector)
     return x
 
 
 @torch.inference_mode()
 def perturbed_final_hidden(
-    model: LlamaFamily, clean: CleanRun, start_layers: torch.Tensor, vectors: torch.Tensor
+    model: LlamaFamily, clean: CleanRun, start_layers: torch.Tensor, vectors: torch.Tensor,
+    collector: LayerCollector | None = None,
 ) -> torch.Tensor:
     """Final pre-norm hidden state at the last position after adding ``vectors[b]`` [B, hidden]
     (float32) to the output of layer ``start_layers[b]`` at the last position.
 
-    Rows must be sorted by start layer. Returns [B, hidden] in the model dtype.
+    Rows must be sorted by start layer. Returns [B, hidden] in the model dtype. ``collector``:
+    see :class:`LayerCollector`.
     """
     device = model.device
     start_layers = start_layers.to(device)
     last = torch.tensor([clean.n_tokens - 1], device=device)
     cos, sin = model.rope(last)
     x = add_to_residual(clean.layer_outputs[start_layers], vectors.to(device))[:, None, :]
-    return _run_downstream(model, start_layers, x, cos, sin, clean)[:, 0, :]
+    return _run_downstream(model, start_layers, x, cos, sin, clean, collector)[:, 0, :]
 
 
 @torch.inference_mode()
 def perturbed_final_hidden_all_positions(
-    model: LlamaFamily, clean: CleanRun, start_layers: torch.Tensor, vectors: torch.Tensor
+    model: LlamaFamily, clean: CleanRun, start_layers: torch.Tensor, vectors: torch.Tensor,
+    collector: LayerCollector | None = None,
 ) -> torch.Tensor:
     """As :func:`perturbed_final_hidden` but with ``vectors[b]`` [B, T, hidden] added at every
     position (``positions: all``); needs ``clean.full_layer_outputs`` for the start layers."""
@@ -137,4 +173,4 @@ def perturbed_final_hidden_all_positions(
         raise ValueError(f"the clean run lacks full-sequence outputs of layers {missing}")
     residual = torch.stack([clean.full_layer_outputs[layer] for layer in start_layers.tolist()])
     x = add_to_residual(residual, vectors.to(device))
-    return _run_downstream(model, start_layers, x, cos, sin, None)[:, -1, :]
+    return _run_downstream(model, start_layers, x, cos, sin, None, collector)[:, -1, :]

@@ -7,6 +7,7 @@ from snakemake.utils import validate
 
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.demo import fetch_demo_model
+from neuron_effects.edges import read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest, model_location
 from neuron_effects.plan import make_plan
@@ -35,6 +36,7 @@ INPUT_CHECKS = ".snakemake/input-checks"
 CHECKED = checked_inputs(
     config["neurons"], config["prompts"], MODEL, cache_dir=INPUT_CHECKS, **PROMPT_FORMAT
 )
+read_edges(config["neurons"])  # malformed top_downstream_targets stop the run here
 PREPARED = {row["prompt_id"]: row for row in CHECKED.prepared}
 PLAN = make_plan(
     CHECKED.neurons,
@@ -59,6 +61,8 @@ EFFECT_SETTINGS = {
         if config["compute"]["vocab_rows"] == "auto"
         else config["compute"]["vocab_rows"]
     ),
+    "mediators": config["mediators"]["enabled"],
+    "mediator_top_k": config["mediators"]["top_k"],
 }
 # Jobs that run the model ask for one GPU unless the config pins the CPU.
 GPUS = 0 if config["device"] == "cpu" else 1
@@ -84,9 +88,13 @@ def clean_chunks(wildcards=None):
     )
 
 
-def effect_shards(wildcards=None):
+def effect_shards(table=None):
+    """The shards' per-prompt tables, or their ``table`` ("mediation", "mediators") tables."""
+    suffix = f".{table}" if table else ""
     return expand(
-        "results/effects/shards/{shard}.parquet", shard=[s.name for s in PLAN.shards]
+        "results/effects/shards/{shard}{suffix}.parquet",
+        shard=[s.name for s in PLAN.shards],
+        suffix=suffix,
     )
 
 

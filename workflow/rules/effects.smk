@@ -4,7 +4,9 @@ rule compute_effects:
         model=ancient(model_files),
         stats=activation_stats_if_needed,
     output:
-        "results/effects/shards/{block}_{chunk}.parquet",
+        per_prompt="results/effects/shards/{block}_{chunk}.parquet",
+        mediation="results/effects/shards/{block}_{chunk}.mediation.parquet",
+        mediators="results/effects/shards/{block}_{chunk}.mediators.parquet",
     log:
         "logs/compute_effects/{block}_{chunk}.log",
     benchmark:

@@ -4,6 +4,7 @@ rule render_report:
         neurons=rules.aggregate_effects.output.neurons,
         layers=rules.aggregate_effects.output.layers,
         prompts=rules.aggregate_effects.output.prompts,
+        mediation_layers=rules.aggregate_effects.output.mediation_layers,
         validation_table=rules.validate_sample.output.table,
         validation_summary=rules.validate_sample.output.summary,
         activation_stats=rules.extract_activations.output.stats,

@@ -1,6 +1,8 @@
 rule aggregate_effects:
     input:
         shards=effect_shards(),
+        mediation_shards=effect_shards("mediation"),
+        mediator_shards=effect_shards("mediators"),
         prompts=rules.prepare_inputs.output.prompts,
         clean=clean_chunks(),
         profiles=config["neurons"],
@@ -25,6 +27,9 @@ rule aggregate_effects:
             caption="../report/layers.rst",
             category="Tables",
         ),
+        mediation="results/effects/mediation.parquet",
+        mediators="results/effects/mediators.parquet",
+        mediation_layers="results/summary/mediation_layers.parquet",
         prompts="results/summary/prompts.parquet",
         labels=report(LABELS, caption="../report/labels.rst", category="Labels"),
     log:
@@ -35,6 +40,7 @@ rule aggregate_effects:
         "../../envs/neuron-effects.yaml"
     params:
         thresholds=config["classification"],
+        mediator_top_k=config["mediators"]["top_k"],
     script:
         "../scripts/aggregate_effects.py"
 

@@ -20,4 +20,10 @@ aggregate_effects(
     layers_out=snakemake.output.layers,
     prompts_out=snakemake.output.prompts,
     labels_out=snakemake.output.labels,
+    mediation_shards=list(snakemake.input.mediation_shards),
+    mediator_shards=list(snakemake.input.mediator_shards),
+    mediation_out=snakemake.output.mediation,
+    mediators_out=snakemake.output.mediators,
+    mediation_layers_out=snakemake.output.mediation_layers,
+    mediator_top_k=snakemake.params.mediator_top_k,
 )

@@ -21,4 +21,5 @@ render_report(
     top_n=snakemake.params.top_n,
     output=snakemake.output.page,
     figures_dir=str(Path(snakemake.output.class_bars).parent),
+    mediation_layers_path=snakemake.input.mediation_layers,
 )

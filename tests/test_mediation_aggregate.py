@@ -1,0 +1,150 @@
+"""Mediation outside the model: edge parsing and agreement, the summaries over prompts, and the
+shard store's named tables."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from neuron_effects import store
+from neuron_effects.edges import Edge, edge_agreement, parse_edge, read_edges
+from neuron_effects.inputs import InputError
+from neuron_effects.mediation import mediator_summary, mediator_sums, neuron_mediation
+
+
+def write_profiles(path, edges):
+    profiles = [{"neuron_id": "L1/N2", "layer": 1, "neuron": 2, "top_downstream_targets": edges},
+                {"neuron_id": "L3/N4", "layer": 3, "neuron": 4}]
+    path.write_text(json.dumps({"profiles": profiles}))
+    return path
+
+
+def test_edges_parse_all_three_kinds(tmp_path):
+    path = write_profiles(tmp_path / "p.json", [
+        {"target": "5_17_3", "avg_weight": 0.5, "n": 3}, {"target": "L_42_9", "avg_weight": -1},
+        {"target": "E_7_0"}])
+    edges = read_edges(path)
+    assert list(edges) == ["L1/N2"]  # a profile without the field: no comparison, no error
+    first, logit, embedding = edges["L1/N2"]
+    assert first == Edge("neuron", 5, 17, 0.5)
+    assert logit == Edge("logit", None, 42, -1.0)
+    assert embedding.kind == "embedding" and embedding.index == 7
+    assert math.isnan(embedding.avg_weight)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"target": "5_17"}, "is not '<layer>_<neuron>_<pos>'"),
+    ({"target": "X_1_2"}, "is not"),
+    ({"weight": 1}, "string 'target'"),
+    ({"target": "5_17_3", "avg_weight": "big"}, "avg_weight must be a number"),
+])
+def test_malformed_edges_name_file_and_neuron(tmp_path, entry, message):
+    path = write_profiles(tmp_path / "p.json", [{"target": "1_2_3"}, entry])
+    with pytest.raises(InputError, match=message) as error:
+        read_edges(path)
+    assert str(path) in str(error.value) and "'L1/N2'" in str(error.value)
+    assert "top_downstream_targets[1]" in str(error.value)
+
+
+def test_edges_not_a_list(tmp_path):
+    with pytest.raises(InputError, match="must be a list"):
+        read_edges(write_profiles(tmp_path / "p.json", {"target": "1_2_3"}))
+
+
+def test_edge_agreement_counts():
+    edges = [parse_edge(entry, "x") for entry in (
+        {"target": "2_1_0", "avg_weight": 0.9}, {"target": "2_2_0", "avg_weight": -0.5},
+        {"target": "3_9_0", "avg_weight": 0.1}, {"target": "L_5_0", "avg_weight": 1.0},
+        {"target": "L_6_0", "avg_weight": 0.5})]
+    exact = pd.DataFrame({"layer": [2, 2, 4], "index": [1, 2, 0],
+                          "mean_contribution": [0.3, 0.2, -1.0]})
+    result = edge_agreement(edges, exact, [[5, 8], [5, 9]], k=2)
+    assert result["edge_n_neuron_targets"] == 3 and result["edge_n_logit_targets"] == 2
+    # edge top 2: (2,1), (2,2); exact top 2: (4,0), (2,1): one in common
+    assert result["edge_neuron_overlap"] == 0.5
+    # (2,1): + and +; (2,2): - and +
+    assert result["edge_sign_agreement"] == 0.5
+    # logit top 2: 5, 6; direct's most frequent: 5, then 8 or 9
+    assert result["edge_logit_overlap"] == 0.5
+    none = edge_agreement([], exact.iloc[:0], [], k=2)
+    assert math.isnan(none["edge_neuron_overlap"]) and math.isnan(none["edge_logit_overlap"])
+
+
+def test_mediator_summary_over_prompts():
+    rows = pd.DataFrame({
+        "prompt_id": ["a", "a", "b", "b"], "neuron_id": ["n"] * 4,
+        "kind": ["neuron", "head", "neuron", "neuron"], "rank": [1, 1, 1, 2],
+        "layer": [3, 2, 3, 4], "index": [7, 1, 7, 5], "contribution": [0.4, -0.1, 0.2, 0.05]})
+    # two partial pieces (as from two shards) give the same as one
+    summary = mediator_summary([mediator_sums(rows[:2]), mediator_sums(rows[2:])],
+                               pd.Series({"n": 2}), keep=5)
+    top = summary[summary["kind"] == "neuron"].iloc[0]
+    assert (top["mediator"], top["rank"]) == ("L3/N7", 1)
+    assert top["mean_contribution"] == pytest.approx(0.3) and top["frac_in_top_k"] == 1.0
+    head = summary[summary["kind"] == "head"].iloc[0]
+    assert head["mediator"] == "L2/H1" and head["frac_in_top_k"] == 0.5
+    per_prompt = pd.DataFrame({"neuron_id": ["n", "n"], "indirect_attn": [0.1, -0.1],
+                               "indirect_mlp": [0.5, 0.1], "indirect_norm": [0.0, -0.2]})
+    columns = neuron_mediation(per_prompt, summary).iloc[0]
+    assert columns["top_mediator"] == "L3/N7"
+    assert columns["indirect_share_mlp"] == pytest.approx(0.6 / 1.0)
+    assert columns["indirect_share_attn"] == pytest.approx(0.2)
+    assert columns["top_mediators"].startswith("L3/N7 +0.3 (100%)")
+
+
+def test_shard_progress_named_tables_and_streamed_assembly(tmp_path):
+    progress = store.ShardProgress(tmp_path / "partial", "fp")
+    frames = {}
+    for unit in ("u0", "u1", "u2"):
+        main = pd.DataFrame({"x": [len(unit)]})
+        extra = pd.DataFrame({"neuron_id": [f"{unit}/a", f"{unit}/b"] if unit != "u1" else [],
+                              "value": np.array([1.0, 2.0] if unit != "u1" else [],
+                                                dtype=np.float32)})
+        frames[unit] = extra
+        progress.save(unit, main, {"extra": extra})
+    assert progress.done_units() == ["u0", "u1", "u2"]
+    # a unit whose named table was saved but not its main table is not done
+    store.write_parquet(progress.path("u3", "extra"), frames["u0"])
+    assert not progress.is_done("u3")
+    progress.assemble(["u0", "u1", "u2"], tmp_path / "out.parquet",
+                      {"extra": tmp_path / "out.extra.parquet"})
+    combined = pd.read_parquet(tmp_path / "out.extra.parquet")
+    assert combined["neuron_id"].tolist() == ["u0/a", "u0/b", "u2/a", "u2/b"]
+    assert pq.ParquetFile(tmp_path / "out.extra.parquet").metadata.row_group(0).column(0) \
+        .compression == "ZSTD"
+    assert not (tmp_path / "partial").exists()
+
+
+def test_concat_of_empty_files_keeps_the_columns(tmp_path):
+    empty = tmp_path / "e.parquet"
+    store.write_parquet(empty, pd.DataFrame({"a": pd.Series([], dtype=float)}))
+    assert store.concat_parquet([empty, empty], tmp_path / "out.parquet") == 0
+    assert list(pd.read_parquet(tmp_path / "out.parquet").columns) == ["a"]
+
+
+def test_report_section_shows_heatmaps_mediators_and_edges():
+    from neuron_effects.report import indirect_routes_section
+
+    neurons = pd.DataFrame({
+        "neuron_id": ["L0/N1", "L1/N2"], "layer": [0, 1],
+        "classification": ["routing-dominant", "mixed"], "mean_direct_ratio": [0.1, 0.5],
+        "mean_indirect": [0.3, 0.1], "indirect_share_attn": [0.2, 0.5],
+        "indirect_share_mlp": [0.7, 0.4], "indirect_share_norm": [0.1, 0.1],
+        "top_mediator": ["L1/N7", "L2/H0"], "top_mediators": ["L1/N7 +0.2 (100%)", "x"],
+        "edge_n_neuron_targets": [2.0, np.nan], "edge_n_logit_targets": [1.0, np.nan],
+        "edge_neuron_overlap": [0.5, np.nan], "edge_sign_agreement": [1.0, np.nan],
+        "edge_logit_overlap": [0.0, np.nan]})
+    flow = pd.DataFrame({"source_layer": [0, 0, 1, 1], "layer": [1, 1, 2, 2],
+                         "component": ["attn", "mlp", "attn", "mlp"], "n": [3] * 4,
+                         "mean_contribution": [0.1, -0.2, 0.0, 0.3],
+                         "mean_abs_contribution": [0.1, 0.2, 0.05, 0.3]})
+    page = indirect_routes_section(neurons, flow, top_n=5)
+    assert "Where the indirect effect goes" in page and page.count("data:image/png") == 2
+    assert "L1/N7 +0.2 (100%)" in page and "1 profiles list" in page
+    assert "is off" in indirect_routes_section(neurons.drop(columns="top_mediator"),
+                                               flow.iloc[:0], 5)
