@@ -40,6 +40,8 @@ EFFECT_SETTINGS = {
     ),
     "vocab_rows": config["compute"]["vocab_rows"],
 }
+# Attribution patching (workflow/rules/atp.smk) runs unless the config turns it off.
+ATP = config["atp"]["enabled"]
 # Jobs that run the model ask for one GPU unless the config pins the CPU.
 GPUS = 0 if config["device"] == "cpu" else 1
 LABELS = f"results/labels/{Path(config['neurons']).stem}.with_effects.json"
@@ -68,6 +70,22 @@ def effect_shards(wildcards=None):
     return expand(
         "results/effects/shards/{shard}.parquet", shard=[s.name for s in PLAN.shards]
     )
+
+
+def atp_chunks(wildcards=None):
+    return expand(
+        "results/atp/chunks/{chunk}.safetensors", chunk=[c.name for c in PLAN.chunks]
+    )
+
+
+def atp_output(name):
+    """An input function: the output ``name`` of summarize_attribution, or nothing when
+    attribution patching is off."""
+
+    def output(wildcards):
+        return [getattr(rules.summarize_attribution.output, name)] if ATP else []
+
+    return output
 
 
 def chunk_prompt_ids(wildcards):
@@ -117,4 +135,12 @@ def benchmark_files():
         "benchmarks/extract_activations/all.tsv",
         "benchmarks/aggregate_effects/all.tsv",
         "benchmarks/validate_sample/all.tsv",
+        *(
+            expand(
+                "benchmarks/estimate_attribution/{chunk}.tsv",
+                chunk=[c.name for c in PLAN.chunks],
+            )
+            if ATP
+            else []
+        ),
     ]

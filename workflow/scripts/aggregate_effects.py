@@ -20,4 +20,5 @@ aggregate_effects(
     layers_out=snakemake.output.layers,
     prompts_out=snakemake.output.prompts,
     labels_out=snakemake.output.labels,
+    estimates_path=snakemake.input.estimates[0] if snakemake.input.estimates else None,
 )

@@ -18,5 +18,8 @@ render_report(
     validation_summary=snakemake.input.validation_summary,
     benchmark_paths=snakemake.params.benchmarks,
     top_n=snakemake.params.top_n,
+    atp_candidates=snakemake.input.atp_candidates[0]
+    if snakemake.input.atp_candidates
+    else None,
     output=snakemake.output[0],
 )
