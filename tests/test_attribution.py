@@ -178,8 +178,8 @@ def test_estimates_agree_with_exact_totals_on_smollm2(smollm2, treatment, thresh
         exact = compute_effects(model, clean, block, settings, target_id, None, None)
         projections, _ = attribution.neuron_gradients(model, ids, target_id)
         estimates = attribution.first_order_estimates(projections, clean.activations, treatment)
-        frames.append(exact.assign(prompt_id=f"p{index}", total_atp=estimates[
-            exact["layer"].to_numpy(), exact["neuron"].to_numpy()].numpy()))
+        frames.append(exact.assign(prompt_id=f"p{index}", total_atp=estimates.numpy()[
+            exact["layer"].to_numpy(), exact["neuron"].to_numpy()]))
     table = pd.concat(frames, ignore_index=True)
     overall = attribution.overall_agreement(table)
     assert overall["atp_spearman"] > threshold, overall
