@@ -195,17 +195,19 @@ def _load_estimates(path: str) -> tuple[torch.Tensor, list[str]]:
     return load_file(path)["estimates"], prompt_ids
 
 
-def summarize_attribution(chunk_paths: Sequence[str], neurons_table: str, n_candidates: int,
+def summarize_attribution(chunk_paths: Sequence[str], profile_path: str, n_candidates: int,
                           estimates_out: str, neurons_out: str, candidates_out: str) -> None:
     """Stack the chunks' estimates ([prompts, layers, intermediate], prompt ids in the metadata)
-    and write the all-neuron table and the top ``n_candidates`` neurons outside the profile."""
+    and write the all-neuron table and the top ``n_candidates`` neurons outside the profile
+    file."""
     parts = [_load_estimates(path) for path in chunk_paths]
     estimates = torch.cat([part[0] for part in parts])
     prompt_ids = [prompt_id for part in parts for prompt_id in part[1]]
     with store.atomic_path(estimates_out) as temporary:
         save_file({"estimates": estimates.contiguous()}, str(temporary),
                   metadata={"prompt_ids": json.dumps(prompt_ids)})
-    table = attribution.neuron_table(estimates.numpy(), pd.read_parquet(neurons_table))
+    profile = pd.DataFrame([vars(neuron) for neuron in read_neurons(profile_path)])
+    table = attribution.neuron_table(estimates.numpy(), profile)
     store.write_parquet(neurons_out, table)
     store.write_parquet(candidates_out, attribution.candidates(table, n_candidates))
     log.info("%d prompts x %d neurons; %d of the top %d by mean |estimate| are studied neurons",

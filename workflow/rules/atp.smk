@@ -32,7 +32,7 @@ rule estimate_attribution:
 rule summarize_attribution:
     input:
         chunks=atp_chunks(),
-        neurons=rules.prepare_inputs.output.neurons,
+        profiles=config["neurons"],
     output:
         estimates="results/atp/estimates.safetensors",
         neurons=report(

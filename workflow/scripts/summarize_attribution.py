@@ -9,7 +9,7 @@ from neuron_effects.steps import configure_job, summarize_attribution
 configure_job(snakemake.threads)
 summarize_attribution(
     chunk_paths=list(snakemake.input.chunks),
-    neurons_table=snakemake.input.neurons,
+    profile_path=snakemake.input.profiles,
     n_candidates=snakemake.params.candidates,
     estimates_out=snakemake.output.estimates,
     neurons_out=snakemake.output.neurons,
