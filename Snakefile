@@ -2,6 +2,7 @@
 
 prompts + neurons -> prepared inputs -> clean runs (per prompt chunk) -> activations
                                       -> effect shards (layer block x prompt chunk)
+                                      -> attribution-patching estimates (per prompt chunk)
                                       -> summaries, enriched labels, validation -> HTML report
 """
 
@@ -20,6 +21,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/inputs.smk"
 include: "workflow/rules/clean.smk"
 include: "workflow/rules/effects.smk"
+include: "workflow/rules/atp.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/report.smk"
 

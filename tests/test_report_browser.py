@@ -20,7 +20,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 SECTIONS = ["Run", "Definitions", "Validation against the reference path",
             "Effect types by layer", "Most logit-dominant neurons", "Most routing-dominant neurons",
-            "Most cancelling neurons (self-repair)", "All neurons", "Prompts and targets"]
+            "Most cancelling neurons (self-repair)",
+            "Attribution patching: first-order estimates beside the exact effects",
+            "All neurons", "Prompts and targets"]
 ROWS = "#neuron-table tr.neuron"
 
 

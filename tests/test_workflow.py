@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from neuron_effects import attribution
 from neuron_effects.aggregate import CLASSES, UNDETERMINED, Thresholds
 from neuron_effects.inputs import read_neurons, read_prompts
 from neuron_effects.plan import make_plan
@@ -44,7 +45,10 @@ LOGIT_DIFF_COLUMNS = ["direct_logit_diff", "indirect_logit_diff", "total_logit_d
 TOP_K_COLUMNS = [f"top_k_{kind}_{stat}" for kind in ("direct", "indirect", "total")
                  for stat in ("mean", "max", "tokens")]
 LABEL_FIELDS = {"effect_type", "direct_ratio", "effect_type_frozen_norm",
-                "direct_ratio_frozen_norm", "effect_mediators", "edge_agreement"}
+                "direct_ratio_frozen_norm", "effect_mediators", "edge_agreement",
+                "atp_agreement"}
+ATP_NEURON_COLUMNS = ["atp_spearman", "atp_sign_agreement", "atp_median_relative_error",
+                      "mean_total_atp"]
 
 
 # --- lint and format ----------------------------------------------------------------------------
@@ -102,6 +106,8 @@ def outputs(tiny_workflow):
         "documents": json.loads((workdir / "results/summary/neurons.json").read_text()),
         "labels": json.loads((workdir / "results/labels/neurons.with_effects.json").read_text()),
         "validation": json.loads((workdir / "results/validation/summary.json").read_text()),
+        "atp_neurons": pd.read_parquet(workdir / "results/atp/neurons.parquet"),
+        "atp_candidates": pd.read_parquet(workdir / "results/atp/candidates.parquet"),
     }
 
 
@@ -114,7 +120,10 @@ def test_all_outputs_exist(outputs):
                  "results/validation/summary.json", "results/validation/pairs.parquet",
                  "results/activations/neuron_stats.parquet", "results/report/report.html",
                  "results/effects/mediation.parquet", "results/effects/mediators.parquet",
-                 "results/summary/mediation_layers.parquet"):
+                 "results/summary/mediation_layers.parquet",
+                 "results/atp/estimates.safetensors", "results/atp/neurons.parquet",
+                 "results/atp/candidates.parquet", "results/atp/chunks/c000.safetensors",
+                 "results/atp/chunks/c001.safetensors"):
         assert (workdir / path).stat().st_size > 0, path
     shards = sorted(p.name for p in (workdir / "results/effects/shards").glob("*.parquet"))
     assert shards == sorted(f"L{b:02d}-{b + 1:02d}_c00{c}{table}.parquet" for b in (0, 2, 4)
@@ -269,6 +278,87 @@ def test_enriched_labels_keep_the_input_shape(outputs):
         assert after["effect_type"] == row["classification"]
         assert after["direct_ratio"] == pytest.approx(row["mean_direct_ratio"])
         assert after["effect_type_frozen_norm"] == row["classification_frozen_norm"]
+        assert after["atp_agreement"]["spearman"] == pytest.approx(row["atp_spearman"])
+
+
+@pytest.mark.slow
+def test_attribution_outputs(outputs):
+    """Estimates [prompts, layers, intermediate] with the prompt ids; every neuron of the tiny
+    model (6 layers x 96) in the all-neuron table; the candidates outside the profile; total_atp
+    in the long table equal to the estimate of its prompt and neuron; agreement columns."""
+    from safetensors import safe_open
+
+    workdir, per_prompt = outputs["workdir"], outputs["per_prompt"]
+    with safe_open(str(workdir / "results/atp/estimates.safetensors"), framework="np") as handle:
+        prompt_ids = json.loads(handle.metadata()["prompt_ids"])
+        estimates = handle.get_tensor("estimates")
+    assert estimates.shape == (6, 6, 96) and estimates.dtype == np.float32
+    assert prompt_ids == outputs["prompt_ids"]
+    assert np.isfinite(estimates).all() and np.abs(estimates).max() > 1e-3
+    index = {prompt_id: i for i, prompt_id in enumerate(prompt_ids)}
+    expected = estimates[per_prompt["prompt_id"].map(index), per_prompt["layer"],
+                         per_prompt["neuron"]]
+    np.testing.assert_array_equal(per_prompt["total_atp"].to_numpy(), expected)
+    np.testing.assert_allclose(per_prompt["indirect_atp"],
+                               per_prompt["total_atp"] - per_prompt["direct"], atol=1e-12)
+    # add on a tiny random model: the estimate ranks like the exact total (a few rows with
+    # large activations are far off: first order only)
+    overall = attribution.overall_agreement(per_prompt)
+    assert overall["atp_spearman"] > 0.8 and overall["atp_median_relative_error"] < 0.1
+
+    table = outputs["atp_neurons"]
+    assert len(table) == 6 * 96 and not table.duplicated(["layer", "neuron"]).any()
+    assert table["rank"].tolist() == list(range(1, 6 * 96 + 1))
+    assert table["mean_abs_atp"].is_monotonic_decreasing
+    studied = {(p["layer"], p["neuron"]) for p in outputs["profiles"]["profiles"]}
+    assert set(zip(table.loc[table["in_profile"], "layer"],
+                   table.loc[table["in_profile"], "neuron"])) == studied
+    row = table.set_index(["layer", "neuron"]).loc[(2, 50)]
+    assert row["mean_abs_atp"] == pytest.approx(np.abs(estimates[:, 2, 50]).mean(), rel=1e-6)
+    assert row["max_abs_atp"] == pytest.approx(np.abs(estimates[:, 2, 50]).max(), rel=1e-6)
+
+    candidates = outputs["atp_candidates"]
+    assert len(candidates) == 200  # atp.candidates
+    assert not set(zip(candidates["layer"], candidates["neuron"])) & studied
+    assert candidates["neuron_id"].iloc[0] == (
+        "L{}/N{}".format(*table.loc[~table["in_profile"]].iloc[0][["layer", "neuron"]]))
+
+    neurons, layers = outputs["neurons"], outputs["layers"]
+    assert set(ATP_NEURON_COLUMNS) <= set(neurons.columns)
+    assert neurons["atp_spearman"].between(-1, 1).all()
+    assert neurons["atp_sign_agreement"].between(0, 1).all()
+    first = neurons.iloc[0]
+    rows = per_prompt[per_prompt["neuron_id"] == first["neuron_id"]]
+    assert first["mean_total_atp"] == pytest.approx(rows["total_atp"].mean())
+    assert first["atp_median_relative_error"] == pytest.approx(
+        ((rows["total_atp"] - rows["total"]).abs() / rows["total"].abs()).median())
+    assert {"atp_spearman", "atp_sign_agreement", "atp_median_relative_error",
+            "atp_precision_at_k"} <= set(layers.columns)
+    assert layers["atp_precision_at_k"].between(0, 1).all()
+    for document in outputs["documents"]:
+        assert set(document["atp_agreement"]) == {"spearman", "sign_agreement",
+                                                  "median_relative_error", "mean_total_atp"}
+    report = (workdir / "results/report/report.html").read_text()
+    assert "Attribution patching" in report and candidates["neuron_id"].iloc[0] in report
+
+
+@pytest.mark.slow
+def test_attribution_can_be_turned_off(tiny_workflow, tmp_path):
+    """atp.enabled: false: no attribution jobs, no *_atp columns, no report section."""
+    workdir = copy_run(tiny_workflow[0], tmp_path / "run")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["atp"] = {"enabled": False, "candidates": 200}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    output = snakemake(workdir, "--cores", "2").stdout
+    assert not jobs_of(output, "estimate_attribution")
+    assert not jobs_of(output, "summarize_attribution")
+    assert jobs_of(output, "aggregate_effects") == {""}
+    per_prompt = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
+    neurons = pd.read_parquet(workdir / "results/summary/neurons.parquet")
+    assert "total_atp" not in per_prompt and "atp_spearman" not in neurons
+    labels = json.loads((workdir / "results/labels/neurons.with_effects.json").read_text())
+    assert all("atp_agreement" not in profile for profile in labels["profiles"])
+    assert "Attribution patching" not in (workdir / "results/report/report.html").read_text()
 
 
 @pytest.mark.slow
@@ -377,9 +467,11 @@ def test_seed_scale_plan(seed_scale):
     assert jobs_of(result.stdout, "compute_effects") == {f"{b}_{c}" for b in blocks
                                                          for c in chunks}
     assert jobs_of(result.stdout, "cache_clean_runs") == set(chunks)
+    assert jobs_of(result.stdout, "estimate_attribution") == set(chunks)
     counts = _job_counts(result.stdout)
     assert counts["compute_effects"] == 28 and counts["cache_clean_runs"] == 4
-    assert counts["total"] == 1 + 4 + 28 + 5  # prepare, clean, shards, 4 summaries + all
+    # prepare, clean, shards, attribution per chunk, 5 summaries + all
+    assert counts["total"] == 1 + 4 + 28 + 4 + 6
 
 
 def _create(workdir: Path, paths) -> None:
@@ -436,9 +528,11 @@ def _one_dry_run_lists(workdir: Path, shards: set[str], chunks: set[str]) -> str
 
 @pytest.mark.slow
 def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
-    assert len(_pretend_everything_ran(seed_scale)) == 2 + 4 + 28 + 2 + 6 + 2 + 5
+    assert len(_pretend_everything_ran(seed_scale)) == \
+        2 + 4 + 28 * 3 + 2 + 6 + 3 + 2 + 5 + 4 + 3
     blocks = _expected_blocks(seed_scale)
-    heavy = ("cache_clean_runs", "compute_effects", "extract_activations")
+    heavy = ("cache_clean_runs", "compute_effects", "extract_activations",
+             "estimate_attribution")
 
     # 1. one profile's neuron index changes (layer 13 -> block L12-15): its 4 shards rerun
     path = seed_scale / "neurons.json"
@@ -453,7 +547,9 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
     output = _touch_run(seed_scale)
     assert jobs_of(output, "compute_effects") == stale
     assert not jobs_of(output, "cache_clean_runs") and not jobs_of(output, "extract_activations")
-    for rule in ("prepare_inputs", "aggregate_effects", "validate_sample", "render_report"):
+    assert not jobs_of(output, "estimate_attribution")
+    for rule in ("prepare_inputs", "aggregate_effects", "validate_sample", "render_report",
+                 "summarize_attribution"):
         assert jobs_of(output, rule) == {""}, rule
 
     # 2. one prompt appended: 101 prompts open a fifth chunk, c004; only its shards run
@@ -463,6 +559,7 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
     output = _touch_run(seed_scale)
     assert jobs_of(output, "compute_effects") == {f"{b}_c004" for b in blocks}
     assert jobs_of(output, "cache_clean_runs") == {"c004"}
+    assert jobs_of(output, "estimate_attribution") == {"c004"}
     assert jobs_of(output, "extract_activations") == {""}
     assert (seed_scale / "results/effects/shards/L28-31_c004.parquet").exists()
 
@@ -509,7 +606,7 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     assert dry.count("reason: Params have changed since last execution") == 2
     output = snakemake(workdir, "--cores", "2").stdout
     assert jobs_of(output, "compute_effects") == {"L02-03_c000", "L02-03_c001"}
-    assert not jobs_of(output, "cache_clean_runs")
+    assert not jobs_of(output, "cache_clean_runs") and not jobs_of(output, "estimate_attribution")
     after = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
     assert "L3/N60" in set(after["neuron_id"]) and "L3/N10" not in set(after["neuron_id"])
     assert len(after) == len(before)
@@ -531,6 +628,7 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     output = snakemake(workdir, "--cores", "2").stdout
     assert jobs_of(output, "cache_clean_runs") == {"c001"}
     assert jobs_of(output, "compute_effects") == {"L00-01_c001", "L02-03_c001", "L04-05_c001"}
+    assert jobs_of(output, "estimate_attribution") == {"c001"}
     assert {name for name, t in _mtimes(shards).items() if t != shard_times[name]} == \
         shard_files("L00-01_c001", "L02-03_c001", "L04-05_c001")
     assert _mtimes(clean)["c000.safetensors"] == clean_times["c000.safetensors"]

@@ -123,6 +123,18 @@ def _clean_float(value: Any) -> Any:
 
 BREAKDOWN_COLUMNS = ("prompt_id", "target_token", "activation", "direct", "indirect", "total",
                      "direct_frozen_norm", "direct_ratio", "cancellation", "sign_aligned")
+# Agreement of the attribution-patching estimate with the exact total (neurons.parquet columns,
+# present when the workflow ran attribution patching; see neuron_effects.attribution).
+ATP_AGREEMENT_COLUMNS = ("atp_spearman", "atp_sign_agreement", "atp_median_relative_error",
+                         "mean_total_atp")
+
+
+def _atp_agreement(row: Any) -> dict[str, Any]:
+    """``{"atp_agreement": {...}}`` from a neurons row (namedtuple or Series), or ``{}``."""
+    if not hasattr(row, ATP_AGREEMENT_COLUMNS[0]):
+        return {}
+    return {"atp_agreement": {column.removeprefix("atp_"): _clean_float(getattr(row, column))
+                              for column in ATP_AGREEMENT_COLUMNS}}
 
 
 def neuron_documents(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> list[dict[str, Any]]:
@@ -143,9 +155,11 @@ def neuron_documents(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> list[di
                 "consistency_frozen_norm")},
             "sign_alignment": {"aligned_fraction": _clean_float(row.aligned_fraction),
                                "interpretation": row.interpretation},
+            **_atp_agreement(row),
             "per_prompt_breakdown": [
                 {key: _clean_float(value) for key, value in record.items()}
-                for record in group[list(BREAKDOWN_COLUMNS)].to_dict("records")
+                for record in group[[c for c in (*BREAKDOWN_COLUMNS, "total_atp")
+                                     if c in group]].to_dict("records")
             ],
         })
     return documents
@@ -153,7 +167,8 @@ def neuron_documents(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> list[di
 
 def enrich_profiles(document: Any, neurons: pd.DataFrame) -> Any:
     """A deep copy of the user's profile document, each profile gaining ``effect_type``,
-    ``direct_ratio`` and their frozen-norm variants; every other field untouched."""
+    ``direct_ratio`` and their frozen-norm variants (and ``atp_agreement`` when the neurons
+    carry it); every other field untouched."""
     enriched = copy.deepcopy(document)
     profiles = enriched["profiles"] if isinstance(enriched, dict) else enriched
     by_id = neurons.set_index("neuron_id")
@@ -164,4 +179,5 @@ def enrich_profiles(document: Any, neurons: pd.DataFrame) -> Any:
         profile["direct_ratio"] = _clean_float(row["mean_direct_ratio"])
         profile["effect_type_frozen_norm"] = row["classification_frozen_norm"]
         profile["direct_ratio_frozen_norm"] = _clean_float(row["mean_direct_ratio_frozen_norm"])
+        profile.update(_atp_agreement(row))
     return enriched

@@ -202,3 +202,33 @@ def reference_mediation(
         "norm_term": treated["final"] @ u * (treated_inverse - clean_inverse),
         "total": treated["final"] @ u * treated_inverse - untreated["final"] @ u * clean_inverse,
     }
+
+
+def reference_layer_gradients(
+    model: LlamaFamily, input_ids: torch.Tensor, target_id: int
+) -> torch.Tensor:
+    """``d logit_target / d x_L`` [n_layers, T, hidden] (float32) for every decoder layer ``L``,
+    by plain autograd: a forward hook adds a zero leaf ``delta_L`` [T, hidden] to each layer's
+    output and the gradient of the target logit (read out as in :func:`_logits`) is taken with
+    respect to the deltas."""
+    length = int(torch.as_tensor(input_ids).numel())
+    deltas = [torch.zeros(length, model.hidden_size, dtype=model.dtype, device=model.device,
+                          requires_grad=True) for _ in range(model.n_layers)]
+
+    def perturb(layer: int):
+        def hook(module, args, output):
+            return _replace_output(output, (output[0] if isinstance(output, tuple) else output)
+                                   + deltas[layer][None])
+
+        return hook
+
+    handles = [block.register_forward_hook(perturb(layer))
+               for layer, block in enumerate(model.layers)]
+    try:
+        with torch.enable_grad():
+            logit = _logits(model, torch.as_tensor(input_ids))[target_id]
+            gradients = torch.autograd.grad(logit, deltas)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([gradient.float() for gradient in gradients])

@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .aggregate import CLASSES, UNDETERMINED  # noqa: E402
+from .attribution import overall_agreement  # noqa: E402
 from .inputs import PROMPT_FIELDS, PROMPT_TABLE_COLUMNS  # noqa: E402
 from .report_table import neuron_table_section  # noqa: E402
 
@@ -276,12 +277,78 @@ def indirect_routes_section(neurons: pd.DataFrame, flow: pd.DataFrame, top_n: in
     return "".join(parts)
 
 
+def _atp_scatter(per_prompt: pd.DataFrame) -> str:
+    figure, axis = plt.subplots(figsize=(6.5, 5.2))
+    points = axis.scatter(per_prompt["total"], per_prompt["total_atp"], c=per_prompt["layer"],
+                          cmap="viridis", s=6, alpha=0.6, linewidths=0)
+    limit = float(np.nanmax(np.abs(per_prompt[["total", "total_atp"]].to_numpy()))) or 1.0
+    axis.plot([-limit, limit], [-limit, limit], color="#999", lw=0.7, ls=":",
+              label="estimate = exact")
+    axis.set_xscale("symlog", linthresh=1e-3)
+    axis.set_yscale("symlog", linthresh=1e-3)
+    axis.set_xlabel("exact total effect on target logit")
+    axis.set_ylabel("first-order estimate (total_atp)")
+    axis.legend(fontsize=8, loc="upper left")
+    figure.colorbar(points, ax=axis, label="layer")
+    return _figure_uri(figure)
+
+
+def _atp_by_layer(layers: pd.DataFrame) -> str:
+    figure, axis = plt.subplots(figsize=(11, 3.2))
+    for column, marker, label in (
+            ("atp_spearman", "o", "Spearman(estimate, exact)"),
+            ("atp_sign_agreement", "s", "sign agreement"),
+            ("atp_median_relative_error", "^", "median relative error"),
+            ("atp_precision_at_k", "d", "precision@k (k = a tenth of the layer's neurons)")):
+        axis.plot(layers["layer"], layers[column], marker=marker, ms=3, label=label)
+    axis.set_xlabel("layer")
+    axis.legend(fontsize=8)
+    return _figure_uri(figure)
+
+
+def attribution_section(per_prompt: pd.DataFrame, layers: pd.DataFrame,
+                        candidates: pd.DataFrame, top_n: int) -> list[str]:
+    """Attribution patching beside the exact effects: overall agreement, the scatter of
+    total_atp against total, agreement by layer, and the top candidates outside the profile."""
+    overall = overall_agreement(per_prompt)
+    summary = pd.DataFrame([{"measure": key.replace("atp_", ""), "value": value}
+                            for key, value in overall.items()])
+    candidate_columns = [c for c in ("neuron_id", "layer", "neuron", "rank", "mean_abs_atp",
+                                     "max_abs_atp", "mean_atp") if c in candidates]
+    return [
+        "<h2>Attribution patching: first-order estimates beside the exact effects</h2>",
+        '<div class="defs"><p>For every prompt, one backward pass gives the gradient '
+        "<code>g<sub>L</sub></code> of the target logit with respect to the output of every "
+        "decoder layer at the last position (every position with <code>positions: all</code>, "
+        "summed over positions with each position's own V); the estimate of every neuron of "
+        "the model is <code>total_atp = g<sub>L</sub> · V = s · (g<sub>L</sub> · "
+        "w<sub>n</sub>)</code>, and <code>indirect_atp = total_atp − direct</code>. Below, on "
+        "the studied neurons, against the exact total: rank correlation, sign agreement, "
+        "median relative error |total_atp − total| / |total|, and precision@k of the ranking "
+        "by mean |total_atp| against the ranking by mean |total|. A good screen is not a "
+        "substitute: the largest effects carry the largest errors.</p></div>",
+        _table(summary),
+        _figure(_atp_scatter(per_prompt), "First-order estimate vs exact total effect on the "
+                                          "target logit, one point per (prompt, neuron), "
+                                          "coloured by layer (symlog axes)."),
+        _figure(_atp_by_layer(layers), "Agreement of the estimate with the exact total by "
+                                       "layer."),
+        _table(layers, [c for c in ("layer", "n_neurons", "atp_spearman", "atp_sign_agreement",
+                                    "atp_median_relative_error", "atp_k",
+                                    "atp_precision_at_k") if c in layers]),
+        f"<h3>Candidates: the {min(top_n, len(candidates))} neurons outside the profile with "
+        f"the largest mean |estimate| (of {len(candidates)} in results/atp/candidates.parquet)"
+        f"</h3>", _table(candidates.head(top_n), candidate_columns),
+    ]
+
+
 def render_report(
     metadata: dict[str, Any], per_prompt: pd.DataFrame, neurons: pd.DataFrame,
     layers: pd.DataFrame, prompts: pd.DataFrame, validation: dict[str, Any],
     validation_pairs: pd.DataFrame, timings: pd.DataFrame, top_n: int = 12,
     figures: dict[str, str] | None = None,
     mediation_layers: pd.DataFrame | None = None,
+    atp_candidates: pd.DataFrame | None = None,
 ) -> str:
     """The report page as one HTML string (``figures``: from :func:`report_figures`, made here
     when not given)."""
@@ -351,6 +418,8 @@ def render_report(
         f"<h2>Most cancelling neurons (self-repair)</h2>{_table(cancelling, neuron_columns)}",
         indirect_routes_section(neurons, mediation_layers if mediation_layers is not None
                                 else pd.DataFrame(), top_n),
+        *(attribution_section(per_prompt, layers, atp_candidates, top_n)
+          if atp_candidates is not None and "total_atp" in per_prompt else []),
         neuron_table_section(neurons, per_prompt),
         f"<h2>Prompts and targets</h2>{_table(prompts, prompt_columns)}",
     ]

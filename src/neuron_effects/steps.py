@@ -18,15 +18,16 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import aggregate, mediation, store
+from . import aggregate, attribution, mediation, store
 from .clean import run_clean
 from .edges import EDGE_COLUMNS, edge_agreement, read_edges
 from .effects import EffectSettings, compute_effects, neuron_block
 from .input_checks import checked_inputs
-from .inputs import InputError, Neuron, extra_columns, load_profile_document
+from .inputs import InputError, Neuron, extra_columns, load_profile_document, read_neurons
 from .model import (ModelSpec, load_model, load_tokenizer, parameter_count, precision_flags,
                     resolve_device, resolve_dtype)
 from .precision import low_precision_warning
@@ -148,6 +149,84 @@ def _mean_activations(stats_path: str, positions: str, n_layers: int, width: int
     stats = pd.read_parquet(stats_path)
     column = "mean" if positions == "last" else "mean_all_positions"
     return torch.tensor(stats[column].to_numpy(), dtype=torch.float32).reshape(n_layers, width)
+
+
+def estimate_attribution(spec: ModelSpec, clean_path: str, treatment: str, positions: str,
+                         output: str, neuron_stats: str | None = None) -> None:
+    """First-order estimates of every neuron of every layer on each prompt of a clean chunk
+    (:mod:`neuron_effects.attribution`): one forward and one backward per prompt, for the target
+    recorded by the clean run; saved as [prompts, layers, intermediate] float32 with the prompt
+    ids in the metadata."""
+    runs, records = store.load_clean_runs(clean_path)
+    model = load_model(spec)
+    means = None
+    if treatment == "mean_ablate":
+        if neuron_stats is None:
+            raise InputError("treatment mean_ablate needs the activation statistics")
+        means = _mean_activations(neuron_stats, positions, model.n_layers,
+                                  model.intermediate_size).to(model.device)
+    estimates = []
+    for run, record in tqdm(list(zip(runs, records)), desc="forward + backward", **PROGRESS):
+        started = time.perf_counter()
+        projections, _ = attribution.neuron_gradients(model, run.input_ids, record["target_id"],
+                                                      positions)
+        if positions == "all":  # every position's activation of every layer
+            clean = run_clean(model, run.input_ids, record["prompt_id"], range(model.n_layers))
+            activations = torch.stack([clean.full_activations[layer]
+                                       for layer in range(model.n_layers)])
+        else:
+            activations = run.activations
+        estimates.append(attribution.first_order_estimates(
+            projections, activations.to(model.device), treatment, means).cpu())
+        log.info("prompt %s (%d tokens): estimates in %.2f s", record["prompt_id"],
+                 run.n_tokens, time.perf_counter() - started)
+    metadata = {"prompt_ids": json.dumps([record["prompt_id"] for record in records]),
+                "target_ids": json.dumps([record["target_id"] for record in records]),
+                "treatment": treatment, "positions": positions}
+    with store.atomic_path(output) as temporary:
+        save_file({"estimates": torch.stack(estimates).contiguous()}, str(temporary),
+                  metadata=metadata)
+
+
+def _load_estimates(path: str) -> tuple[torch.Tensor, list[str]]:
+    """An estimates file's [prompts, layers, intermediate] tensor and its prompt ids."""
+    with safe_open(path, framework="pt") as handle:
+        prompt_ids = json.loads(handle.metadata()["prompt_ids"])
+    return load_file(path)["estimates"], prompt_ids
+
+
+def summarize_attribution(chunk_paths: Sequence[str], profile_path: str, n_candidates: int,
+                          estimates_out: str, neurons_out: str, candidates_out: str) -> None:
+    """Stack the chunks' estimates ([prompts, layers, intermediate], prompt ids in the metadata)
+    and write the all-neuron table and the top ``n_candidates`` neurons outside the profile
+    file."""
+    parts = [_load_estimates(path) for path in chunk_paths]
+    estimates = torch.cat([part[0] for part in parts])
+    prompt_ids = [prompt_id for part in parts for prompt_id in part[1]]
+    with store.atomic_path(estimates_out) as temporary:
+        save_file({"estimates": estimates.contiguous()}, str(temporary),
+                  metadata={"prompt_ids": json.dumps(prompt_ids)})
+    profile = pd.DataFrame([vars(neuron) for neuron in read_neurons(profile_path)])
+    table = attribution.neuron_table(estimates.numpy(), profile)
+    store.write_parquet(neurons_out, table)
+    store.write_parquet(candidates_out, attribution.candidates(table, n_candidates))
+    log.info("%d prompts x %d neurons; %d of the top %d by mean |estimate| are studied neurons",
+             len(prompt_ids), len(table), int(table["in_profile"].head(n_candidates).sum()),
+             n_candidates)
+
+
+def _with_estimates(per_prompt: pd.DataFrame, estimates_path: str) -> pd.DataFrame:
+    """``total_atp`` (the estimate of the row's prompt and neuron) and ``indirect_atp`` (=
+    total_atp - direct) inserted after ``total``."""
+    estimates, prompt_ids = _load_estimates(estimates_path)
+    index = {prompt_id: position for position, prompt_id in enumerate(prompt_ids)}
+    total_atp = estimates.numpy()[per_prompt["prompt_id"].map(index).to_numpy(),
+                                  per_prompt["layer"].to_numpy(), per_prompt["neuron"].to_numpy()]
+    where = per_prompt.columns.get_loc("total") + 1
+    per_prompt = per_prompt.copy()
+    per_prompt.insert(where, "total_atp", total_atp.astype(np.float64))
+    per_prompt.insert(where + 1, "indirect_atp", per_prompt["total_atp"] - per_prompt["direct"])
+    return per_prompt
 
 
 def compute_shard(
@@ -277,10 +356,13 @@ def aggregate_effects(
     mediation_shards: Sequence[str] = (), mediator_shards: Sequence[str] = (),
     mediation_out: str | None = None, mediators_out: str | None = None,
     mediation_layers_out: str | None = None, mediator_top_k: int = 10,
+    estimates_path: str | None = None,
 ) -> None:
     """Merge the shards into the long table and write the neuron, layer, prompt and label
     summaries; with the mediation outputs, also the mediation tables, the layer flow and the
-    per-neuron mediators and edge agreement (:func:`aggregate_mediation`)."""
+    per-neuron mediators and edge agreement (:func:`aggregate_mediation`); with
+    ``estimates_path`` (attribution patching), also the estimates (``total_atp``,
+    ``indirect_atp``) and their agreement with the exact effects."""
     per_prompt = pd.concat([pd.read_parquet(path) for path in shard_paths], ignore_index=True)
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
@@ -300,6 +382,11 @@ def aggregate_effects(
                                     mediator_top_k, mediation_out, mediators_out,
                                     mediation_layers_out)
         neurons = neurons.merge(split[0], on="neuron_id", how="left")
+    layers = aggregate.summarize_layers(neurons, per_prompt)
+    if estimates_path is not None:
+        per_prompt = _with_estimates(per_prompt, estimates_path)
+        neurons = neurons.merge(attribution.neuron_agreement(per_prompt), on="neuron_id")
+        layers = layers.merge(attribution.layer_agreement(per_prompt), on="layer")
     store.write_parquet(per_prompt_out, per_prompt)
     store.write_parquet(neurons_out, neurons)
     documents = aggregate.neuron_documents(neurons, per_prompt)
@@ -309,7 +396,7 @@ def aggregate_effects(
         _with_mediation(document["profiles"] if isinstance(document, dict) else document,
                         *split, listed=mediator_top_k)
     store.write_json(neurons_json_out, documents)
-    store.write_parquet(layers_out, aggregate.summarize_layers(neurons, per_prompt))
+    store.write_parquet(layers_out, layers)
     store.write_json(labels_out, document)
 
 
@@ -408,9 +495,11 @@ def render_report(
     validation_summary: str, benchmark_paths: Sequence[str], top_n: int, output: str,
     figures_dir: str | None = None,
     mediation_layers_path: str | None = None,
+    atp_candidates: str | None = None,
 ) -> None:
-    """Write the self-contained HTML report and, into ``figures_dir``, its figures as
-    ``<name>.png`` (for Snakemake's report)."""
+    """Write the self-contained HTML report (with the attribution-patching section when
+    ``atp_candidates`` is given) and, into ``figures_dir``, its figures as ``<name>.png`` (for
+    Snakemake's report)."""
     import platform
 
     import transformers
@@ -431,9 +520,12 @@ def render_report(
     neurons = pd.read_parquet(neurons_path).merge(stats, on=["layer", "neuron"], how="left")
     per_prompt, layers = pd.read_parquet(per_prompt_path), pd.read_parquet(layers_path)
     figures = report_figures(per_prompt, layers)
-    page = render(metadata, per_prompt, neurons, layers, pd.read_parquet(prompts_path),
-                  validation, pd.read_parquet(validation_table), timings, top_n, figures,
-                  pd.read_parquet(mediation_layers_path) if mediation_layers_path else None)
+    page = render(
+        metadata, per_prompt, neurons, layers, pd.read_parquet(prompts_path), validation,
+        pd.read_parquet(validation_table), timings, top_n, figures=figures,
+        mediation_layers=(pd.read_parquet(mediation_layers_path) if mediation_layers_path
+                          else None),
+        atp_candidates=None if atp_candidates is None else pd.read_parquet(atp_candidates))
     if figures_dir is not None:
         for name, uri in figures.items():
             with store.atomic_path(Path(figures_dir) / f"{name}.png") as temporary:

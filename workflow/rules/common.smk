@@ -64,6 +64,8 @@ EFFECT_SETTINGS = {
     "mediators": config["mediators"]["enabled"],
     "mediator_top_k": config["mediators"]["top_k"],
 }
+# Attribution patching (workflow/rules/atp.smk) runs unless the config turns it off.
+ATP = config["atp"]["enabled"]
 # Jobs that run the model ask for one GPU unless the config pins the CPU.
 GPUS = 0 if config["device"] == "cpu" else 1
 LABELS = f"results/labels/{Path(config['neurons']).stem}.with_effects.json"
@@ -109,6 +111,22 @@ def chunk_prompts(wildcards):
     ]
 
 
+def atp_chunks(wildcards=None):
+    return expand(
+        "results/atp/chunks/{chunk}.safetensors", chunk=[c.name for c in PLAN.chunks]
+    )
+
+
+def atp_output(name):
+    """An input function: the output ``name`` of summarize_attribution, or nothing when
+    attribution patching is off."""
+
+    def output(wildcards):
+        return [getattr(rules.summarize_attribution.output, name)] if ATP else []
+
+    return output
+
+
 def chunk_fingerprint(wildcards):
     """Changes when a prompt of the chunk, the prompt format or the model changes."""
     return digest([PLAN.chunk(wildcards.chunk).fingerprint, PROMPT_FORMAT, MODEL])
@@ -152,4 +170,12 @@ def benchmark_files():
         "benchmarks/extract_activations/all.tsv",
         "benchmarks/aggregate_effects/all.tsv",
         "benchmarks/validate_sample/all.tsv",
+        *(
+            expand(
+                "benchmarks/estimate_attribution/{chunk}.tsv",
+                chunk=[c.name for c in PLAN.chunks],
+            )
+            if ATP
+            else []
+        ),
     ]

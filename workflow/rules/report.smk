@@ -8,6 +8,7 @@ rule render_report:
         validation_table=rules.validate_sample.output.table,
         validation_summary=rules.validate_sample.output.summary,
         activation_stats=rules.extract_activations.output.stats,
+        atp_candidates=atp_output("candidates"),
     output:
         page=report(
             "results/report/report.html",
@@ -49,6 +50,7 @@ rule render_report:
             "full_vocab_metrics": config["metrics"]["full_vocab"],
             "top_k": config["metrics"]["top_k"],
             "ratio_noise_floor": config["metrics"]["ratio_noise_floor"],
+            "attribution_patching": ATP,
             **config["classification"],
             "shards": len(PLAN.shards),
         },

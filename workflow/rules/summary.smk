@@ -6,6 +6,7 @@ rule aggregate_effects:
         prompts=rules.prepare_inputs.output.prompts,
         clean=clean_chunks(),
         profiles=config["neurons"],
+        estimates=atp_output("estimates"),
     output:
         per_prompt=report(
             "results/effects/per_prompt.parquet",

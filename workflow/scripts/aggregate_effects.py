@@ -26,4 +26,5 @@ aggregate_effects(
     mediators_out=snakemake.output.mediators,
     mediation_layers_out=snakemake.output.mediation_layers,
     mediator_top_k=snakemake.params.mediator_top_k,
+    estimates_path=snakemake.input.estimates[0] if snakemake.input.estimates else None,
 )

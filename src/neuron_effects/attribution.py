@@ -1,0 +1,215 @@
+"""Attribution patching: a first-order estimate of every neuron's TOTAL effect on the target logit,
+from one forward and one backward per prompt, and its agreement with the exact effects.
+
+For one prompt (``T`` tokens, last position ``T-1``) and its target token ``y``:
+
+* the target logit is read out as the exact engine does, in float32 from the input ``h`` of the
+  final norm at ``T-1``: ``logit_y = W_U[y] . (g * h) / r(h)`` (:class:`~.direct.Readout`);
+* ``g_L = d logit_y / d x_L``, ``x_L`` the output of decoder layer ``L`` (the residual stream at
+  the hook point where treatments are added), at ``T-1`` (``positions: last``) or at every
+  position ``t`` (``positions: all``);
+* reduced at once to the neuron space: ``p_L = W_down_L^T g_L`` ([intermediate], or
+  [T, intermediate]), ``W_down_L = layers[L].mlp.down_proj.weight``, so that
+  ``p_L[n] = g_L . w_n``; nothing else of the backward pass is kept;
+* the estimate of neuron ``(L, n)`` under ``V = s * w_n``: ``est(L, n) = g_L . V = s * p_L[n]``
+  with the treatment's scale ``s`` (add: ``a``; zero_ablate: ``-a``; mean_ablate: ``mean - a``);
+  with ``positions: all``, ``sum_t s_t * p_{L,t}[n]`` (each position its own ``s_t``).
+
+The model's parameters stay frozen (``requires_grad`` False): the backward computes gradients
+with respect to activations only, starting from the input embeddings.
+
+Agreement with the exact engine, on the studied neurons' (prompt, neuron) rows (``total`` and
+``total_atp`` on the target logit): the Spearman rank correlation over prompts, the fraction of
+prompts where the signs agree, the median relative error ``|total_atp - total| / |total|``, and
+precision@k of the ranking by mean ``|total_atp|`` against the ranking by mean ``|total|``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .direct import Readout
+from .model import LlamaFamily
+from .treatments import treatment_scales
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def neuron_gradients(
+    model: LlamaFamily, input_ids: list[int] | torch.Tensor, target_id: int,
+    positions: str = "last",
+) -> tuple[torch.Tensor, float]:
+    """``p_L = W_down_L^T (d logit_target / d x_L)`` for every decoder layer ``L`` (see the module
+    docstring): [n_layers, intermediate] at the last position, or [n_layers, T, intermediate]
+    with ``positions='all'``; float32. Also returns the target logit."""
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=model.device).reshape(1, -1)
+    projections: list[torch.Tensor | None] = [None] * model.n_layers
+    final_hidden: list[torch.Tensor] = []
+
+    def project(layer: int):
+        weight = model.layers[layer].mlp.down_proj.weight  # [hidden, intermediate]
+
+        def on_gradient(gradient: torch.Tensor) -> None:
+            kept = gradient[0, -1] if positions == "last" else gradient[0]
+            projections[layer] = kept.float() @ weight.float()
+
+        return on_gradient
+
+    def keep_layer_output(layer: int):
+        def hook(module, args, output):
+            _hidden(output).register_hook(project(layer))
+
+        return hook
+
+    handles = [model.final_norm.register_forward_pre_hook(
+        lambda module, args: final_hidden.append(args[0][0, -1]))]
+    handles += [block.register_forward_hook(keep_layer_output(layer))
+                for layer, block in enumerate(model.layers)]
+    readout = Readout(model, torch.tensor([target_id], device=model.device))
+    try:
+        with torch.enable_grad():
+            embeddings = model.causal_lm.get_input_embeddings()(ids).detach().requires_grad_()
+            model.causal_lm.model(inputs_embeds=embeddings, use_cache=False)
+            logit = readout.logits(final_hidden[0][None])[0, 0]
+            torch.autograd.grad(logit, embeddings)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(projections), float(logit.detach())
+
+
+def first_order_estimates(
+    projections: torch.Tensor, activations: torch.Tensor, treatment: str,
+    mean_activations: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``est[L, n] = s[L, n] * p_L[n]`` [n_layers, intermediate] from :func:`neuron_gradients`'
+    projections and the clean activations of the same positions ([L, I] or [L, T, I]); with
+    positions, the sum over them of ``s_t * p_{L,t}``. ``mean_activations`` [L, I] for
+    mean_ablate."""
+    if projections.shape != activations.shape:
+        raise ValueError(f"projections {tuple(projections.shape)} and activations "
+                         f"{tuple(activations.shape)} differ in shape")
+    if mean_activations is not None and activations.dim() == 3:
+        mean_activations = mean_activations[:, None, :]
+    estimates = treatment_scales(activations.float(), treatment, mean_activations) * projections
+    return estimates.sum(1) if estimates.dim() == 3 else estimates
+
+
+# --- agreement with the exact effects (pure functions on the per-prompt table) -----------------
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN below 3 points or for a constant
+    input."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3:
+        return math.nan
+    rank_x, rank_y = pd.Series(x).rank().to_numpy(), pd.Series(y).rank().to_numpy()
+    if rank_x.std() == 0 or rank_y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(rank_x, rank_y)[0, 1])
+
+
+def agreement(estimate: np.ndarray, exact: np.ndarray) -> dict[str, float]:
+    """``atp_spearman``, ``atp_sign_agreement`` (over rows where the exact value is non-zero) and
+    ``atp_median_relative_error`` (``|estimate - exact| / |exact|``, same rows) of paired values."""
+    estimate, exact = np.asarray(estimate, dtype=float), np.asarray(exact, dtype=float)
+    nonzero = exact != 0
+    relative = np.abs(estimate[nonzero] - exact[nonzero]) / np.abs(exact[nonzero])
+    return {
+        "atp_spearman": spearman(estimate, exact),
+        "atp_sign_agreement": float((np.sign(estimate[nonzero]) == np.sign(exact[nonzero])).mean())
+        if nonzero.any() else math.nan,
+        "atp_median_relative_error": float(np.median(relative)) if nonzero.any() else math.nan,
+    }
+
+
+def neuron_agreement(per_prompt: pd.DataFrame) -> pd.DataFrame:
+    """Per neuron over its prompts (columns ``total``, ``total_atp``): :func:`agreement` and
+    ``mean_total_atp``; one row per ``neuron_id``."""
+    rows = [{"neuron_id": neuron_id, **agreement(group["total_atp"], group["total"]),
+             "mean_total_atp": float(group["total_atp"].mean())}
+            for neuron_id, group in per_prompt.groupby("neuron_id", sort=False)]
+    return pd.DataFrame(rows)
+
+
+def precision_at_k(estimate: pd.Series, exact: pd.Series, k: int) -> float:
+    """The fraction of the top ``k`` by ``estimate`` that are also in the top ``k`` by ``exact``
+    (two scores of the same items, same index; larger = more important)."""
+    k = min(k, len(exact))
+    if k < 1:
+        return math.nan
+    top_estimate = set(estimate.sort_values(ascending=False, kind="stable").index[:k])
+    top_exact = set(exact.sort_values(ascending=False, kind="stable").index[:k])
+    return len(top_estimate & top_exact) / k
+
+
+def ranking_scores(per_prompt: pd.DataFrame) -> pd.DataFrame:
+    """Per neuron: mean |total| (the exact ranking) and mean |total_atp| (the estimate's)."""
+    return per_prompt.assign(abs_total=per_prompt["total"].abs(),
+                             abs_atp=per_prompt["total_atp"].abs()).groupby(
+        "neuron_id")[["abs_total", "abs_atp"]].mean()
+
+
+def layer_agreement(per_prompt: pd.DataFrame) -> pd.DataFrame:
+    """Per layer, over its (prompt, neuron) rows: :func:`agreement`; and ``atp_precision_at_k``
+    of the layer's studied neurons with ``atp_k`` = a tenth of them (at least 1)."""
+    rows = []
+    for layer, group in per_prompt.groupby("layer"):
+        scores = ranking_scores(group)
+        k = max(1, math.ceil(len(scores) / 10))
+        rows.append({"layer": int(layer), **agreement(group["total_atp"], group["total"]),
+                     "atp_k": k,
+                     "atp_precision_at_k": precision_at_k(scores["abs_atp"],
+                                                          scores["abs_total"], k)})
+    return pd.DataFrame(rows)
+
+
+def overall_agreement(per_prompt: pd.DataFrame, ks: tuple[int, ...] = (10, 50, 100, 500)
+                      ) -> dict[str, float]:
+    """Over every (prompt, neuron) row: :func:`agreement`, and precision@k of the studied
+    neurons' ranking for each k below their number (and k = a tenth of them)."""
+    scores = ranking_scores(per_prompt)
+    tenth = max(1, math.ceil(len(scores) / 10))
+    result = agreement(per_prompt["total_atp"], per_prompt["total"])
+    for k in sorted({k for k in ks if k < len(scores)} | {tenth}):
+        result[f"precision_at_{k}"] = precision_at_k(scores["abs_atp"], scores["abs_total"], k)
+    return result
+
+
+def neuron_table(estimates: np.ndarray, profile: pd.DataFrame) -> pd.DataFrame:
+    """Every neuron of the model from ``estimates`` [prompts, layers, intermediate]: layer,
+    neuron, ``mean_abs_atp`` (mean over prompts of |est|), ``max_abs_atp``, ``mean_atp``,
+    ``in_profile`` (listed in ``profile``'s layer/neuron columns) and ``rank`` (1 = the largest
+    mean_abs_atp); ordered by rank."""
+    n_layers, width = estimates.shape[1:]
+    magnitude = np.abs(estimates.astype(np.float64))
+    table = pd.DataFrame({
+        "layer": np.repeat(np.arange(n_layers), width),
+        "neuron": np.tile(np.arange(width), n_layers),
+        "mean_abs_atp": magnitude.mean(0).ravel(),
+        "max_abs_atp": magnitude.max(0).ravel(),
+        "mean_atp": estimates.astype(np.float64).mean(0).ravel(),
+    })
+    table["in_profile"] = False
+    table.loc[profile["layer"].to_numpy() * width + profile["neuron"].to_numpy(),
+              "in_profile"] = True
+    table = table.sort_values(["mean_abs_atp", "layer", "neuron"], ascending=[False, True, True],
+                              kind="stable", ignore_index=True)
+    table["rank"] = np.arange(1, len(table) + 1)
+    return table
+
+
+def candidates(table: pd.DataFrame, n: int) -> pd.DataFrame:
+    """The ``n`` neurons of :func:`neuron_table` with the largest mean_abs_atp that are not in the
+    profile, with a ``neuron_id`` ``L{layer}/N{neuron}``."""
+    top = table[~table["in_profile"]].head(n).reset_index(drop=True)
+    top.insert(0, "neuron_id", [f"L{layer}/N{neuron}"
+                                for layer, neuron in zip(top["layer"], top["neuron"])])
+    return top.drop(columns="in_profile")

@@ -1,0 +1,18 @@
+"""Rule estimate_attribution: first-order estimates of every neuron on a chunk's prompts."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+
+from neuron_effects.model import ModelSpec
+from neuron_effects.steps import configure_job, estimate_attribution
+
+configure_job(snakemake.threads)
+estimate_attribution(
+    spec=ModelSpec(**snakemake.params.model),
+    clean_path=snakemake.input.clean,
+    treatment=snakemake.params.treatment,
+    positions=snakemake.params.positions,
+    output=snakemake.output[0],
+    neuron_stats=snakemake.input.stats or None,
+)
