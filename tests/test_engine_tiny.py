@@ -184,7 +184,10 @@ def test_rows_of_several_start_layers_share_one_batch():
     for index in range(6):
         alone = perturbed_final_hidden(model, clean, layers[index:index + 1],
                                        vectors[index:index + 1])
-        torch.testing.assert_close(together[index], alone[0], rtol=1e-5, atol=1e-5)
+        # float32 GEMMs of different batch shapes round differently: a few ulps of the largest
+        # hidden value (|h| ~ 45 here, ulp 4e-6), never more
+        scale = float(alone.abs().max())
+        torch.testing.assert_close(together[index], alone[0], rtol=0, atol=1e-6 * scale)
     with pytest.raises(ValueError, match="sorted"):
         perturbed_final_hidden(model, clean, layers.flip(0), vectors)
 
