@@ -115,13 +115,14 @@ def main() -> None:
                          **naive_row(model, clean, clean_logits, readout, neuron, target,
                                      distractor, settings)})
         naive_seconds += time.perf_counter() - started
-    fast, naive = pd.concat(tables), pd.DataFrame(rows)
+    fast = pd.concat(tables)
+    naive = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["prompt_id", "neuron_id"])
     fast_count = len(neurons) * len(prepared)
 
     joined = naive.merge(fast, on=["prompt_id", "neuron_id"], suffixes=("_naive", ""))
     differences = {name: float(np.nanmax(np.abs(joined[f"{name}_naive"] - joined[name])))
-                   for name in COMPARED if joined[name].notna().any()}
-    naive_ms = 1e3 * naive_seconds / len(naive)
+                   for name in COMPARED if joined[name].notna().any()} or {"none": np.nan}
+    naive_ms = 1e3 * naive_seconds / max(len(naive), 1)  # --naive-per-layer 0: no naive path
     fast_ms = 1e3 * fast_seconds / fast_count
     plain_ms = 1e3 * plain_seconds / fast_count
     by_layer = fast.groupby("layer")["total"].apply(lambda s: float(s.abs().median()))
