@@ -108,6 +108,8 @@ def main() -> None:
                 tables.append(result.per_prompt.assign(prompt_id=p.prompt_id))
             else:
                 plain_seconds += time.perf_counter() - started
+        if not subset:
+            continue
         started = time.perf_counter()
         clean_logits = reference_clean_logits(model, clean.input_ids)  # once per prompt
         for neuron in subset:
@@ -136,7 +138,7 @@ def main() -> None:
                                                         for k, v in differences.items()))
     print(f"median |total effect| by layer: min {by_layer.min():.2g}, max {by_layer.max():.2g}")
     print(json.dumps({
-        "speedup_vs_naive": round(naive_ms / fast_ms, 1),
+        "speedup_vs_naive": round(naive_ms / fast_ms, 1) if len(naive) else None,
         "naive_ms_per_perturbation": round(naive_ms, 3),
         "fast_ms_per_perturbation": round(fast_ms, 4),
         "fast_ms_per_perturbation_without_mediators": round(plain_ms, 4),
