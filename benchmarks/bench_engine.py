@@ -108,6 +108,8 @@ def main() -> None:
                 tables.append(result.per_prompt.assign(prompt_id=p.prompt_id))
             else:
                 plain_seconds += time.perf_counter() - started
+        if not subset:
+            continue
         started = time.perf_counter()
         clean_logits = reference_clean_logits(model, clean.input_ids)  # once per prompt
         for neuron in subset:
@@ -115,13 +117,14 @@ def main() -> None:
                          **naive_row(model, clean, clean_logits, readout, neuron, target,
                                      distractor, settings)})
         naive_seconds += time.perf_counter() - started
-    fast, naive = pd.concat(tables), pd.DataFrame(rows)
+    fast = pd.concat(tables)
+    naive = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["prompt_id", "neuron_id"])
     fast_count = len(neurons) * len(prepared)
 
     joined = naive.merge(fast, on=["prompt_id", "neuron_id"], suffixes=("_naive", ""))
     differences = {name: float(np.nanmax(np.abs(joined[f"{name}_naive"] - joined[name])))
-                   for name in COMPARED if joined[name].notna().any()}
-    naive_ms = 1e3 * naive_seconds / len(naive)
+                   for name in COMPARED if joined[name].notna().any()} or {"none": np.nan}
+    naive_ms = 1e3 * naive_seconds / max(len(naive), 1)  # --naive-per-layer 0: no naive path
     fast_ms = 1e3 * fast_seconds / fast_count
     plain_ms = 1e3 * plain_seconds / fast_count
     by_layer = fast.groupby("layer")["total"].apply(lambda s: float(s.abs().median()))
@@ -135,7 +138,7 @@ def main() -> None:
                                                         for k, v in differences.items()))
     print(f"median |total effect| by layer: min {by_layer.min():.2g}, max {by_layer.max():.2g}")
     print(json.dumps({
-        "speedup_vs_naive": round(naive_ms / fast_ms, 1),
+        "speedup_vs_naive": round(naive_ms / fast_ms, 1) if len(naive) else None,
         "naive_ms_per_perturbation": round(naive_ms, 3),
         "fast_ms_per_perturbation": round(fast_ms, 4),
         "fast_ms_per_perturbation_without_mediators": round(plain_ms, 4),

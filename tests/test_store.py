@@ -175,19 +175,22 @@ def test_compute_shard_resumes_only_the_missing_units(clean_chunk, tmp_path, mon
                      neurons_per_block=2)
     # uninterrupted
     steps.compute_shard(output=str(tmp_path / "full.parquet"),
-                        partial_root=str(tmp_path / "p-full"), fingerprint="f", **arguments)
+                        partial_root=str(tmp_path / "p-full"), fingerprint="f",
+                        mediation_output=str(tmp_path / "full.mediation.parquet"), **arguments)
     full = pd.read_parquet(tmp_path / "full.parquet")
+    full_mediation = pd.read_parquet(tmp_path / "full.mediation.parquet")
+    assert full_mediation.groupby(["prompt_id", "neuron_id"]).ngroups == 5 * 3
     assert len(full) == 5 * 3 and not full.duplicated(["prompt_id", "neuron_id"]).any()
 
     # interrupted after 4 of the 9 units (3 neuron blocks x 3 prompts)
     saved = []
     original_save = ShardProgress.save
 
-    def failing_save(self, unit, frame):
+    def failing_save(self, unit, frame, tables=None):
         if len(saved) == 4:
             raise KeyboardInterrupt("killed")
         saved.append(unit)
-        original_save(self, unit, frame)
+        original_save(self, unit, frame, tables)
 
     monkeypatch.setattr(ShardProgress, "save", failing_save)
     partial = tmp_path / "p-resumed"
@@ -197,7 +200,7 @@ def test_compute_shard_resumes_only_the_missing_units(clean_chunk, tmp_path, mon
                             **arguments)
     monkeypatch.undo()
     assert not output.exists()
-    assert sorted(p.stem for p in (partial / "f").glob("*.parquet")) == sorted(saved)
+    assert ShardProgress(partial, "f").done_units() == sorted(saved)
 
     computed = []
     original_compute = steps.compute_effects
@@ -209,6 +212,7 @@ def test_compute_shard_resumes_only_the_missing_units(clean_chunk, tmp_path, mon
     monkeypatch.setattr(steps, "compute_effects", counting_compute)
     with caplog.at_level(logging.INFO, logger="neuron_effects"):
         steps.compute_shard(output=str(output), partial_root=str(partial), fingerprint="f",
+                            mediation_output=str(tmp_path / "resumed.mediation.parquet"),
                             **arguments)
     assert "5 neurons x 3 prompts in 9 units; 4 already done (resuming)" in caplog.text
     assert len(computed) == 9 - 4
@@ -217,6 +221,8 @@ def test_compute_shard_resumes_only_the_missing_units(clean_chunk, tmp_path, mon
     all_units = {f"n{b:03d}_p{p:05d}" for b in range(3) for p in range(3)}
     assert len(recomputed) == 5 and set(recomputed) == all_units - set(saved)
     pd.testing.assert_frame_equal(pd.read_parquet(output), full, rtol=0, atol=1e-6)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "resumed.mediation.parquet"),
+                                  full_mediation, rtol=0, atol=1e-6)
     assert not partial.exists()
 
 
