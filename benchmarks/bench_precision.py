@@ -53,7 +53,7 @@ def effects_in(model: LlamaFamily, prompts, targets, neurons, settings) -> pd.Da
     frames = []
     for prepared, target in zip(prompts, targets):
         clean = run_clean(model, prepared.input_ids, prepared.prompt_id)
-        frames.append(compute_effects(model, clean, block, settings, target)
+        frames.append(compute_effects(model, clean, block, settings, target).per_prompt
                       .assign(prompt_id=prepared.prompt_id))
     return pd.concat(frames, ignore_index=True)
 

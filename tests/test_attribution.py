@@ -175,7 +175,7 @@ def test_estimates_agree_with_exact_totals_on_smollm2(smollm2, treatment, thresh
         ids = tokenizer(prompt)["input_ids"]
         target_id = tokenizer(target, add_special_tokens=False)["input_ids"][0]
         clean = run_clean(model, ids, f"p{index}")
-        exact = compute_effects(model, clean, block, settings, target_id, None, None)
+        exact = compute_effects(model, clean, block, settings, target_id, None, None).per_prompt
         projections, _ = attribution.neuron_gradients(model, ids, target_id)
         estimates = attribution.first_order_estimates(projections, clean.activations, treatment)
         frames.append(exact.assign(prompt_id=f"p{index}", total_atp=estimates.numpy()[

@@ -142,7 +142,7 @@ def _run_table(model: LlamaFamily, tokenizer, per_layer: int, seed: int):
     clean = run_clean(model, prepared.input_ids, "p")
     block = neuron_block(model, random_neurons(model, per_layer, seed), True)
     frame = compute_effects(model, clean, block, EffectSettings(), prepared.target_id,
-                            prepared.distractor_id)
+                            prepared.distractor_id).per_prompt
     return frame.assign(prompt_id="p", target_id=prepared.target_id,
                         distractor_id=prepared.distractor_id), clean, prepared
 
