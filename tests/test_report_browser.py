@@ -137,7 +137,8 @@ def test_neuron_table_search_sort_and_per_prompt_values(browser, tiny_workflow):
     page, errors = _open(browser, tiny_workflow[0] / "results/report/report.html")
     headers = page.locator("#neuron-table th").all_inner_texts()
     assert headers == ["neuron", "layer", "class", "class (frozen norm)", "mean direct ratio",
-                       "consistency", "sign alignment", "mean total"]
+                       "consistency", "sign alignment", "mean total", "top mediator",
+                       "indirect share via attention", "AtP Spearman"]
     assert page.locator(ROWS).count() == 18  # every neuron
     page.fill("#neuron-search", "L3/N10")
     assert page.locator(ROWS).count() == 1 and _cells(page)[0] == "L3/N10"
@@ -155,11 +156,14 @@ def test_neuron_table_search_sort_and_per_prompt_values(browser, tiny_workflow):
     page.fill("#neuron-search", "L3/N10")
     page.locator(ROWS).first.click()
     detail = page.locator("#neuron-table tr.neuron-detail")
-    assert detail.locator("svg circle").count() == 3 * 6  # direct, indirect, total x 6 prompts
+    # direct, indirect, total and the AtP estimate of the total x 6 prompts
+    assert detail.locator("svg circle").count() == 4 * 6
     values = detail.locator("tbody tr")
     assert values.count() == 6
-    assert detail.locator("th").all_inner_texts() == ["prompt", "direct", "indirect", "total"]
-    direct, indirect, total = (float(v) for v in values.first.locator("td").all_inner_texts()[1:])
+    assert detail.locator("th").all_inner_texts() == ["prompt", "direct", "indirect", "total",
+                                                      "total_atp"]
+    cells = values.first.locator("td").all_inner_texts()
+    direct, indirect, total = (float(v) for v in cells[1:4])
     assert abs(direct + indirect - total) <= 1e-3 * max(abs(total), abs(direct), 1e-6)
     page.locator(ROWS).first.click()  # closes again
     assert page.locator("#neuron-table tr.neuron-detail").count() == 0

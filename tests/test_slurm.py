@@ -201,7 +201,7 @@ def slurm_run(slurm_cluster, test_profile, tiny_model_dir, tmp_path_factory):
     output = run_slurm(workdir, test_profile).stdout
     name = run_id(output)
     return {"workdir": workdir, "output": output, "run_id": name,
-            "jobs": sacct_jobs(name, expected=N_SHARDS + 5)}
+            "jobs": sacct_jobs(name, expected=N_SHARDS + 8)}
 
 
 def test_effect_shards_are_one_gpu_slurm_jobs(slurm_run):
@@ -215,14 +215,16 @@ def test_effect_shards_are_one_gpu_slurm_jobs(slurm_run):
         f"L{a:02d}-{a + 1:02d}_c{c:03d}" for a in (0, 2, 4) for c in (0, 1)}
     assert len(by_rule["compute_effects"]) == N_SHARDS
     assert len(by_rule["cache_clean_runs"]) == 2 and len(by_rule["validate_sample"]) == 1
-    for rule in ("compute_effects", "cache_clean_runs", "validate_sample"):
+    assert len(by_rule["estimate_attribution"]) == 2  # one gradient job per prompt chunk
+    for rule in ("compute_effects", "cache_clean_runs", "validate_sample", "estimate_attribution"):
         for row in by_rule[rule]:
             tres = set(row["tres"].split(","))
             assert {"gres/gpu=1", "gres/gpu:h200=1", "cpu=1", "node=1"} <= tres, row
-    for rule in ("extract_activations", "aggregate_effects"):
+    for rule in ("extract_activations", "aggregate_effects", "summarize_attribution"):
         assert len(by_rule[rule]) == 1 and "gres/gpu" not in by_rule[rule][0]["tres"]
     assert set(by_rule) == {"compute_effects", "cache_clean_runs", "validate_sample",
-                            "extract_activations", "aggregate_effects"}
+                            "extract_activations", "aggregate_effects", "estimate_attribution",
+                            "summarize_attribution"}
     assert all(row["state"] == "COMPLETED" for row in jobs), jobs
     # the sbatch request itself (slurmctld keeps finished jobs for MinJobAge = 300 s): one h200,
     # --cpus-per-gpu, --requeue (preemption), the partition and account given
@@ -278,11 +280,13 @@ def test_edit_reruns_only_the_affected_shards(slurm_run, test_profile, tmp_path)
     assert dry.count("reason: Params have changed since last execution") == 2
     output = run_slurm(workdir, test_profile).stdout
     assert jobs_of(output, "compute_effects") == {"L02-03_c000", "L02-03_c001"}
-    jobs = sacct_jobs(run_id(output), expected=4)
+    jobs = sacct_jobs(run_id(output), expected=5)
     submitted = sorted(rule_of(row) for row in jobs)
-    # the two shards of layer block L02-03, then the aggregation and validation that read them
+    # the two shards of layer block L02-03, then the aggregation, the AtP comparison and the
+    # validation that read them (the gradients themselves do not depend on the neuron list)
     assert submitted == [("aggregate_effects", ""), ("compute_effects", "L02-03_c000"),
-                         ("compute_effects", "L02-03_c001"), ("validate_sample", "")], submitted
+                         ("compute_effects", "L02-03_c001"), ("summarize_attribution", ""),
+                         ("validate_sample", "")], submitted
     after = pd.read_parquet(workdir / RESULT_TABLES[0])
     assert len(after) == len(before) and not after.duplicated(["prompt_id", "neuron_id"]).any()
     assert "L3/N60" in set(after["neuron_id"]) and "L3/N10" not in set(after["neuron_id"])
@@ -319,9 +323,9 @@ class _SlowUnits(importlib.abc.MetaPathFinder):
             load(module)
             save = module.ShardProgress.save
 
-            def slow_save(progress, unit, frame):
+            def slow_save(progress, unit, frame, tables=None):
                 time.sleep(_DELAY)
-                save(progress, unit, frame)
+                save(progress, unit, frame, tables)
 
             module.ShardProgress.save = slow_save
 
