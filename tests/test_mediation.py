@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +14,7 @@ from engine_checks import random_neurons
 from neuron_effects.clean import run_clean
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.inputs import Neuron
-from neuron_effects.model import LlamaFamily
+from neuron_effects.model import LlamaFamily, cast_parameters
 from neuron_effects.reference import reference_mediation
 
 PROMPT = [5, 17, 2, 99, 43, 8, 61, 30, 12, 77, 3]
@@ -103,6 +105,19 @@ def test_split_matches_reference(architecture, positions, treatment):
     size = worst.pop("size")
     assert max(worst.values()) <= TOLERANCE, worst
     assert size > 1e-2  # the contributions dwarf the tolerance
+
+
+def test_split_of_a_float64_model_is_computed_in_float64():
+    """A float64 model (the validation's reference dtype, or a user's choice) reads out in
+    float64: the split runs in that dtype and agrees with the reference far below float32's
+    rounding."""
+    model = LlamaFamily(cast_parameters(copy.deepcopy(tiny_model().causal_lm), torch.float64))
+    settings = EffectSettings(batch_rows=5, mediator_top_k=4)
+    worst = check_against_reference(model, PROMPT, random_neurons(model, 2, seed=3), settings,
+                                     7, 11)
+    size = worst.pop("size")
+    assert max(worst.values()) <= 1e-6, worst
+    assert size > 1e-2
 
 
 def test_last_layer_neuron_has_only_the_norm_row():

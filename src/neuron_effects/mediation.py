@@ -40,7 +40,8 @@ MEDIATOR_COLUMNS = ("neuron_id", "kind", "rank", "layer", "index", "contribution
 
 @dataclass
 class MediationReadout:
-    """Per-prompt readout directions and their images in every layer's weights (float32).
+    """Per-prompt readout directions and their images in every layer's weights, in the readout
+    dtype (float32, float64 for a float64 model); the split is computed in that dtype.
 
     ``directions`` [D, hidden]: u for the target (row 0) and, with a distractor, for the logit
     difference (row 1); ``heads[l]`` = W_O(l)ᵀ u [D, heads * head_dim]; ``neurons[l]`` =
@@ -54,7 +55,7 @@ class MediationReadout:
 
     def norm_term(self, final_hidden: torch.Tensor) -> torch.Tensor:
         """``u · h' (1/r' − 1/r)`` for treated final hidden states h' [B, hidden] -> [D, B]."""
-        hidden = final_hidden.float()
+        hidden = final_hidden.to(self.directions.dtype)
         inverse = torch.rsqrt(hidden.pow(2).mean(dim=-1) + self.eps)
         return (self.directions @ hidden.T) * (inverse - self.inverse_rms)
 
@@ -70,10 +71,11 @@ def mediation_readout(
     if distractor_id is not None:
         rows.append(unembedding[target_id] - unembedding[distractor_id])
     directions = torch.stack(rows) * norm_weight
-    hidden = clean_final_hidden.float()
+    dtype = directions.dtype
+    hidden = clean_final_hidden.to(dtype)
     inverse_rms = float(torch.rsqrt(hidden.pow(2).mean() + eps))
-    heads = [directions @ block.self_attn.o_proj.weight.float() for block in model.layers]
-    neurons = [directions @ block.mlp.down_proj.weight.float() for block in model.layers]
+    heads = [directions @ block.self_attn.o_proj.weight.to(dtype) for block in model.layers]
+    neurons = [directions @ block.mlp.down_proj.weight.to(dtype) for block in model.layers]
     return MediationReadout(directions, heads, neurons, inverse_rms, eps)
 
 
@@ -87,8 +89,8 @@ class TopK:
     indices: torch.Tensor
 
     @classmethod
-    def empty(cls, rows: int, k: int, device: torch.device) -> "TopK":
-        return cls(torch.zeros(rows, k, device=device),
+    def empty(cls, rows: int, k: int, device: torch.device, dtype: torch.dtype) -> "TopK":
+        return cls(torch.zeros(rows, k, device=device, dtype=dtype),
                    torch.full((rows, k), -1, dtype=torch.long, device=device),
                    torch.full((rows, k), -1, dtype=torch.long, device=device))
 
@@ -134,14 +136,15 @@ class MediationCollector:
 
     def __init__(self, readout: MediationReadout, baselines: torch.Tensor, n_layers: int,
                  n_heads: int, top_k: int):
-        rows, device = len(baselines), baselines.device
+        rows, device, dtype = len(baselines), baselines.device, readout.directions.dtype
         self.readout = readout
         self.baselines = baselines
         self.n_heads = n_heads
-        self.attn = torch.zeros(len(readout.directions), rows, n_layers, device=device)
+        self.attn = torch.zeros(len(readout.directions), rows, n_layers, device=device,
+                                dtype=dtype)
         self.mlp = torch.zeros_like(self.attn)
-        self.neurons = TopK.empty(rows, top_k, device)
-        self.heads = TopK.empty(rows, top_k, device)
+        self.neurons = TopK.empty(rows, top_k, device, dtype)
+        self.heads = TopK.empty(rows, top_k, device, dtype)
 
     def __call__(self, layer: int, active: int, attention_output: torch.Tensor,
                  attention_input: torch.Tensor, activations: torch.Tensor,
@@ -149,14 +152,15 @@ class MediationCollector:
         base = self.baselines[:active]
         scale = self.readout.inverse_rms
         directions = self.readout.directions
-        delta_attention = attention_output.float() - attention_output[base].float()
-        delta_mlp = mlp_output.float() - mlp_output[base].float()
+        dtype = directions.dtype
+        delta_attention = attention_output.to(dtype) - attention_output[base].to(dtype)
+        delta_mlp = mlp_output.to(dtype) - mlp_output[base].to(dtype)
         self.attn[:, :active, layer] = (directions @ delta_attention.T) * scale
         self.mlp[:, :active, layer] = (directions @ delta_mlp.T) * scale
-        delta_z = attention_input.float() - attention_input[base].float()
+        delta_z = attention_input.to(dtype) - attention_input[base].to(dtype)
         per_head = (delta_z * self.readout.heads[layer][0]).view(active, self.n_heads, -1)
         self.heads.merge(active, layer, per_head.sum(dim=-1) * scale)
-        delta_act = activations.float() - activations[base].float()
+        delta_act = activations.to(dtype) - activations[base].to(dtype)
         delta_act.mul_(self.readout.neurons[layer][0] * scale)  # [active, intermediate]
         self.neurons.merge(active, layer, delta_act)
 
