@@ -54,13 +54,9 @@ def _replace_output(output, hidden: torch.Tensor):
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-@torch.inference_mode()
-def treated_logits(
-    model: LlamaFamily, input_ids: torch.Tensor, layer: int, vector: torch.Tensor
-) -> torch.Tensor:
-    """Last-position logits [vocab] of one full forward in which a forward hook adds ``vector``
-    to the output of decoder layer ``layer``: a [hidden] vector at the last position, or a
-    [T, hidden] one at every position."""
+def _adding_hook(vector: torch.Tensor):
+    """A decoder-layer forward hook that adds ``vector`` to the layer's output: a [hidden]
+    vector at the last position, or a [T, hidden] one at every position."""
 
     def treat(module, args, output):
         hidden = (output[0] if isinstance(output, tuple) else output).clone()
@@ -70,7 +66,18 @@ def treated_logits(
             hidden[0] = add_to_residual(hidden[0], vector.to(hidden.device))
         return _replace_output(output, hidden)
 
-    handle = model.layers[layer].register_forward_hook(treat)
+    return treat
+
+
+@torch.inference_mode()
+def treated_logits(
+    model: LlamaFamily, input_ids: torch.Tensor, layer: int, vector: torch.Tensor
+) -> torch.Tensor:
+    """Last-position logits [vocab] of one full forward in which a forward hook adds ``vector``
+    to the output of decoder layer ``layer``: a [hidden] vector at the last position, or a
+    [T, hidden] one at every position."""
+
+    handle = model.layers[layer].register_forward_hook(_adding_hook(vector))
     try:
         return _logits(model, input_ids)
     finally:
@@ -149,15 +156,7 @@ def _captured_components(model: LlamaFamily, input_ids: torch.Tensor, layer: int
     handles.append(model.final_norm.register_forward_pre_hook(
         lambda module, args: final.append(args[0][0, -1].float())))
     if layer is not None:
-        def treat(module, args, output):
-            hidden = (output[0] if isinstance(output, tuple) else output).clone()
-            if vector.dim() == 1:
-                hidden[:, -1] = add_to_residual(hidden[:, -1], vector.to(hidden.device))
-            else:
-                hidden[0] = add_to_residual(hidden[0], vector.to(hidden.device))
-            return _replace_output(output, hidden)
-
-        handles.append(model.layers[layer].register_forward_hook(treat))
+        handles.append(model.layers[layer].register_forward_hook(_adding_hook(vector)))
     try:
         model.causal_lm(input_ids=input_ids.reshape(1, -1).to(model.device), logits_to_keep=1)
     finally:

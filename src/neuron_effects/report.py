@@ -109,20 +109,30 @@ def _ratio_distributions(per_prompt: pd.DataFrame) -> str:
     return _figure_uri(figure)
 
 
-def _scatter(per_prompt: pd.DataFrame) -> str:
+def _layer_scatter(per_prompt: pd.DataFrame, x: str, y: str, *, diagonal: float, line: str,
+                   xlabel: str, ylabel: str, legend: str) -> str:
+    """Per-prompt points ``y`` against ``x`` coloured by layer, symlog axes, with the line
+    y = ``diagonal`` · x."""
     figure, axis = plt.subplots(figsize=(6.5, 5.2))
-    points = axis.scatter(per_prompt["direct"], per_prompt["indirect"], c=per_prompt["layer"],
+    points = axis.scatter(per_prompt[x], per_prompt[y], c=per_prompt["layer"],
                           cmap="viridis", s=6, alpha=0.6, linewidths=0)
-    limit = float(np.nanmax(np.abs(per_prompt[["direct", "indirect"]].to_numpy()))) or 1.0
-    axis.plot([-limit, limit], [limit, -limit], color="#999", lw=0.7, ls=":",
-              label="indirect = −direct (full cancellation)")
+    limit = float(np.nanmax(np.abs(per_prompt[[x, y]].to_numpy()))) or 1.0
+    axis.plot([-limit, limit], [-diagonal * limit, diagonal * limit], color="#999", lw=0.7,
+              ls=":", label=line)
     axis.set_xscale("symlog", linthresh=1e-3)
     axis.set_yscale("symlog", linthresh=1e-3)
-    axis.set_xlabel("direct effect on target logit")
-    axis.set_ylabel("indirect effect on target logit")
-    axis.legend(fontsize=8, loc="lower left")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.legend(fontsize=8, loc=legend)
     figure.colorbar(points, ax=axis, label="layer")
     return _figure_uri(figure)
+
+
+def _scatter(per_prompt: pd.DataFrame) -> str:
+    return _layer_scatter(per_prompt, "direct", "indirect", diagonal=-1.0,
+                          line="indirect = −direct (full cancellation)",
+                          xlabel="direct effect on target logit",
+                          ylabel="indirect effect on target logit", legend="lower left")
 
 
 def _alignment(layers: pd.DataFrame) -> str:
@@ -278,19 +288,9 @@ def indirect_routes_section(neurons: pd.DataFrame, flow: pd.DataFrame, top_n: in
 
 
 def _atp_scatter(per_prompt: pd.DataFrame) -> str:
-    figure, axis = plt.subplots(figsize=(6.5, 5.2))
-    points = axis.scatter(per_prompt["total"], per_prompt["total_atp"], c=per_prompt["layer"],
-                          cmap="viridis", s=6, alpha=0.6, linewidths=0)
-    limit = float(np.nanmax(np.abs(per_prompt[["total", "total_atp"]].to_numpy()))) or 1.0
-    axis.plot([-limit, limit], [-limit, limit], color="#999", lw=0.7, ls=":",
-              label="estimate = exact")
-    axis.set_xscale("symlog", linthresh=1e-3)
-    axis.set_yscale("symlog", linthresh=1e-3)
-    axis.set_xlabel("exact total effect on target logit")
-    axis.set_ylabel("first-order estimate (total_atp)")
-    axis.legend(fontsize=8, loc="upper left")
-    figure.colorbar(points, ax=axis, label="layer")
-    return _figure_uri(figure)
+    return _layer_scatter(per_prompt, "total", "total_atp", diagonal=1.0, line="estimate = exact",
+                          xlabel="exact total effect on target logit",
+                          ylabel="first-order estimate (total_atp)", legend="upper left")
 
 
 def _atp_by_layer(layers: pd.DataFrame) -> str:
