@@ -1,5 +1,6 @@
 """Direct vs indirect effects of single MLP neurons on next-token logits.
 
+model -> prepared model (once), read by every model job
 prompts + neurons -> prepared inputs -> clean runs (per prompt chunk) -> activations
                                       -> effect shards (layer block x prompt chunk)
                                       -> attribution-patching estimates (per prompt chunk)
@@ -18,6 +19,7 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/model.smk"
 include: "workflow/rules/inputs.smk"
 include: "workflow/rules/clean.smk"
 include: "workflow/rules/effects.smk"

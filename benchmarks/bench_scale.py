@@ -27,6 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from neuron_effects.clean import run_clean
+from neuron_effects.cost import ModelShape
 from neuron_effects.effects import EffectSettings, auto_batch_rows, compute_effects, neuron_block
 from neuron_effects.inputs import Neuron
 from neuron_effects.model import DTYPES, LlamaFamily, precision_flags, set_precision_flags
@@ -48,20 +49,11 @@ H200_BF16_PEAK = 790e12  # dense bf16 FLOP/s measured on such a machine (issue 5
 H200_FP32_PEAK = 67e12  # dense float32 FLOP/s without TF32 (H100 SXM and H200 alike)
 
 
-def layer_flops(config: LlamaConfig, n_tokens: int) -> float:
-    """FLOPs of one decoder layer for one query token attending to ``n_tokens`` positions."""
-    d, heads, kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
-    head_dim = d // heads
-    projections = d * heads * head_dim * 2 + 2 * d * kv * head_dim
-    mlp = 3 * d * config.intermediate_size
-    attention = 2 * heads * head_dim * n_tokens
-    return 2.0 * (projections + mlp + attention)
-
-
 def row_flops(config: LlamaConfig, start_layer: int, n_tokens: int, full_vocab: bool) -> float:
-    """Per treated row: the replay of layers start+1.. plus the total's unembedding."""
-    replay = (config.num_hidden_layers - 1 - start_layer) * layer_flops(config, n_tokens)
-    return replay + (2.0 * config.hidden_size * config.vocab_size if full_vocab else 0.0)
+    """Per treated row: the replay of layers start+1.. plus the total's unembedding, counted
+    without the mediation split (as the achieved TFLOP/s of BENCHMARKS.md section 0 were)."""
+    return ModelShape.from_config(config).row_flops(start_layer, n_tokens, full_vocab,
+                                                    mediators=False)
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -66,8 +66,21 @@ def demo_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2(demo_model_path):
-    spec = ModelSpec(str(demo_model_path), dtype="float32", device="cpu")
+def prepared_demo_model(demo_model_path) -> Path:
+    """The demo GGUF prepared as the workflow prepares it (a safetensors folder), once."""
+    from neuron_effects.prepare import prepare_model, prepared_location
+
+    prepared = prepared_location(str(demo_model_path), root=CACHE / "prepared",
+                                 cache_dir=CACHE / "digests")
+    if not Path(prepared.manifest).exists():
+        prepare_model(prepared)
+    return Path(prepared.folder)
+
+
+@pytest.fixture(scope="session")
+def smollm2(prepared_demo_model):
+    """SmolLM2-135M-Instruct from its prepared folder (equal to the GGUF: test_prepare.py)."""
+    spec = ModelSpec(str(prepared_demo_model), dtype="float32", device="cpu")
     return load_model(spec), load_tokenizer(spec)
 
 

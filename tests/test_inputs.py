@@ -530,7 +530,12 @@ def _default_config() -> dict:
     ({"metrics": {"full_vocab": True, "top_k": 10, "ratio_noise_floor": 0, "topk": 3}},
      r"Additional properties are not allowed \('topk' was unexpected\)"),
     ({"device": "gpu"}, r"'gpu' does not match"),
-    ({"sharding": {"layers_per_shard": 0, "prompts_per_chunk": 5}}, r"0 is less than the minimum"),
+    ({"sharding": {"layers_per_shard": 0, "prompts_per_chunk": 5}},
+     r"0 is not valid under any of the given schemas"),  # neither auto nor >= 1
+    ({"sharding": {"layers_per_shard": "aut"}}, r"'aut' is not valid under any of the given"),
+    ({"sharding": {"max_fixed_share": 1.5}}, r"1.5 is greater than the maximum of 1"),
+    ({"sharding": {"rates": {"flops_per_second": 1e9}}},
+     r"Additional properties are not allowed \('flops_per_second' was unexpected\)"),
 ])
 def test_config_schema_rejects_unknown_treatment_or_option(change, message):
     from snakemake.exceptions import WorkflowError

@@ -116,3 +116,176 @@ def test_editing_a_neuron_changes_only_its_blocks_shards():
 def test_sizes_below_one_are_refused(layers_per_shard, prompts_per_chunk):
     with pytest.raises(InputError, match="must be >= 1, got 0"):
         make_plan(neurons([0]), prompts(3), layers_per_shard, prompts_per_chunk)
+
+
+# --- sizing from the cost model (sharding: auto) --------------------------------------------
+
+from itertools import combinations  # noqa: E402
+
+from conftest import LLAMA_8B_CONFIG  # noqa: E402
+
+from neuron_effects.cost import DEVICES, ModelShape, device_rates  # noqa: E402
+from neuron_effects.plan import (Workload, auto_layout, balanced_blocks, estimate,  # noqa: E402
+                                 resolve_layout, shard_seconds)
+
+LLAMA_8B = ModelShape.from_config(LLAMA_8B_CONFIG)
+SMOLLM2 = ModelShape(n_layers=30, hidden=576, intermediate=1536, vocab=49152, n_heads=9,
+                     n_kv_heads=3, head_dim=64, tied=True)
+
+
+def test_model_shape_counts_the_parameters_of_llama_3_1_8b():
+    assert LLAMA_8B.n_parameters == 8_030_261_248  # the published count
+    assert LLAMA_8B.bytes_per_parameter == 2 and LLAMA_8B.weight_bytes == 2 * 8_030_261_248
+    assert SMOLLM2.n_parameters == 134_515_008  # SmolLM2-135M (tied)
+
+
+def test_row_flops_follow_the_replayed_layers():
+    """A row of layer l replays n_layers - 1 - l layers; the last layer's row only unembeds."""
+    last = LLAMA_8B.row_flops(31, 128, full_vocab=True, mediators=False)
+    assert last == 2 * 4096 * 128256
+    first = LLAMA_8B.row_flops(0, 128, full_vocab=False, mediators=False)
+    assert first == 31 * LLAMA_8B.layer_flops(128)
+    assert LLAMA_8B.row_flops(0, 128, mediators=True) > LLAMA_8B.row_flops(0, 128, mediators=False)
+    assert LLAMA_8B.row_flops(5, 20, positions="all", full_vocab=False, mediators=False) == \
+        20 * LLAMA_8B.row_flops(5, 20, full_vocab=False, mediators=False)
+
+
+def brute_force_blocks(costs, n_blocks):
+    best = None
+    for cuts in combinations(range(1, len(costs)), n_blocks - 1):
+        starts = [0, *cuts]
+        worst = max(sum(costs[a:b]) for a, b in zip(starts, [*cuts, len(costs)]))
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_balanced_blocks_minimise_the_largest_block(seed):
+    rng = random.Random(seed)
+    costs = [rng.uniform(0.1, 10) for _ in range(9)]
+    for n_blocks in range(1, 6):
+        starts = balanced_blocks(costs, n_blocks)
+        assert starts[0] == 0 and starts == sorted(set(starts)) and len(starts) == n_blocks
+        worst = max(sum(costs[a:b]) for a, b in zip(starts, [*starts[1:], len(costs)]))
+        assert worst == pytest.approx(brute_force_blocks(costs, n_blocks))
+
+
+def user_job(n_neurons=8177, n_prompts=100, n_tokens=150, seed=0):
+    """The user's job: neurons spread over Llama-3.1-8B's 32 layers, ~150-token chat prompts."""
+    rng = random.Random(seed)
+    picks = set()
+    while len(picks) < n_neurons:
+        picks.add((rng.randrange(32), rng.randrange(14336)))
+    records = prompts(n_prompts)
+    return ([Neuron(f"L{layer}/N{n}", layer, n) for layer, n in sorted(picks)], records,
+            {record.prompt_id: n_tokens for record in records})
+
+
+def test_real_config_plans_few_jobs_with_little_fixed_cost():
+    """8,177 neurons x 100 prompts on H200s with the Slurm profile's 32 jobs: at most 12 model
+    jobs, fixed cost at most 30 % of the estimated GPU time, every shard worth 3 fixed costs;
+    the old fixed sizes (4 layers x 25 prompts) made 41 jobs, three quarters of them loading."""
+    neurons, records, tokens = user_job()
+    rates, work = device_rates("h200"), Workload(validation_pairs=64)
+    blocks, per_chunk = auto_layout(neurons, records, tokens, LLAMA_8B, rates, work, 3, 32, 0.3)
+    plan = make_plan(neurons, records, blocks, per_chunk)
+    cost = estimate(plan, tokens, LLAMA_8B, rates, work)
+    assert cost.jobs <= 12 and cost.fixed_share <= 0.3
+    assert len(plan.shards) >= 2  # parallel where it pays
+    fixed = rates.fixed_s(LLAMA_8B.weight_bytes)
+    for shard in plan.shards:
+        assert shard_seconds(LLAMA_8B, rates, work, shard.neurons,
+                             [tokens[p] for p in shard.chunk.prompt_ids]) >= 3 * fixed
+    assert blocks[0][0] == 0 and blocks[-1][1] == 31
+    assert all(a[1] + 1 == b[0] for a, b in zip(blocks, blocks[1:]))
+    old = estimate(make_plan(neurons, records, 4, 25), tokens, LLAMA_8B, rates, work)
+    assert old.jobs == 41 and old.fixed_share > 0.6
+    assert cost.total_s < old.total_s / 2
+
+
+def test_blocks_are_balanced_by_cost_not_by_layer_count():
+    """Early layers replay more layers per row: with neurons spread evenly, the first block
+    holds fewer layers than the last."""
+    neurons, records, tokens = user_job(n_neurons=3200, n_prompts=40)
+    rates = device_rates("h200", {"startup_s": 0.5, "read_bytes_per_s": 1e12})
+    blocks, _ = auto_layout(neurons, records, tokens, LLAMA_8B, rates, Workload(), 1, 4, 1.0)
+    assert len(blocks) == 4
+    sizes = [last - first + 1 for first, last in blocks]
+    assert sizes[0] < sizes[-1]
+
+    def costs(layer_blocks):
+        plan = make_plan(neurons, records, layer_blocks, 40)
+        return [shard_seconds(LLAMA_8B, rates, Workload(), shard.neurons, [40 * [150]][0])
+                for shard in plan.shards]
+
+    balanced, by_count = costs(blocks), costs(8)  # 8 layers per block: 4 blocks too
+    assert len(by_count) == 4
+    assert max(balanced) < 1.25 * sum(balanced) / 4 < max(by_count)
+
+
+def test_a_local_run_is_one_shard_and_one_chunk():
+    neurons, records, tokens = user_job(n_neurons=420, n_prompts=21, n_tokens=25)
+    blocks, per_chunk = auto_layout(neurons, records, tokens, SMOLLM2.__class__(
+        **{**vars(SMOLLM2), "n_layers": 32}), device_rates("cpu"), Workload(), 3, 1, 0.3)
+    assert blocks == [(0, 31)] and per_chunk == 21
+
+
+def test_shards_are_never_below_the_compute_ratio():
+    """A tiny job on a GPU is not worth splitting: one shard, whatever the job limit."""
+    neurons, records, tokens = user_job(n_neurons=50, n_prompts=3)
+    blocks, per_chunk = auto_layout(neurons, records, tokens, LLAMA_8B, device_rates("h200"),
+                                    Workload(), 3, 32, 1.0)
+    assert len(blocks) == 1 and per_chunk == 3
+
+
+def test_prompt_chunks_come_in_when_layers_run_out():
+    """Neurons of one layer, many prompts, cheap jobs: the work is split by prompts."""
+    neurons = [Neuron(f"L0/N{n}", 0, n) for n in range(2000)]
+    records = prompts(40)
+    tokens = {record.prompt_id: 150 for record in records}
+    rates = device_rates("h200", {"startup_s": 0.5, "read_bytes_per_s": 1e12})
+    blocks, per_chunk = auto_layout(neurons, records, tokens, LLAMA_8B, rates, Workload(), 3, 8,
+                                    1.0)
+    assert len(blocks) == 1 and per_chunk == 5  # 8 chunks of 5 prompts
+
+
+def test_device_rates_take_overrides_and_keep_the_defaults():
+    rates = device_rates("h100", {"read_bytes_per_s": 5e8})
+    assert rates.read_bytes_per_s == 5e8 and rates.flops_per_s == DEVICES["h100"].flops_per_s
+    assert rates.fixed_s(1e9) == DEVICES["h100"].startup_s + 2.0
+
+
+SHARDING = {"layers_per_shard": "auto", "prompts_per_chunk": "auto", "min_compute_ratio": 3,
+            "max_fixed_share": 0.3, "max_parallel_jobs": "auto", "gpu": "h200", "rates": {}}
+
+
+def test_a_cluster_job_reuses_the_layout_of_the_run_that_submitted_it(tmp_path):
+    """The parse inside a cluster job does not know the run's job limit: it reads the layout
+    the submitting run chose; without one it stops with a clear error."""
+    neurons, records, tokens = user_job()
+    args = (neurons, records, tokens, LLAMA_8B, device_rates("h200"), Workload())
+    with pytest.raises(InputError, match="shard layout chosen by the run that submitted"):
+        resolve_layout(SHARDING, *args, parallel_jobs=1, saved=tmp_path, reuse_only=True)
+    chosen = resolve_layout(SHARDING, *args, parallel_jobs=32, saved=tmp_path)
+    assert resolve_layout(SHARDING, *args, parallel_jobs=1, saved=tmp_path,
+                          reuse_only=True) == chosen
+    assert len(chosen[0]) > 1
+    local = resolve_layout(SHARDING, *args, parallel_jobs=1, saved=tmp_path)
+    assert len(local[0]) == 1 and local[1] == 100
+
+
+def test_explicit_sizes_are_kept():
+    neurons, records, tokens = user_job(n_neurons=100, n_prompts=10)
+    sharding = {**SHARDING, "layers_per_shard": 4, "prompts_per_chunk": 25}
+    assert resolve_layout(sharding, neurons, records, tokens, LLAMA_8B, device_rates("h200"),
+                          Workload(), parallel_jobs=32, saved="unused") == (4, 25)
+
+
+def test_the_plan_table_names_every_model_rule_and_the_fixed_share():
+    neurons, records, tokens = user_job(n_neurons=300, n_prompts=10)
+    plan = make_plan(neurons, records, 8, 5)
+    text = estimate(plan, tokens, LLAMA_8B, device_rates("h200"), Workload()).table()
+    for rule in ("cache_clean_runs", "compute_effects", "estimate_attribution",
+                 "validate_sample"):
+        assert rule in text
+    assert "estimated GPU-minutes on h200" in text and "fixed cost" in text

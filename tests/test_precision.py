@@ -177,7 +177,8 @@ def test_float32_run_agrees_with_float64_reference(smollm2):
 
 
 @pytest.mark.slow
-def test_bf16_run_fails_validation_naming_the_dtype(smollm2, demo_model_path, tmp_path, caplog):
+def test_bf16_run_fails_validation_naming_the_dtype(smollm2, prepared_demo_model, tmp_path,
+                                                    caplog):
     """A bf16 run's table (the fast path on SmolLM2 in bf16), checked by the validation step:
     the float32 reference on the same bf16 weights finds it mostly rounding noise."""
     model, tokenizer = smollm2
@@ -187,7 +188,7 @@ def test_bf16_run_fails_validation_naming_the_dtype(smollm2, demo_model_path, tm
     store.write_parquet(per_prompt, table)
     clean_path = tmp_path / "c000.safetensors"
     store.save_clean_runs(clean_path, [clean.to(torch.device("cpu"))], [{"prompt_id": "p"}])
-    spec = ModelSpec(str(demo_model_path), dtype="bfloat16", device="cpu")
+    spec = ModelSpec(str(prepared_demo_model), dtype="bfloat16", device="cpu")
     summary_path = tmp_path / "summary.json"
     with caplog.at_level(logging.INFO, logger="neuron_effects"):
         validate_sample(spec, [str(clean_path)], str(per_prompt), EffectSettings(), 16, 0, None,

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from pandas.api.types import union_categoricals
 import torch
 
 from .clean import CleanRun
@@ -258,12 +259,18 @@ def compute_effects(
     for name in parts[0]:
         if name.startswith("top_k_") and name.endswith("_tokens"):
             frame[name] = [list(map(int, tokens)) for part in parts for tokens in part[name]]
-    return EffectTables(
-        frame,
-        pd.concat(mediation_parts, ignore_index=True) if mediation_parts
-        else pd.DataFrame(columns=list(MEDIATION_COLUMNS)),
-        pd.concat(mediator_parts, ignore_index=True) if mediator_parts
-        else pd.DataFrame(columns=list(MEDIATOR_COLUMNS)))
+    return EffectTables(frame, _concat_batches(mediation_parts, MEDIATION_COLUMNS),
+                        _concat_batches(mediator_parts, MEDIATOR_COLUMNS))
+
+
+def _concat_batches(parts: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+    """The batches' long tables as one, their categorical ``neuron_id`` columns (each batch its
+    own neurons) united into one categorical (in block order) rather than strings."""
+    if not parts:
+        return pd.DataFrame(columns=list(columns))
+    frame = pd.concat(parts, ignore_index=True)
+    frame["neuron_id"] = union_categoricals([part["neuron_id"] for part in parts])
+    return frame
 
 
 def _split_columns(split: BatchMediation | None, chunk: slice,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +29,24 @@ PREPARED_FIELDS = ("prompt_id", "text", "n_tokens", "input_ids", "target_id", "d
 
 @dataclass(frozen=True)
 class CheckedInputs:
-    """Both input files, validated against the model: the neurons, the prompt records, and per
-    prompt the fields of :data:`PREPARED_FIELDS` (in the records' order)."""
+    """Both input files, validated against the model: the neurons, the prompt records, per
+    prompt the fields of :data:`PREPARED_FIELDS` (in the records' order), and the model's
+    dimensions (:class:`~neuron_effects.cost.ModelShape` fields, for the cost model)."""
 
     neurons: list[Neuron]
     records: list[PromptRecord]
     prepared: list[dict[str, Any]]
+    shape: dict[str, Any]
 
 
 def prepare_prompts(
     neurons: list[Neuron], records: list[PromptRecord], neurons_path: str, prompts_path: str,
     model: dict[str, Any], chat_template: bool, system_prompt: str | None,
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Check the neurons against the model config (layer range, intermediate size), tokenize
-    every prompt, resolve its target and distractor in context and check its length."""
+    every prompt, resolve its target and distractor in context and check its length; returns
+    the prepared prompts and the model's dimensions."""
+    from .cost import ModelShape
     from .model import ModelSpec, check_neurons, check_prompt_length, load_config, load_tokenizer
 
     spec = ModelSpec(**model)
@@ -61,7 +65,7 @@ def prepare_prompts(
                      "n_tokens": len(prepared.input_ids), "input_ids": prepared.input_ids,
                      "target_id": prepared.target_id, "distractor_id": prepared.distractor_id,
                      "warnings": prepared.warnings})
-    return rows
+    return rows, asdict(ModelShape.from_config(config))
 
 
 def _file_digest(path: str) -> str:
@@ -90,11 +94,12 @@ def checked_inputs(
                   system_prompt, __version__])
     cached = None if cache_dir is None else Path(cache_dir) / f"{key}.json"
     if cached is not None and cached.exists():
-        return CheckedInputs(neurons, records, json.loads(cached.read_text()))
-    prepared = prepare_prompts(neurons, records, str(neurons_path), str(prompts_path), model,
-                               chat_template, system_prompt)
+        result = json.loads(cached.read_text())
+        return CheckedInputs(neurons, records, result["prepared"], result["shape"])
+    prepared, shape = prepare_prompts(neurons, records, str(neurons_path), str(prompts_path),
+                                      model, chat_template, system_prompt)
     if cached is not None:
         from .store import write_json
 
-        write_json(cached, prepared)
-    return CheckedInputs(neurons, records, prepared)
+        write_json(cached, {"prepared": prepared, "shape": shape})
+    return CheckedInputs(neurons, records, prepared, shape)

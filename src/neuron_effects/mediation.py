@@ -194,7 +194,7 @@ def mediation_rows(neuron_ids: Sequence[str], start_layers: np.ndarray, attn: np
     # per neuron: its layers ascending (attn, then mlp), then its norm row
     order = np.lexsort((components, np.where(layers < 0, n_layers, layers), rows))
     return pd.DataFrame({
-        "neuron_id": np.asarray(neuron_ids, dtype=str)[rows[order]],
+        "neuron_id": _repeated_ids(neuron_ids, rows[order]),
         "layer": layers[order].astype(np.int16),
         "component": np.asarray(MEDIATION_COMPONENTS, dtype=object)[components[order]],
         "contribution": contributions[order].astype(np.float32),
@@ -204,20 +204,27 @@ def mediation_rows(neuron_ids: Sequence[str], start_layers: np.ndarray, attn: np
 def mediator_rows(neuron_ids: Sequence[str], neurons: TopK, heads: TopK) -> pd.DataFrame:
     """The top-k tables of one prompt's rows: per neuron, kind ``neuron`` then ``head``, rank 1 =
     largest |contribution| (slots a row does not fill are dropped)."""
-    frames = []
-    ids = np.asarray(neuron_ids, dtype=str)
-    for kind, top in (("neuron", neurons), ("head", heads)):
-        layers = top.layers.cpu().numpy()
-        rows, ranks = np.nonzero(layers >= 0)
-        frames.append(pd.DataFrame({
-            "neuron_id": ids[rows], "kind": kind, "rank": (ranks + 1).astype(np.int16),
-            "layer": layers[rows, ranks].astype(np.int16),
-            "index": top.indices.cpu().numpy()[rows, ranks].astype(np.int32),
-            "contribution": top.values.cpu().numpy()[rows, ranks].astype(np.float32),
-            "_row": rows,
-        }))
-    frame = pd.concat(frames, ignore_index=True).sort_values("_row", kind="stable")
-    return frame.drop(columns="_row").reset_index(drop=True)
+    tops = (("neuron", neurons), ("head", heads))
+    # a row's slots side by side are in the table's order: neuron ranks, then head ranks
+    layers, indices, values = (np.concatenate([getattr(top, name).cpu().numpy()
+                                               for _, top in tops], axis=1)
+                               for name in ("layers", "indices", "values"))
+    widths = [top.layers.shape[1] for _, top in tops]
+    kinds = np.repeat(np.array([kind for kind, _ in tops]), widths)
+    ranks = np.concatenate([np.arange(1, width + 1) for width in widths])
+    rows, slots = np.nonzero(layers >= 0)
+    return pd.DataFrame({
+        "neuron_id": _repeated_ids(neuron_ids, rows), "kind": kinds[slots],
+        "rank": ranks[slots].astype(np.int16), "layer": layers[rows, slots].astype(np.int16),
+        "index": indices[rows, slots].astype(np.int32),
+        "contribution": values[rows, slots].astype(np.float32),
+    })
+
+
+def _repeated_ids(neuron_ids: Sequence[str], rows: np.ndarray) -> pd.Categorical:
+    """``neuron_ids[rows]`` as a categorical column: the long tables repeat each (unique) id
+    many times, and codes cost far less to build than one string per row."""
+    return pd.Categorical.from_codes(rows, categories=list(neuron_ids))
 
 
 # ---- aggregation over prompts (small tables only; the long table is read in row groups) ----

@@ -186,7 +186,7 @@ def load_model(spec: ModelSpec, compute_dtype: torch.dtype | None = None) -> "Ll
     """
     from transformers import AutoModelForCausalLM
 
-    load_config(spec)
+    config = load_config(spec)
     device = resolve_device(spec.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -195,8 +195,8 @@ def load_model(spec: ModelSpec, compute_dtype: torch.dtype | None = None) -> "Ll
     location, extra = model_location(spec.model)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            location, dtype=compute_dtype or weights_dtype, device_map={"": str(device)},
-            trust_remote_code=spec.trust_remote_code, **extra
+            location, config=config, dtype=compute_dtype or weights_dtype,
+            device_map={"": str(device)}, trust_remote_code=spec.trust_remote_code, **extra
         )
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load the model {spec.model}: {error}") from error

@@ -1,17 +1,23 @@
-"""The shard plan, computed when the workflow is parsed (no torch, no model).
+"""The shard plan, computed when the workflow is parsed (no torch, no model), and its cost.
 
 Prompts are cut into consecutive chunks of ``prompts_per_chunk`` (appending prompts only touches
-the last chunk); layers into blocks of ``layers_per_shard``. A shard is (layer block x prompt
-chunk) for every block holding at least one listed neuron. Each shard's parameters hold only its
-own neurons and prompt ids, so Snakemake's params trigger reruns exactly the shards whose neurons
-or prompts changed.
+the last chunk); layers into blocks, of ``layers_per_shard`` layers or sized from the cost model
+(:func:`auto_layout`, ``sharding: auto``). A shard is (layer block x prompt chunk) for every
+block holding at least one listed neuron. Each shard's parameters hold only its own neurons and
+prompt ids, so Snakemake's params trigger reruns exactly the shards whose neurons or prompts
+changed. :func:`estimate` gives each model rule's jobs and estimated compute and fixed seconds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from bisect import bisect_right
+from collections import Counter
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
+from .cost import ATTRIBUTION_FACTOR, DeviceRates, ModelShape
 from .inputs import InputError, Neuron, PromptRecord, chunk, digest, prompt_fields
 
 
@@ -69,17 +75,253 @@ def block_name(layer: int, layers_per_shard: int) -> str:
 
 
 def make_plan(
-    neurons: Sequence[Neuron], prompts: Sequence[PromptRecord], layers_per_shard: int,
-    prompts_per_chunk: int,
+    neurons: Sequence[Neuron], prompts: Sequence[PromptRecord],
+    layer_blocks: int | Sequence[tuple[int, int]], prompts_per_chunk: int,
 ) -> ShardPlan:
-    """All prompt chunks and all non-empty shards, in a stable order."""
-    if layers_per_shard < 1:
-        raise InputError(f"layers_per_shard must be >= 1, got {layers_per_shard}")
+    """All prompt chunks and all non-empty shards, in a stable order. ``layer_blocks``: blocks
+    of that many layers, or the ``(first, last)`` layer ranges of the blocks (consecutive,
+    covering every neuron's layer; :func:`auto_layout` chooses them)."""
     chunks = tuple(PromptChunk(f"c{index:03d}", tuple(records))
                    for index, records in enumerate(chunk(list(prompts), prompts_per_chunk)))
+    if isinstance(layer_blocks, int):
+        if layer_blocks < 1:
+            raise InputError(f"layers_per_shard must be >= 1, got {layer_blocks}")
+        size = layer_blocks
+        name_of = lambda layer: block_name(layer, size)  # noqa: E731
+    else:
+        firsts = [first for first, _ in layer_blocks]
+        names = [f"L{first:02d}-{last:02d}" for first, last in layer_blocks]
+        name_of = lambda layer: names[bisect_right(firsts, layer) - 1]  # noqa: E731
     blocks: dict[str, list[Neuron]] = {}
     for neuron in sorted(neurons, key=lambda item: (item.layer, item.neuron)):
-        blocks.setdefault(block_name(neuron.layer, layers_per_shard), []).append(neuron)
+        blocks.setdefault(name_of(neuron.layer), []).append(neuron)
     shards = tuple(Shard(block, prompt_chunk, tuple(members))
                    for block, members in blocks.items() for prompt_chunk in chunks)
     return ShardPlan(chunks, shards)
+
+
+# --- sizing from the cost model -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Workload:
+    """What the model jobs will compute: the settings that change their cost."""
+
+    full_vocab: bool = True
+    mediators: bool = True
+    positions: str = "last"
+    attribution: bool = True
+    validation_pairs: int = 32
+    neurons_per_block: int = 2048
+
+
+@dataclass(frozen=True)
+class RuleEstimate:
+    """One rule's model jobs: how many, and their estimated compute and fixed seconds in all."""
+
+    rule: str
+    jobs: int
+    compute_s: float
+    fixed_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.fixed_s
+
+
+@dataclass(frozen=True)
+class PlanEstimate:
+    """The estimate of every model job of a plan on one device."""
+
+    device: str
+    rules: tuple[RuleEstimate, ...]
+
+    @property
+    def jobs(self) -> int:
+        return sum(rule.jobs for rule in self.rules)
+
+    @property
+    def total_s(self) -> float:
+        return sum(rule.total_s for rule in self.rules)
+
+    @property
+    def fixed_share(self) -> float:
+        return sum(rule.fixed_s for rule in self.rules) / max(self.total_s, 1e-9)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able: the report's params."""
+        return {"device": self.device, "fixed_share": self.fixed_share,
+                "rules": [{"rule": r.rule, "jobs": r.jobs, "compute_s": r.compute_s,
+                           "fixed_s": r.fixed_s} for r in self.rules]}
+
+    def table(self) -> str:
+        """The plan as a short text table (printed when the workflow is parsed)."""
+        unit = "CPU" if self.device == "cpu" else "GPU"
+        lines = [f"{'rule':<22}{'jobs':>5}{'compute':>11}{'fixed':>11}{'total':>11}"]
+        for rule in self.rules:
+            lines.append(f"{rule.rule:<22}{rule.jobs:>5}{_duration(rule.compute_s):>11}"
+                         f"{_duration(rule.fixed_s):>11}{_duration(rule.total_s):>11}")
+        lines.append(f"{'model jobs':<22}{self.jobs:>5}{'':>22}{_duration(self.total_s):>11}")
+        lines.append(f"estimated {unit}-minutes on {self.device}: {self.total_s / 60:.1f}, of "
+                     f"which fixed cost (start-up and model loading) {100 * self.fixed_share:.0f} %")
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f} s" if seconds < 600 else f"{seconds / 60:.1f} min"
+
+
+def _row_seconds(shape: ModelShape, rates: DeviceRates, work: Workload, layer: int,
+                 n_tokens: int) -> float:
+    """One treated row: its FLOPs at the device's rate plus its share of the host work."""
+    flops = shape.row_flops(layer, n_tokens, work.full_vocab, work.mediators, work.positions)
+    return flops / rates.flops_per_s + rates.row_host_s
+
+
+def shard_seconds(shape: ModelShape, rates: DeviceRates, work: Workload,
+                  neurons: Sequence[Neuron], tokens: Sequence[int]) -> float:
+    """The estimated compute of a shard: its rows, its units' host work (a unit is a block of
+    ``neurons_per_block`` neurons x one prompt) and the neurons' unembedded directions (one
+    ``[hidden] x [hidden, vocab]`` product per neuron and block)."""
+    if not neurons:
+        return 0.0
+    per_layer = Counter(neuron.layer for neuron in neurons)
+    rows = sum(count * _row_seconds(shape, rates, work, layer, n_tokens)
+               for layer, count in per_layer.items() for n_tokens in tokens)
+    units = -(-len(neurons) // work.neurons_per_block) * len(tokens)
+    directions = len(neurons) * shape.unembed_flops() / rates.flops_per_s if work.full_vocab else 0
+    return rows + units * rates.unit_host_s + directions
+
+
+def estimate(plan: ShardPlan, tokens: Mapping[str, int], shape: ModelShape, rates: DeviceRates,
+             work: Workload) -> PlanEstimate:
+    """Per model rule: jobs, estimated compute and fixed seconds (``tokens``: each prompt's
+    token count by prompt id)."""
+    fixed = rates.fixed_s(shape.weight_bytes)
+    forwards = sum(shape.forward_flops(n) for n in tokens.values()) / rates.flops_per_s
+    n_chunks = len(plan.chunks)
+    shards = sum(shard_seconds(shape, rates, work, shard.neurons,
+                               [tokens[p] for p in shard.chunk.prompt_ids])
+                 for shard in plan.shards)
+    mean_forward = forwards / max(len(tokens), 1)
+    rules = [RuleEstimate("cache_clean_runs", n_chunks, forwards, n_chunks * fixed),
+             RuleEstimate("compute_effects", len(plan.shards), shards, len(plan.shards) * fixed)]
+    if work.attribution:
+        rules.append(RuleEstimate("estimate_attribution", n_chunks, ATTRIBUTION_FACTOR * forwards,
+                                  n_chunks * fixed))
+    # the float64 reference: per sampled pair one hooked forward, per prompt one clean forward
+    pairs = min(work.validation_pairs, sum(len(s.neurons) * len(s.chunk.records)
+                                           for s in plan.shards))
+    reference = (pairs + min(pairs, len(tokens))) * mean_forward * rates.float64_factor
+    rules.append(RuleEstimate("validate_sample", 1, reference, fixed))
+    return PlanEstimate(rates.name, tuple(rules))
+
+
+def balanced_blocks(costs: Sequence[float], n_blocks: int) -> list[int]:
+    """Split the sequence ``costs`` into ``n_blocks`` consecutive non-empty groups with the
+    smallest largest group sum; returns the index where each group starts (exact, by dynamic
+    programming over the split points)."""
+    n = len(costs)
+    n_blocks = max(1, min(n_blocks, n))
+    prefix = [0.0]
+    for cost in costs:
+        prefix.append(prefix[-1] + cost)
+    # best[k][i]: the smallest largest sum splitting costs[:i] into k groups; cut: its last start
+    best = [[float("inf")] * (n + 1) for _ in range(n_blocks + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_blocks + 1)]
+    best[0][0] = 0.0
+    for k in range(1, n_blocks + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    starts, i = [], n
+    for k in range(n_blocks, 0, -1):
+        i = cut[k][i]
+        starts.append(i)
+    return starts[::-1]
+
+
+def _layer_blocks(layers: Sequence[int], costs: Sequence[float], n_blocks: int,
+                  n_layers: int) -> list[tuple[int, int]]:
+    """``n_blocks`` blocks of consecutive layers balanced by ``costs`` (per layer of
+    ``layers``), widened to cover every layer from 0 to ``n_layers - 1``."""
+    starts = balanced_blocks(costs, n_blocks)
+    firsts = [0, *(layers[start] for start in starts[1:])]
+    return list(zip(firsts, [first - 1 for first in firsts[1:]] + [n_layers - 1]))
+
+
+def auto_layout(
+    neurons: Sequence[Neuron], prompts: Sequence[PromptRecord], tokens: Mapping[str, int],
+    shape: ModelShape, rates: DeviceRates, work: Workload, min_compute_ratio: float,
+    max_parallel_jobs: int, max_fixed_share: float,
+) -> tuple[list[tuple[int, int]], int]:
+    """``sharding: auto``: the layer blocks and the prompts per chunk.
+
+    The most shards (layer blocks x prompt chunks), up to ``max_parallel_jobs``, such that every
+    shard's estimated compute is at least ``min_compute_ratio`` times the fixed cost of a job and
+    the fixed cost of all model jobs (clean runs, shards, attribution, validation) is at most
+    ``max_fixed_share`` of their estimated time; one shard if none qualifies. Layer blocks are
+    balanced by cost (early layers replay more layers per row); at equal shard counts fewer
+    prompt chunks win (each chunk is one more clean-run and attribution job)."""
+    fixed = rates.fixed_s(shape.weight_bytes)
+    by_layer: dict[int, list[Neuron]] = {}
+    for neuron in neurons:
+        by_layer.setdefault(neuron.layer, []).append(neuron)
+    layers = sorted(by_layer)
+    if not layers:
+        return [(0, shape.n_layers - 1)], max(1, len(prompts))
+    all_tokens = [tokens[record.prompt_id] for record in prompts]
+    costs = [shard_seconds(shape, rates, work, by_layer[layer], all_tokens) for layer in layers]
+    ceiling = max(1, min(max_parallel_jobs, int(sum(costs) // (min_compute_ratio * fixed))))
+    candidates = sorted(((b, c) for b in range(1, min(len(layers), ceiling) + 1)
+                         for c in range(1, min(len(prompts), ceiling // b) + 1)),
+                        key=lambda bc: (-bc[0] * bc[1], bc[1]))
+    for n_blocks, n_chunks in candidates:
+        blocks = _layer_blocks(layers, costs, n_blocks, shape.n_layers)
+        per_chunk = -(-len(prompts) // n_chunks)
+        plan = make_plan(neurons, prompts, blocks, per_chunk)
+        cheapest = min(shard_seconds(shape, rates, work, shard.neurons,
+                                     [tokens[p] for p in shard.chunk.prompt_ids])
+                       for shard in plan.shards)
+        if (cheapest >= min_compute_ratio * fixed
+                and estimate(plan, tokens, shape, rates, work).fixed_share <= max_fixed_share):
+            return blocks, per_chunk
+    return _layer_blocks(layers, costs, 1, shape.n_layers), len(prompts)
+
+
+def resolve_layout(
+    sharding: Mapping[str, Any], neurons: Sequence[Neuron], prompts: Sequence[PromptRecord],
+    tokens: Mapping[str, int], shape: ModelShape, rates: DeviceRates, work: Workload,
+    parallel_jobs: int, saved: str | Path, reuse_only: bool = False,
+) -> tuple[int | list[tuple[int, int]], int]:
+    """The ``(layer_blocks, prompts_per_chunk)`` of :func:`make_plan` from the config's
+    ``sharding``: its explicit sizes, or :func:`auto_layout` for those set to ``auto``
+    (``max_parallel_jobs: auto`` = ``parallel_jobs``, the run's job limit).
+
+    An automatic layout is saved under ``saved`` by a digest of everything it depends on but
+    the job limit; ``reuse_only`` (the parse inside a cluster job, which does not know the
+    limit) reads it instead of choosing again."""
+    layers, per_chunk = sharding["layers_per_shard"], sharding["prompts_per_chunk"]
+    if layers != "auto" and per_chunk != "auto":
+        return layers, per_chunk
+    key = digest([[(n.layer, n.neuron) for n in neurons], [tokens[r.prompt_id] for r in prompts],
+                  asdict(shape), asdict(rates), asdict(work),
+                  {k: v for k, v in sharding.items() if k != "max_parallel_jobs"}])
+    path = Path(saved) / f"{key}.json"
+    if reuse_only:
+        if not path.exists():
+            raise InputError(f"the shard layout chosen by the run that submitted this job is "
+                             f"missing ({path}): run jobs from the submitting working directory")
+        blocks, chosen = json.loads(path.read_text())
+    else:
+        jobs = (parallel_jobs if sharding["max_parallel_jobs"] == "auto"
+                else sharding["max_parallel_jobs"])
+        blocks, chosen = auto_layout(neurons, prompts, tokens, shape, rates, work,
+                                     sharding["min_compute_ratio"], jobs,
+                                     sharding["max_fixed_share"])
+        from .store import write_json
+
+        write_json(path, [blocks, chosen])
+    return (layers if layers != "auto" else [tuple(block) for block in blocks],
+            per_chunk if per_chunk != "auto" else chosen)

@@ -390,7 +390,13 @@ def render_report(
             f"{label}: {int(counts.get(label, 0))}" for label in (*CLASSES, UNDETERMINED))
         + f". (prompt, neuron) rows: {len(per_prompt)}, of which {undefined} have |d| + |i| "
         "below the noise floor (direct ratio undefined).</p>",
-        "<h3>Compute time by rule</h3>", _table(timings) if len(timings) else "<p>–</p>",
+        "<h3>Time by rule: measured, and the plan's estimate</h3>",
+        "<p>Per rule, from each job's benchmark file and log: seconds in all, the fixed part "
+        "(start-up and model loading, until the job's own work began) and the work; beside them "
+        "the cost model's estimate made when the run was planned (<code>estimated_*</code>: "
+        "src/neuron_effects/cost.py; correct its rates with <code>sharding.rates</code> if they "
+        "are far off).</p>",
+        _table(timings) if len(timings) else "<p>–</p>",
         '<h2>Definitions</h2><div class="defs"><p>Treatment: <code>V = s·w<sub>n</sub></code>, '
         "<code>w<sub>n</sub></code> = column n of <code>layers[L].mlp.down_proj.weight</code>, "
         "added to the output of decoder layer L. <b>Total</b> = logits(treated run) − "

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
+import psutil
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
@@ -25,7 +28,7 @@ from tqdm import tqdm
 from . import aggregate, attribution, mediation, store
 from .clean import run_clean
 from .edges import EDGE_COLUMNS, edge_agreement, read_edges
-from .effects import EffectSettings, compute_effects, neuron_block
+from .effects import EffectSettings, EffectTables, compute_effects, neuron_block
 from .input_checks import checked_inputs
 from .inputs import InputError, Neuron, extra_columns, load_profile_document, read_neurons
 from .model import (ModelSpec, load_model, load_tokenizer, parameter_count, precision_flags,
@@ -48,11 +51,31 @@ PROMPT_COLUMNS = ("prompt_id", "target_id", "target_token", "target_source", "di
 
 
 def configure_job(threads: int) -> None:
-    """Log INFO and warnings to stderr (the job's log) and use ``threads`` CPU threads."""
+    """Log INFO and warnings to stderr (the job's log) and use ``threads`` CPU threads; log the
+    job's fixed cost so far (its start-up: Python and the imports)."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.captureWarnings(True)
     torch.set_num_threads(max(1, threads))
+    log_fixed_cost()
+
+
+# The line each job logs when its own work starts (the report reads the last one of each log).
+FIXED_COST = re.compile(r"fixed cost: ([0-9.]+) s since the job's process started")
+
+
+def log_fixed_cost() -> None:
+    """Log the seconds since this process started: what the job spent before its own work
+    (start-up; in a model job, also loading the model, logged again after the load)."""
+    started = psutil.Process().create_time()
+    log.info("fixed cost: %.2f s since the job's process started", time.time() - started)
+
+
+def _load_model(spec: ModelSpec, compute_dtype: torch.dtype | None = None) -> Any:
+    """:func:`~neuron_effects.model.load_model`, then the job's fixed cost logged."""
+    model = load_model(spec, compute_dtype=compute_dtype)
+    log_fixed_cost()
+    return model
 
 
 def prepare_inputs(
@@ -86,7 +109,7 @@ def cache_clean_runs(spec: ModelSpec, prompts: Sequence[dict[str, Any]], output:
     """One clean forward per prepared prompt of the chunk (``prompt_id``, ``input_ids``,
     ``target_id`` and ``distractor_id``, ``None`` when not given); saves the runs and, per prompt,
     the target (given, or the clean argmax), the distractor and the clean prediction."""
-    model = load_model(spec)
+    model = _load_model(spec)
     tokenizer = load_tokenizer(spec)
     runs, records = [], []
     for row in tqdm(prompts, desc="clean forwards", **PROGRESS):
@@ -158,7 +181,7 @@ def estimate_attribution(spec: ModelSpec, clean_path: str, treatment: str, posit
     recorded by the clean run; saved as [prompts, layers, intermediate] float32 with the prompt
     ids in the metadata."""
     runs, records = store.load_clean_runs(clean_path)
-    model = load_model(spec)
+    model = _load_model(spec)
     means = None
     if treatment == "mean_ablate":
         if neuron_stats is None:
@@ -251,7 +274,7 @@ def compute_shard(
     log.info("shard: %d neurons x %d prompts in %d units; %d already done (resuming)",
              len(neurons), len(runs), len(units), len(units) - len(todo))
     if todo:
-        model = load_model(spec)
+        model = _load_model(spec)
         means = None
         if settings.treatment == "mean_ablate":
             if neuron_stats is None:
@@ -261,30 +284,45 @@ def compute_shard(
         layers = sorted({n.layer for n in neurons})
         bar = tqdm(total=sum(len(blocks[b]) for b, _ in todo), desc="treated rows", unit="row",
                    **PROGRESS)
-        for b, members in enumerate(blocks):
-            pending = [p for block_index, p in todo if block_index == b]
-            if not pending:
-                continue
-            block = neuron_block(model, members, settings.full_vocab)
-            for p in pending:
-                record, clean = records[p], runs[p]
-                if settings.positions == "all":  # needs every position of the shard's layers
-                    clean = run_clean(model, clean.input_ids, record["prompt_id"], layers)
-                started = time.perf_counter()
-                tables = compute_effects(model, clean.to(model.device), block, settings,
-                                         record["target_id"], record["distractor_id"], means)
-                frame = tables.per_prompt.assign(**{key: record[key] for key in PROMPT_COLUMNS})
-                split = {name: table.assign(prompt_id=record["prompt_id"])[
-                    ["prompt_id", *table.columns]] for name, table in
-                    (("mediation", tables.mediation), ("mediators", tables.mediators))}
-                progress.save(units[b, p], frame, split)
-                bar.update(len(members))
-                log.info("unit %s (%s): %d rows in %.2f s", units[b, p], record["prompt_id"],
-                         len(members), time.perf_counter() - started)
+        # A unit's tables are written by a second thread while the next unit computes (on a GPU
+        # the host work would otherwise leave the device idle); one write at a time.
+        with ThreadPoolExecutor(max_workers=1) as writer:
+            saving: Future | None = None
+            for b, members in enumerate(blocks):
+                pending = [p for block_index, p in todo if block_index == b]
+                if not pending:
+                    continue
+                block = neuron_block(model, members, settings.full_vocab)
+                for p in pending:
+                    record, clean = records[p], runs[p]
+                    if settings.positions == "all":  # every position of the shard's layers
+                        clean = run_clean(model, clean.input_ids, record["prompt_id"], layers)
+                    started = time.perf_counter()
+                    tables = compute_effects(model, clean.to(model.device), block, settings,
+                                             record["target_id"], record["distractor_id"], means)
+                    if saving is not None:
+                        saving.result()
+                    saving = writer.submit(_save_unit, progress, units[b, p], tables, record)
+                    bar.update(len(members))
+                    log.info("unit %s (%s): %d rows in %.2f s", units[b, p], record["prompt_id"],
+                             len(members), time.perf_counter() - started)
+            if saving is not None:
+                saving.result()
         bar.close()
     extra = {name: path for name, path in (("mediation", mediation_output),
                                            ("mediators", mediators_output)) if path}
     progress.assemble(list(units.values()), output, extra)
+
+
+def _save_unit(progress: store.ShardProgress, unit: str, tables: EffectTables,
+               record: dict[str, Any]) -> None:
+    """Save one unit: its per-prompt rows with the prompt's columns, and its mediation and
+    top-k mediator rows with the prompt id."""
+    frame = tables.per_prompt.assign(**{key: record[key] for key in PROMPT_COLUMNS})
+    split = {name: table.assign(prompt_id=record["prompt_id"])[["prompt_id", *table.columns]]
+             for name, table in (("mediation", tables.mediation),
+                                 ("mediators", tables.mediators))}
+    progress.save(unit, frame, split)
 
 
 def _ordered_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -417,7 +455,7 @@ def validate_sample(
     compute_dtype, note = reference_dtype(run_dtype, device, parameter_count(spec), free)
     if note:
         log.warning("%s", note)
-    model = load_model(spec, compute_dtype=compute_dtype)
+    model = _load_model(spec, compute_dtype)
     if tolerance is None:  # float32 error is ~1e-5 on logits; bf16 rounds at ~1e-2 relative
         tolerance = 1e-4 if run_dtype == torch.float32 else 5e-2
     input_ids = {run.prompt_id: run.input_ids for path in clean_paths
@@ -468,34 +506,56 @@ def validate_sample(
         log.warning("validation FAILED: %s", summary["failure"])
 
 
-def _timings(benchmark_paths: Sequence[str]) -> tuple[pd.DataFrame, float]:
-    """Seconds and peak memory per rule from Snakemake's benchmark files (``benchmarks/<rule>/
-    ...``), and the seconds from the first benchmarked job's start until now."""
+def _fixed_seconds(log_path: str | Path) -> float:
+    """The last fixed cost a job logged (:func:`log_fixed_cost`), NaN if none."""
+    path = Path(log_path)
+    found = FIXED_COST.findall(path.read_text(errors="replace")) if path.exists() else []
+    return float(found[-1]) if found else float("nan")
+
+
+def job_timings(jobs: Sequence[tuple[str, str]],
+                estimate: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, float]:
+    """Per rule, from each job's benchmark file and log (``jobs``: ``(benchmark, log)`` paths,
+    benchmarks under ``benchmarks/<rule>/``): jobs, seconds in all, the fixed part (start-up and
+    loading, as logged) and the rest (the job's own work), the median seconds a job spent
+    outside its work, the longest job and the peak memory; with the plan's ``estimate``
+    (:meth:`neuron_effects.plan.PlanEstimate.as_dict`), its compute and fixed seconds beside
+    them. Also the seconds from the first benchmarked job's start until now."""
     rows, first_start = [], time.time()
-    for path in benchmark_paths:
-        if not Path(path).exists():
+    for benchmark, log_path in jobs:
+        if not Path(benchmark).exists():
             continue
-        values = pd.read_csv(path, sep="\t").iloc[0]
-        rule = Path(path).relative_to("benchmarks").parts[0]
-        rows.append({"rule": rule, "s": float(values["s"]), "max_rss_mb": values["max_rss"]})
-        first_start = min(first_start, Path(path).stat().st_mtime - float(values["s"]))
+        values = pd.read_csv(benchmark, sep="\t").iloc[0]
+        rule = Path(benchmark).relative_to("benchmarks").parts[0]
+        rows.append({"rule": rule, "s": float(values["s"]), "fixed": _fixed_seconds(log_path),
+                     "max_rss_mb": values["max_rss"]})
+        first_start = min(first_start, Path(benchmark).stat().st_mtime - float(values["s"]))
     if not rows:
         return pd.DataFrame(), 0.0
     frame = pd.DataFrame(rows).replace("-", np.nan)
     frame["max_rss_mb"] = pd.to_numeric(frame["max_rss_mb"])
-    table = frame.groupby("rule", sort=False).agg(jobs=("s", "size"), total_s=("s", "sum"),
-                                                  max_job_s=("s", "max"),
-                                                  peak_rss_mb=("max_rss_mb", "max"))
-    return table.reset_index(), time.time() - first_start
+    frame["fixed"] = frame[["fixed", "s"]].min(axis=1)
+    table = frame.groupby("rule", sort=False).agg(
+        jobs=("s", "size"), total_s=("s", "sum"), fixed_s=("fixed", "sum"),
+        median_fixed_s=("fixed", "median"), max_job_s=("s", "max"),
+        peak_rss_mb=("max_rss_mb", "max")).reset_index()
+    table.insert(4, "work_s", table["total_s"] - table["fixed_s"])
+    if estimate is not None:
+        planned = pd.DataFrame(estimate["rules"]).rename(columns={
+            "jobs": "planned_jobs", "compute_s": "estimated_compute_s",
+            "fixed_s": "estimated_fixed_s"})
+        table = table.merge(planned, on="rule", how="left")
+    return table, time.time() - first_start
 
 
 def render_report(
     settings: dict[str, Any], per_prompt_path: str, neurons_path: str, layers_path: str,
     prompts_path: str, activation_stats_path: str, validation_table: str,
-    validation_summary: str, benchmark_paths: Sequence[str], top_n: int, output: str,
+    validation_summary: str, jobs: Sequence[tuple[str, str]], top_n: int, output: str,
     figures_dir: str | None = None,
     mediation_layers_path: str | None = None,
     atp_candidates: str | None = None,
+    plan_estimate: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the self-contained HTML report (with the attribution-patching section when
     ``atp_candidates`` is given) and, into ``figures_dir``, its figures as ``<name>.png`` (for
@@ -509,7 +569,7 @@ def render_report(
     from .report import render_report as render
 
     validation = json.loads(Path(validation_summary).read_text())
-    timings, wall = _timings(benchmark_paths)
+    timings, wall = job_timings(jobs, plan_estimate)
     metadata = {
         **settings, "dtype": validation["dtype"], "device": validation["device"],
         "wall time (first heavy job to report)": f"{wall:.0f} s",

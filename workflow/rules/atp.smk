@@ -8,7 +8,7 @@
 rule estimate_attribution:
     input:
         clean="results/clean/{chunk}.safetensors",
-        model=ancient(model_files),
+        model=ancient(model_ready),
         stats=activation_stats_if_needed,
     output:
         "results/atp/chunks/{chunk}.safetensors",

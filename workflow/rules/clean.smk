@@ -1,6 +1,6 @@
 rule cache_clean_runs:
     input:
-        model=ancient(model_files),
+        model=ancient(model_ready),
     output:
         "results/clean/{chunk}.safetensors",
     log:

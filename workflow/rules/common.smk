@@ -1,24 +1,28 @@
-"""Config validation, the input checks and the shard plan (at parse time) and input functions."""
+"""Config validation, the input checks, the prepared model, the shard plan and its cost
+estimate (at parse time) and input functions."""
 
 from pathlib import Path
 
 from snakemake.logging import logger
 from snakemake.utils import validate
 
+from neuron_effects.cost import ModelShape, device_rates, planning_device
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.demo import fetch_demo_model
 from neuron_effects.edges import read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest, model_location
-from neuron_effects.plan import make_plan
+from neuron_effects.plan import Workload, estimate, make_plan, resolve_layout
 from neuron_effects.precision import low_precision_warning
+from neuron_effects.prepare import prepared_location
 
 validate(config, "../../config/config.schema.yaml")
 # bfloat16/float16 are allowed, but say at once what they do to the results.
 if low_precision_warning(config["dtype"]):
     logger.warning(low_precision_warning(config["dtype"]))
 
-MODEL = {
+# The model as configured (read by the input checks: its config and tokenizer only) ...
+MODEL_SOURCE = {
     key: config[key]
     for key in ("model", "tokenizer", "dtype", "device", "trust_remote_code")
 }
@@ -28,22 +32,56 @@ PROMPT_FORMAT = {key: config[key] for key in ("chat_template", "system_prompt")}
 if config["model"] == str(DEMO_MODEL) and not DEMO_MODEL.exists():
     fetch_demo_model(DEMO_MODEL)
 model_location(config["model"])
+# ... and as every model job loads it: the folder made once by prepare_model (a GGUF converted
+# to safetensors, keyed by its digest; a hub snapshot), or the configured local folder itself.
+PREPARED = prepared_location(config["model"], cache_dir=".snakemake/model-digests")
+MODEL = {**MODEL_SOURCE, "model": PREPARED.folder}
 # Bad input stops the run here, before any job is planned (file, line, record in the error):
 # the files' syntax and fields, the neurons against the model config, every prompt tokenized with
 # its target and distractor resolved in context. Cached by input digest (parsing is repeated by
 # every cluster job); the plan's jobs take their prepared prompts from their params.
 INPUT_CHECKS = ".snakemake/input-checks"
 CHECKED = checked_inputs(
-    config["neurons"], config["prompts"], MODEL, cache_dir=INPUT_CHECKS, **PROMPT_FORMAT
+    config["neurons"],
+    config["prompts"],
+    MODEL_SOURCE,
+    cache_dir=INPUT_CHECKS,
+    **PROMPT_FORMAT,
 )
 read_edges(config["neurons"])  # malformed top_downstream_targets stop the run here
-PREPARED = {row["prompt_id"]: row for row in CHECKED.prepared}
-PLAN = make_plan(
+PREPARED_PROMPTS = {row["prompt_id"]: row for row in CHECKED.prepared}
+TOKENS = {row["prompt_id"]: row["n_tokens"] for row in CHECKED.prepared}
+# The shard plan: sizes from the config, or (auto) from the cost model. The layout is chosen by
+# the top-level run and saved, so that the parse inside each cluster job finds the same shards.
+SHAPE = ModelShape(**CHECKED.shape)
+WORK = Workload(
+    full_vocab=config["metrics"]["full_vocab"],
+    mediators=config["mediators"]["enabled"],
+    positions=config["positions"],
+    attribution=config["atp"]["enabled"],
+    validation_pairs=config["validation"]["pairs"],
+    neurons_per_block=config["compute"]["neurons_per_block"],
+)
+RATES = device_rates(
+    planning_device(config["device"], config["sharding"]["gpu"]),
+    config["sharding"]["rates"],
+)
+LAYOUT = resolve_layout(
+    config["sharding"],
     CHECKED.neurons,
     CHECKED.records,
-    config["sharding"]["layers_per_shard"],
-    config["sharding"]["prompts_per_chunk"],
+    TOKENS,
+    SHAPE,
+    RATES,
+    WORK,
+    parallel_jobs=workflow.nodes or 1,
+    saved=".snakemake/plans",
+    reuse_only=workflow.remote_exec,
 )
+PLAN = make_plan(CHECKED.neurons, CHECKED.records, *LAYOUT)
+ESTIMATE = estimate(PLAN, TOKENS, SHAPE, RATES, WORK)
+if not workflow.remote_exec:
+    logger.info(f"The plan and its estimated cost:\n{ESTIMATE.table()}")
 
 EFFECT_SETTINGS = {
     "treatment": config["treatment"],
@@ -76,12 +114,11 @@ wildcard_constraints:
     block=r"L\d+-\d+",
 
 
-def model_files(wildcards=None):
-    """The model as a file dependency when it is local (hub ids have none)."""
-    location = config["model"]
-    if Path(location).expanduser().exists():
-        return [str(Path(location).expanduser())]
-    return []
+def model_ready(wildcards=None):
+    """What a model job waits for: the prepared folder's manifest, or the configured folder.
+    (Wrapped in ancient(): a changed model reruns the jobs through their params, which name the
+    prepared folder and so the GGUF's digest or the hub id.)"""
+    return [PREPARED.manifest or PREPARED.folder]
 
 
 def clean_chunks(wildcards=None):
@@ -104,7 +141,7 @@ def chunk_prompts(wildcards):
     """The chunk's prepared prompts: what its clean runs read (token ids, target, distractor)."""
     return [
         {
-            key: PREPARED[prompt_id][key]
+            key: PREPARED_PROMPTS[prompt_id][key]
             for key in ("prompt_id", "input_ids", "target_id", "distractor_id")
         }
         for prompt_id in PLAN.chunk(wildcards.chunk).prompt_ids
@@ -156,26 +193,25 @@ def activation_stats_if_needed(wildcards):
     return []
 
 
-def benchmark_files():
-    """The benchmark files of the heavy jobs, for the report's compute-time table."""
-    return [
-        *expand(
-            "benchmarks/cache_clean_runs/{chunk}.tsv",
-            chunk=[c.name for c in PLAN.chunks],
-        ),
-        *expand(
-            "benchmarks/compute_effects/{shard}.tsv",
-            shard=[s.name for s in PLAN.shards],
-        ),
-        "benchmarks/extract_activations/all.tsv",
-        "benchmarks/aggregate_effects/all.tsv",
-        "benchmarks/validate_sample/all.tsv",
-        *(
-            expand(
-                "benchmarks/estimate_attribution/{chunk}.tsv",
-                chunk=[c.name for c in PLAN.chunks],
-            )
-            if ATP
-            else []
-        ),
+def benchmarked_jobs():
+    """``[benchmark file, log file]`` of every benchmarked job, for the report's time table
+    (measured fixed cost and work per rule, beside the plan's estimate)."""
+    chunks = [c.name for c in PLAN.chunks]
+    shards = [s.name for s in PLAN.shards]
+    per_job = [
+        ("cache_clean_runs", chunks),
+        ("compute_effects", shards),
+        *([("estimate_attribution", chunks)] if ATP else []),
     ]
+    single = [
+        "extract_activations",
+        "aggregate_effects",
+        "validate_sample",
+        *(["summarize_attribution"] if ATP else []),
+        *(["prepare_model"] if PREPARED.manifest else []),
+    ]
+    return [
+        [f"benchmarks/{rule}/{name}.tsv", f"logs/{rule}/{name}.log"]
+        for rule, names in per_job
+        for name in names
+    ] + [[f"benchmarks/{rule}/all.tsv", f"logs/{rule}.log"] for rule in single]

@@ -1,7 +1,7 @@
 rule compute_effects:
     input:
         clean="results/clean/{chunk}.safetensors",
-        model=ancient(model_files),
+        model=ancient(model_ready),
         stats=activation_stats_if_needed,
     output:
         per_prompt="results/effects/shards/{block}_{chunk}.parquet",

@@ -6,7 +6,6 @@ rule prepare_inputs:
     input:
         neurons=config["neurons"],
         prompts=config["prompts"],
-        model=ancient(model_files),
     output:
         prompts="results/inputs/prompts.parquet",
         neurons="results/inputs/neurons.parquet",
@@ -16,7 +15,7 @@ rule prepare_inputs:
     conda:
         "../../envs/neuron-effects.yaml"
     params:
-        model=MODEL,
+        model=MODEL_SOURCE,
         prompt_format=PROMPT_FORMAT,
         cache_dir=INPUT_CHECKS,
     script:

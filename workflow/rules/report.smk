@@ -55,6 +55,7 @@ rule render_report:
             "shards": len(PLAN.shards),
         },
         top_n=config["report"]["top_n"],
-        benchmarks=benchmark_files(),
+        jobs=benchmarked_jobs(),
+        estimate=ESTIMATE.as_dict(),
     script:
         "../scripts/render_report.py"

@@ -50,7 +50,7 @@ rule validate_sample:
     input:
         per_prompt=rules.aggregate_effects.output.per_prompt,
         clean=clean_chunks(),
-        model=ancient(model_files),
+        model=ancient(model_ready),
     output:
         table="results/validation/pairs.parquet",
         summary=report(

@@ -17,7 +17,7 @@ render_report(
     activation_stats_path=snakemake.input.activation_stats,
     validation_table=snakemake.input.validation_table,
     validation_summary=snakemake.input.validation_summary,
-    benchmark_paths=snakemake.params.benchmarks,
+    jobs=snakemake.params.jobs,
     top_n=snakemake.params.top_n,
     output=snakemake.output.page,
     figures_dir=str(Path(snakemake.output.class_bars).parent),
@@ -25,4 +25,5 @@ render_report(
     atp_candidates=snakemake.input.atp_candidates[0]
     if snakemake.input.atp_candidates
     else None,
+    plan_estimate=snakemake.params.estimate,
 )
