@@ -133,6 +133,13 @@ SMOLLM2 = ModelShape(n_layers=30, hidden=576, intermediate=1536, vocab=49152, n_
                      n_kv_heads=3, head_dim=64, tied=True)
 
 
+def test_model_shape_reads_the_checkpoint_dtype_from_a_loaded_config(llama_8b_dir):
+    """transformers turns config.json's "torch_dtype": "bfloat16" into torch.bfloat16."""
+    from transformers import AutoConfig
+
+    assert ModelShape.from_config(AutoConfig.from_pretrained(llama_8b_dir)) == LLAMA_8B
+
+
 def test_model_shape_counts_the_parameters_of_llama_3_1_8b():
     assert LLAMA_8B.n_parameters == 8_030_261_248  # the published count
     assert LLAMA_8B.bytes_per_parameter == 2 and LLAMA_8B.weight_bytes == 2 * 8_030_261_248

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -424,11 +425,15 @@ EMPTY_LAYERS = range(8, 12)  # the block L08-11 holds no neuron: no shards for i
 
 @pytest.fixture(scope="module")
 def seed_scale(tmp_path_factory, llama_8b_dir):
-    """A working directory shaped like the seed's job: config/llama-3.1-8b.yaml (4 layers per
-    shard, 25 prompts per chunk) on a Llama-3.1-8B config, 8,177 neurons, 100 prompts."""
+    """A working directory shaped like the seed's job: config/llama-3.1-8b.yaml on a
+    Llama-3.1-8B config, 8,177 neurons, 100 prompts; with explicit sizes (4 layers per shard, 25
+    prompts per chunk), whose stale-only reruns the tests below check (the automatic layout of
+    the same job: test_seed_scale_auto_plan)."""
     seed = yaml.safe_load((REPO / "config/llama-3.1-8b.yaml").read_text())
     overrides = {key: value for key, value in seed.items()
                  if key not in ("model", "neurons", "prompts")}
+    overrides["sharding"] = {**overrides["sharding"], "layers_per_shard": 4,
+                             "prompts_per_chunk": 25}
     workdir = write_workdir(tmp_path_factory.mktemp("seed-scale") / "run", str(llama_8b_dir),
                             **overrides)
     rng = random.Random(2026)
@@ -472,6 +477,30 @@ def test_seed_scale_plan(seed_scale):
     assert counts["compute_effects"] == 28 and counts["cache_clean_runs"] == 4
     # prepare, clean, shards, attribution per chunk, 5 summaries + all
     assert counts["total"] == 1 + 4 + 28 + 4 + 6
+
+
+@pytest.mark.slow
+def test_seed_scale_auto_plan(seed_scale, tmp_path):
+    """The real config as shipped (sharding: auto) with the Slurm profile's 32 jobs: the plan
+    is printed before anything runs, and it is the few-job plan of the cost model."""
+    workdir = tmp_path / "auto"
+    shutil.copytree(seed_scale, workdir, symlinks=True)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["sharding"] = {**config["sharding"], "layers_per_shard": "auto",
+                          "prompts_per_chunk": "auto"}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = snakemake(workdir, "-n", "--jobs", "32")
+    output = result.stdout + result.stderr
+    assert "The plan and its estimated cost:" in output
+    share = re.search(r"estimated GPU-minutes on h200: ([0-9.]+), of which fixed cost "
+                      r"\(start-up and model loading\) (\d+) %", output)
+    assert share and int(share.group(2)) <= 30, output[-3000:]
+    counts = _job_counts(result.stdout)
+    model_jobs = sum(counts.get(rule, 0) for rule in (
+        "cache_clean_runs", "compute_effects", "estimate_attribution", "validate_sample"))
+    assert model_jobs <= 12  # (its prompts are short: one shard is worth its fixed cost)
+    assert counts["cache_clean_runs"] == counts["estimate_attribution"] == 1
+    assert list((workdir / ".snakemake/plans").glob("*.json"))  # for the jobs' own parse
 
 
 def _create(workdir: Path, paths) -> None:

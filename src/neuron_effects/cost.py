@@ -60,8 +60,9 @@ class ModelShape:
             n_heads=heads, n_kv_heads=int(get("num_key_value_heads", None) or heads),
             head_dim=int(get("head_dim", None) or int(get("hidden_size")) // heads),
             tied=bool(get("tie_word_embeddings", False)),
-            bytes_per_parameter=STORAGE_BYTES.get(
-                str(get("torch_dtype", None) or get("dtype", None) or "float32"), 4))
+            bytes_per_parameter=STORAGE_BYTES.get(str(
+                get("torch_dtype", None) or get("dtype", None) or "float32").replace("torch.", ""),
+                4))
 
     @property
     def n_parameters(self) -> int:
