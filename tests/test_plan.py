@@ -296,3 +296,34 @@ def test_the_plan_table_names_every_model_rule_and_the_fixed_share():
                  "validate_sample"):
         assert rule in text
     assert "estimated GPU-minutes on h200" in text and "fixed cost" in text
+
+
+def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypatch):
+    """Per rule: seconds from the benchmark files, the fixed part from the last 'fixed cost'
+    line of each job's log (NaN when a job logged none), the work the rest, beside the plan's
+    estimate."""
+    from neuron_effects.steps import job_timings
+
+    monkeypatch.chdir(tmp_path)
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    jobs = []
+    for name, seconds, fixed in (("c000", 10.0, (2.0, 3.5)), ("c001", 12.0, (2.5, 4.5)),
+                                 ("c002", 8.0, ())):
+        benchmark, log_path = tmp_path / f"benchmarks/cache_clean_runs/{name}.tsv", \
+            tmp_path / f"logs/cache_clean_runs/{name}.log"
+        benchmark.parent.mkdir(parents=True, exist_ok=True)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        benchmark.write_text(header + f"{seconds}\t0:00:10\t500\t-\t-\t-\t-\t-\t-\t-\n")
+        log_path.write_text("".join(f"2026 INFO fixed cost: {value:.2f} s since the job's "
+                                    "process started\n" for value in fixed))
+        jobs.append((f"benchmarks/cache_clean_runs/{name}.tsv", str(log_path)))
+    estimate = {"device": "cpu", "fixed_share": 0.5,
+                "rules": [{"rule": "cache_clean_runs", "jobs": 3, "compute_s": 20.0,
+                           "fixed_s": 12.0}]}
+    table, _ = job_timings(jobs, estimate)
+    row = table.set_index("rule").loc["cache_clean_runs"]
+    assert row["jobs"] == 3 and row["total_s"] == 30.0
+    assert row["fixed_s"] == 8.0 and row["work_s"] == 22.0  # the last line of each log
+    assert row["median_fixed_s"] == 4.0 and row["peak_rss_mb"] == 500
+    assert (row["planned_jobs"], row["estimated_compute_s"], row["estimated_fixed_s"]) == \
+        (3, 20.0, 12.0)

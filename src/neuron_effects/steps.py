@@ -534,9 +534,10 @@ def job_timings(jobs: Sequence[tuple[str, str]],
         return pd.DataFrame(), 0.0
     frame = pd.DataFrame(rows).replace("-", np.nan)
     frame["max_rss_mb"] = pd.to_numeric(frame["max_rss_mb"])
-    frame["fixed"] = frame[["fixed", "s"]].min(axis=1)
+    frame["fixed"] = frame["fixed"].clip(upper=frame["s"])  # NaN: the job logged none
     table = frame.groupby("rule", sort=False).agg(
-        jobs=("s", "size"), total_s=("s", "sum"), fixed_s=("fixed", "sum"),
+        jobs=("s", "size"), total_s=("s", "sum"),
+        fixed_s=("fixed", lambda values: values.sum(min_count=1)),
         median_fixed_s=("fixed", "median"), max_job_s=("s", "max"),
         peak_rss_mb=("max_rss_mb", "max")).reset_index()
     table.insert(4, "work_s", table["total_s"] - table["fixed_s"])
