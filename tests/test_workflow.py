@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from direct_checks import assert_clean_runs_match_direct_computation
 from neuron_effects import attribution
 from neuron_effects.aggregate import CLASSES, UNDETERMINED, Thresholds
 from neuron_effects.inputs import read_neurons, read_prompts
@@ -384,6 +385,11 @@ def test_validation_passed(outputs):
     assert validation["failure"] is None and validation["dtype_warning"] is None
     log = (outputs["workdir"] / "logs/validate_sample.log").read_text().splitlines()
     assert "validation PASSED" in log[-1]
+
+
+@pytest.mark.slow
+def test_clean_records_and_activation_stats_match_a_direct_computation(outputs, tiny_model_dir):
+    assert_clean_runs_match_direct_computation(outputs["workdir"], tiny_model_dir, 100, 0.1)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ work without Snakemake too (tests call them directly).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import sys
@@ -51,12 +52,19 @@ PROMPT_COLUMNS = ("prompt_id", "target_id", "target_token", "target_source", "di
                   "distractor_token")
 
 
+def _log_peak_gpu_memory() -> None:
+    if torch.cuda.is_initialized():
+        log.info("peak GPU memory %.3f GiB", torch.cuda.max_memory_allocated() / 2**30)
+
+
 def configure_job(threads: int) -> None:
-    """Log INFO and warnings to stderr (the job's log) and use ``threads`` CPU threads."""
+    """Log INFO and warnings to stderr (the job's log), use ``threads`` CPU threads, and log the
+    peak GPU memory allocated when the job ends (if it used CUDA)."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.captureWarnings(True)
     torch.set_num_threads(max(1, threads))
+    atexit.register(_log_peak_gpu_memory)
 
 
 def prepare_inputs(
