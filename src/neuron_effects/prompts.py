@@ -93,10 +93,10 @@ def _leading_space_warning(
     pieces = after[len(prompt_ids):] if after[:len(prompt_ids)] == prompt_ids else []
     suggestion = (f"write {stripped!r} (one token here) instead" if len(pieces) == 1 else
                   f"{stripped!r} spans {len(pieces)} tokens here, so rather set "
-                  "response_prefix (e.g. 'The answer is') and keep the space")
+                  "response_prefix to the start of the answer and keep the space")
     return (f"chat mode: the {role} {word!r} starts with a space, but the answer starts a new "
-            "assistant turn, where models begin without one (the clean rank of such a token is "
-            f"usually in the thousands): {suggestion}")
+            "assistant turn, where models begin without one (on the demo prompts SmolLM2 ranks "
+            f"such targets ~4,600th, median): {suggestion}")
 
 
 def prepare_prompt(
