@@ -81,3 +81,23 @@ def test_report_banner_shows_rank_and_probability():
     assert 'id="low-rank-targets"' in banner and "1 of 2 prompts" in banner
     assert "low: target &#x27; Fleming&#x27; rank 4,600, probability 2e-06" in banner
     assert _low_rank_banner(prompts.iloc[1:]) == ""
+
+
+@pytest.mark.slow
+def test_chat_warnings_at_parse_time_and_stop_after_the_clean_runs(tiny_model_dir, tmp_path):
+    """The demo prompts (leading-space targets) in chat mode: a dry run already warns, naming
+    each prompt; with on_low_rank: stop the clean-run job fails listing the prompts (the tiny
+    random model predicts none of the targets)."""
+    from workflow_helpers import snakemake, write_workdir
+
+    workdir = write_workdir(tmp_path / "run", str(tiny_model_dir), n_prompts=2, device="cpu",
+                            chat_template=True, targets={"on_low_rank": "stop"})
+    dry = snakemake(workdir, "-n").stdout
+    assert ("prompt 'penicillin': chat mode: the target ' Fleming' starts with a space" in dry)
+    assert "prompt 'heart_chambers': chat mode: the target ' ventricles'" in dry
+    failed = snakemake(workdir, "--cores", "1", "results/clean/c000.safetensors", check=False)
+    assert failed.returncode != 0
+    log = (workdir / "logs/cache_clean_runs/c000.log").read_text()
+    assert "2 prompt(s) have a target ranked below the top 100" in log
+    assert "prompt 'penicillin': target ' Fleming' has clean rank" in log
+    assert not (workdir / "results/clean/c000.safetensors").exists()

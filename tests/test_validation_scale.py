@@ -22,10 +22,12 @@ from neuron_effects.steps import validate_sample
 from neuron_effects.validation import (ReferenceRow, absolute_differences, relative_errors,
                                        summarize)
 
+DEFAULTS = EffectSettings()
 PROMPTS = {"p0": [5, 17, 2, 99, 43, 8, 61, 30, 12, 77, 3], "p1": [9, 4, 71, 33, 20, 58, 6, 14]}
 
 
-def _validated_run(folder, dtype: str, tmp_path) -> dict:
+def _validated_run(folder, dtype: str, tmp_path, tolerance: float | None = None,
+                   settings: EffectSettings = DEFAULTS) -> dict:
     """The fast path's table in ``dtype`` for the model saved in ``folder`` (2 prompts x 12
     neurons, target 7, distractor 11), checked by the workflow's validation step (float64
     reference for float32, float32 for bf16); returns the summary."""
@@ -35,14 +37,14 @@ def _validated_run(folder, dtype: str, tmp_path) -> dict:
     runs, tables = [], []
     for prompt_id, input_ids in PROMPTS.items():
         clean = run_clean(model, input_ids, prompt_id)
-        table = compute_effects(model, clean, block, EffectSettings(), 7, 11).per_prompt
+        table = compute_effects(model, clean, block, settings, 7, 11).per_prompt
         tables.append(table.assign(prompt_id=prompt_id, target_id=7, distractor_id=11))
         runs.append(clean)
     store.save_clean_runs(tmp_path / "c000.safetensors", runs,
                           [{"prompt_id": prompt_id} for prompt_id in PROMPTS])
     store.write_parquet(tmp_path / "per_prompt.parquet", pd.concat(tables, ignore_index=True))
     validate_sample(spec, [str(tmp_path / "c000.safetensors")], str(tmp_path / "per_prompt.parquet"),
-                    EffectSettings(), 24, 0, None, 0.05, str(tmp_path / "pairs.parquet"),
+                    settings, 24, 0, tolerance, 0.05, str(tmp_path / "pairs.parquet"),
                     str(tmp_path / "summary.json"))
     return json.loads((tmp_path / "summary.json").read_text())
 
@@ -67,6 +69,17 @@ def test_float32_passes_and_bf16_fails_at_every_scale(logits, residual, tmp_path
     assert rounded["max_abs_diff"] is None or rounded["max_abs_diff"] > 10 * rounded["tolerance"]
     if logits == 100:  # the former fixed tolerance, 1e-4, failed a correct float32 run here
         assert exact["max_abs_diff"] > 1e-4
+
+
+def test_configured_tolerance_and_noise_floor_are_used(tmp_path):
+    folder = tmp_path / "model"
+    tiny_model(seed=3).causal_lm.save_pretrained(folder)
+    strict = _validated_run(folder, "float32", tmp_path / "strict", tolerance=1e-12,
+                            settings=EffectSettings(noise_floor=0.05))
+    assert strict["tolerance"] == 1e-12 and strict["tolerance_source"] == "validation.tolerance"
+    assert strict["ratio_noise_floor"] == {"min": 0.05, "max": 0.05,
+                                           "source": "metrics.ratio_noise_floor"}
+    assert strict["passed"] is False and "tolerance 1e-12" in strict["failure"]
 
 
 def _reference(**values) -> ReferenceRow:

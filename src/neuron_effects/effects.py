@@ -29,7 +29,7 @@ import torch
 
 from .clean import CleanRun
 from .direct import Readout, direct_effects
-from .error_scale import float32_error_bound, logit_scale
+from .error_scale import ratio_noise_floor
 from .inputs import Neuron
 from .mediation import (MEDIATION_COLUMNS, MEDIATION_COMPONENTS, MEDIATOR_COLUMNS,
                         BatchMediation, MediationCollector, mediation_readout, mediation_rows,
@@ -193,8 +193,7 @@ def compute_effects(
         target_column, distractor_column = 0, (1 if distractor_id is not None else None)
         frozen_columns = None
     means = mean_activations.to(device) if mean_activations is not None else None
-    noise_floor = (float32_error_bound(logit_scale(clean.logits)) if settings.noise_floor is None
-                   else settings.noise_floor)
+    noise_floor = ratio_noise_floor(settings.noise_floor, clean.logits)
     vocab_rows = settings.vocab_rows or auto_vocab_rows(device)
     batch_rows = settings.batch_rows or auto_batch_rows(
         model, clean.n_tokens, settings.full_vocab, settings.positions, vocab_rows)

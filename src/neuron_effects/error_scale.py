@@ -39,3 +39,10 @@ def float32_error_bound(scale: float) -> float:
     """``ERROR_FACTOR * eps_float32 * scale``: the largest error of a float32 logit effect when
     the logits are of size ``scale`` (:func:`logit_scale`)."""
     return ERROR_FACTOR * FLOAT32_EPS * scale
+
+
+def ratio_noise_floor(configured: float | None, clean_logits: torch.Tensor) -> float:
+    """The noise floor of ``direct_ratio`` for one prompt: ``configured``
+    (``metrics.ratio_noise_floor``), or when None (``auto``) :func:`float32_error_bound` at the
+    prompt's :func:`logit_scale`."""
+    return float32_error_bound(logit_scale(clean_logits)) if configured is None else configured

@@ -372,13 +372,14 @@ def render_report(
     when not given)."""
     figures = figures or report_figures(per_prompt, layers)
     passed = validation["passed"]
+    largest = ("NaN or inf" if validation["max_abs_diff"] is None  # a non-finite value
+               else f"{validation['max_abs_diff']:.3g}")
     verdict = (
         f'<div class="{"pass" if passed else "fail"}"><b>{"PASSED" if passed else "FAILED"}</b>: '
         f"{validation['n_pairs']} sampled (prompt, neuron) pairs recomputed with the slow "
         f"reference paths in {html.escape(validation.get('reference_dtype', validation['dtype']))}"
         f"; max |run − reference| over every metric = "
-        f"{'NaN or inf' if validation['max_abs_diff'] is None else format(validation['max_abs_diff'], '.3g')}"
-        f" (tolerance {validation['tolerance']:.3g}, "
+        f"{largest} (tolerance {validation['tolerance']:.3g}, "
         f"{html.escape(validation['dtype'])} on {html.escape(validation['device'])}).</div>"
     )
     per_metric = pd.DataFrame(sorted(validation["max_abs_diff_by_metric"].items()),

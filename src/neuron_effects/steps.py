@@ -29,7 +29,8 @@ from .edges import EDGE_COLUMNS, edge_agreement, read_edges
 from .effects import EffectSettings, compute_effects, neuron_block
 from .input_checks import checked_inputs
 from .inputs import InputError, Neuron, extra_columns, load_profile_document, read_neurons
-from .error_scale import ERROR_FACTOR, RELATIVE_FLOOR_FACTOR, float32_error_bound, logit_scale
+from .error_scale import (ERROR_FACTOR, RELATIVE_FLOOR_FACTOR, float32_error_bound, logit_scale,
+                          ratio_noise_floor)
 from .model import (ModelSpec, load_config, load_model, load_tokenizer, parameter_sizes,
                     precision_flags, resolve_device, resolve_dtype)
 from .precision import low_precision_warning
@@ -461,8 +462,8 @@ def validate_sample(
     pairs = sample_pairs(pd.read_parquet(per_prompt_path), n_pairs, seed)
     scales = {prompt_id: logit_scale(runs[prompt_id].logits)
               for prompt_id in pairs["prompt_id"].unique()}
-    floors = {prompt_id: (float32_error_bound(scale) if settings.noise_floor is None
-                          else settings.noise_floor) for prompt_id, scale in scales.items()}
+    floors = {prompt_id: ratio_noise_floor(settings.noise_floor, runs[prompt_id].logits)
+              for prompt_id in scales}
     derived = tolerance is None
     if derived:
         tolerance = float32_error_bound(max(scales.values()))

@@ -60,7 +60,10 @@ REFERENCE_SLACK_BYTES = 2 * 2**30
 
 def sample_pairs(per_prompt: pd.DataFrame, n_pairs: int, seed: int) -> pd.DataFrame:
     """``n_pairs`` seeded random rows spread evenly over the layers present (first, last and
-    evenly spaced ones in between; several rows per layer when there are more pairs)."""
+    evenly spaced ones in between; several rows per layer when there are more pairs); every row
+    when ``n_pairs`` covers the table."""
+    if n_pairs >= len(per_prompt):
+        return per_prompt
     rng = np.random.default_rng(seed)
     layers = np.array(sorted(per_prompt["layer"].unique()))
     n_pairs = min(n_pairs, len(per_prompt))
