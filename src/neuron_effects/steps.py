@@ -394,7 +394,8 @@ def aggregate_effects(
     for record in clean[clean["target_low_rank"]].to_dict("records"):
         log.warning("low-ranked target (above targets.max_rank %d): %s", max_rank,
                     describe_target(record))
-    store.write_parquet(prompts_out, prompts.merge(clean, on="prompt_id", how="inner"))
+    store.write_parquet(prompts_out, prompts.merge(clean.drop(columns="n_tokens"),  # in both
+                                                   on="prompt_id", how="inner"))
     order = {prompt_id: index for index, prompt_id in enumerate(prompts["prompt_id"])}
     per_prompt = _ordered_columns(per_prompt.assign(_order=per_prompt["prompt_id"].map(order))
                                   .sort_values(["layer", "neuron", "_order"], ignore_index=True)
