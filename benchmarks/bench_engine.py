@@ -36,6 +36,7 @@ from neuron_effects.clean import run_clean
 from neuron_effects.demo import DEFAULT_PATH, fetch_demo_model
 from neuron_effects.direct import Readout, direct_effects
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
+from neuron_effects.error_scale import ratio_noise_floor
 from neuron_effects.inputs import Neuron, read_prompts
 from neuron_effects.metrics import effect_metrics
 from neuron_effects.model import ModelSpec, load_model, load_tokenizer
@@ -56,7 +57,7 @@ def naive_row(model, clean, clean_logits, readout, neuron: Neuron, target: int,
     direct, frozen, _ = direct_effects(readout, clean.final_hidden, activation[None], direction,
                                        readout.unnormalized(direction), columns)
     columns = effect_metrics(direct, frozen, total, clean_logits, target, distractor, True,
-                             settings.top_k, settings.noise_floor)
+                             settings.top_k, ratio_noise_floor(settings.noise_floor, clean.logits))
     return {name: float(columns[name][0]) for name in COMPARED}
 
 

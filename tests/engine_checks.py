@@ -10,7 +10,8 @@ from neuron_effects.clean import CleanRun, run_clean
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.inputs import Neuron
 from neuron_effects.model import LlamaFamily
-from neuron_effects.validation import compare_with_reference
+from neuron_effects.error_scale import float32_error_bound, logit_scale
+from neuron_effects.validation import CHECKED, compare_with_reference
 
 
 def random_neurons(model: LlamaFamily, per_layer: int, seed: int) -> list[Neuron]:
@@ -26,19 +27,36 @@ def fast_and_reference(
     model: LlamaFamily, input_ids: list[int], neurons: list[Neuron], settings: EffectSettings,
     target: int, distractor: int | None, mean_activations: torch.Tensor | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, CleanRun]:
-    """The fast path's table and, row by row, |fast - reference| for every metric."""
+    """The fast path's table and, row by row, |fast - reference| for every checked column
+    (:data:`neuron_effects.validation.CHECKED`; 0 where a column is undefined on both sides),
+    with the tolerance and noise floor derived from the prompt's logit scale."""
     layers = sorted({n.layer for n in neurons}) if settings.positions == "all" else ()
     clean = run_clean(model, input_ids, "prompt", layers)
     block = neuron_block(model, neurons, settings.full_vocab)
     fast = compute_effects(model, clean, block, settings, target, distractor,
                           mean_activations).per_prompt
     fast = fast.assign(target_id=target, distractor_id=distractor)
+    tolerance = float32_tolerance(clean)
+    floor = tolerance if settings.noise_floor is None else settings.noise_floor
     differences = pd.DataFrame([
         compare_with_reference(model, clean, row, settings.treatment, settings.positions,
-                               settings.full_vocab, settings.top_k, settings.noise_floor)
+                               settings.full_vocab, settings.top_k, floor, tolerance)
         for _, row in fast.iterrows()
-    ])
+    ], columns=list(CHECKED)).fillna(0.0)  # a missing key: undefined on both sides
     return fast, differences, clean
+
+
+def float32_tolerance(clean: CleanRun) -> float:
+    """float32's error bound at the logit scale of ``clean`` (the validation's tolerance)."""
+    return float32_error_bound(logit_scale(clean.logits))
+
+
+def assert_matches_reference(differences: pd.DataFrame, tolerance: float) -> None:
+    """Every checked column of every row within ``tolerance`` (an inf, from a NaN or infinite
+    value on one side, fails)."""
+    worst = differences.max()
+    assert np.isfinite(differences.to_numpy()).all() and worst.max() <= tolerance, \
+        worst.sort_values().tail()
 
 
 def assert_exact_decomposition(frame: pd.DataFrame) -> None:

@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 
+import neuron_effects.model as model_module
 from conftest import tiny_model
 from neuron_effects.clean import run_clean
 from neuron_effects.inputs import InputError, model_location, read_neurons, read_prompts
@@ -506,16 +507,35 @@ def test_unsupported_architecture_in_the_config(tmp_path):
 
 def test_cuda_requested_where_none_exists(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(model_module, "nvidia_driver", lambda: (None, None))
     for device in ("cuda", "cuda:1"):
-        with raises(rf"^device '{device}' requested but no CUDA GPU is available here"):
+        with raises(rf"^device '{device}' requested but CUDA is unusable here: torch "
+                    r".* and there is no NVIDIA driver \(nvidia-smi not found\)"):
             resolve_device(device)
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
     with raises("unknown device 'tpu'"):
         resolve_device("tpu")
     # loading fails with the same message before any weight is read
-    with raises("device 'cuda' requested but no CUDA GPU"):
+    with raises("device 'cuda' requested but CUDA is unusable"):
         load_model(ModelSpec(str(tiny_model_dir), device="cuda"))
+
+
+def test_cuda_error_names_both_versions_and_the_fix():
+    """torch 2.13.0's default build (CUDA 13.0) on a cluster whose driver supports 12.4 only."""
+    old_driver = model_module.cuda_unusable_message("cuda", "2.13.0", "13.0", "550.54.15", "12.4")
+    assert "built for CUDA 13.0" in old_driver and "driver is 550.54.15" in old_driver
+    assert "supports CUDA up to 12.4" in old_driver
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu118 tools/setup-venv.sh" \
+        in old_driver  # cu124 is not among torch 2.13's builds: the newest one below is cu118
+    cpu_build = model_module.cuda_unusable_message("cuda", "2.13.0+cpu", None, "570.1", "12.8")
+    assert "CPU-only build" in cpu_build and "whl/cu128" in cpu_build
+    matching = model_module.cuda_unusable_message("cuda:0", "2.13.0", "12.6", "560.1", "12.6")
+    assert "CUDA_VISIBLE_DEVICES" in matching
+    assert model_module.torch_build_for("12.7") == "cu126"
+    assert model_module.torch_build_for("11.4") is None
+    assert "update the NVIDIA driver" in model_module.cuda_unusable_message(
+        "cuda", "2.13.0", "13.0", "470.1", "11.4")
 
 
 def _default_config() -> dict:

@@ -3,10 +3,12 @@
 The science lives here; the Snakemake workflow only routes files to it. Modules: ``inputs``
 (reading the user's files), ``input_checks`` (their checks against the model, at parse time,
 cached), ``model`` (loading, Llama-family accessors), ``prompts``
-(tokenization, targets in context), ``clean`` (the clean forward), ``treatments`` (V = s * w),
+(tokenization, targets in context), ``targets`` (targets the clean model does not predict),
+``clean`` (the clean forward), ``treatments`` (V = s * w),
 ``direct`` (algebraic direct effects), ``total`` (the fast exact total), ``metrics``, ``effects``
 (the per-prompt driver), ``reference`` (slow correct paths), ``store`` (files, resumable shards),
-``aggregate``, ``validation``, ``report`` and ``report_table`` (its table of every neuron).
+``aggregate``, ``error_scale`` (float32's error at the run's logit scale: the tolerances),
+``validation``, ``report`` and ``report_table`` (its table of every neuron).
 """
 
 __version__ = "0.1.0"

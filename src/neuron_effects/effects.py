@@ -30,6 +30,7 @@ import torch
 
 from .clean import CleanRun
 from .direct import Readout, direct_effects
+from .error_scale import ratio_noise_floor
 from .inputs import Neuron
 from .mediation import (MEDIATION_COLUMNS, MEDIATION_COMPONENTS, MEDIATOR_COLUMNS,
                         BatchMediation, MediationCollector, mediation_readout, mediation_rows,
@@ -48,7 +49,9 @@ class EffectSettings:
     positions: str = "last"
     full_vocab: bool = True  # probability changes and top-k need the whole unembedding
     top_k: int = 10
-    noise_floor: float = 1e-4  # |d| + |i| below this: direct_ratio undefined
+    # |d| + |i| below this: direct_ratio undefined; None: float32's error bound at the prompt's
+    # logit scale (neuron_effects.error_scale)
+    noise_floor: float | None = None
     batch_rows: int | None = None  # treated rows per replay batch; None: from free memory
     vocab_rows: int | None = None  # rows per vocabulary-wide metric chunk; None: per device
     mediators: bool = True  # split the indirect effect over downstream layers, heads, neurons
@@ -174,7 +177,9 @@ def compute_effects(
     last-position means for ``positions: last``, all-position means for ``positions: all``).
     Columns: ``neuron_id, layer, neuron, activation, scale``, those of
     :func:`neuron_effects.metrics.effect_metrics` and ``indirect_{attn,mlp,norm}[_logit_diff]``
-    (NaN without ``mediators``; the ``_logit_diff`` ones also without a distractor).
+    (NaN without ``mediators``; the ``_logit_diff`` ones also without a distractor). The ratios'
+    noise floor: ``settings.noise_floor``, or float32's error bound at the logit scale of
+    ``clean`` (:func:`neuron_effects.error_scale.float32_error_bound`).
     """
     device = model.device
     if settings.full_vocab:
@@ -189,6 +194,7 @@ def compute_effects(
         target_column, distractor_column = 0, (1 if distractor_id is not None else None)
         frozen_columns = None
     means = mean_activations.to(device) if mean_activations is not None else None
+    noise_floor = ratio_noise_floor(settings.noise_floor, clean.logits)
     vocab_rows = settings.vocab_rows or auto_vocab_rows(device)
     batch_rows = settings.batch_rows or auto_batch_rows(
         model, clean.n_tokens, settings.full_vocab, settings.positions, vocab_rows)
@@ -245,7 +251,7 @@ def compute_effects(
                 frozen_columns)
             columns = effect_metrics(direct, frozen, total, clean_logits, target_column,
                                      distractor_column, settings.full_vocab, settings.top_k,
-                                     settings.noise_floor)
+                                     noise_floor)
             columns.update(
                 layer=layers[chunk].cpu().numpy(), neuron=indices[chunk].cpu().numpy(),
                 activation=activation[chunk].double().cpu().numpy(),

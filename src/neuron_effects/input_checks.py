@@ -42,6 +42,7 @@ class CheckedInputs:
 def prepare_prompts(
     neurons: list[Neuron], records: list[PromptRecord], neurons_path: str, prompts_path: str,
     model: dict[str, Any], chat_template: bool, system_prompt: str | None,
+    response_prefix: str = "",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Check the neurons against the model config (layer range, intermediate size), tokenize
     every prompt, resolve its target and distractor in context and check its length; returns
@@ -56,7 +57,8 @@ def prepare_prompts(
     rows = []
     for record in records:
         try:
-            prepared = prepare_prompt(tokenizer, record, chat_template, system_prompt)
+            prepared = prepare_prompt(tokenizer, record, chat_template, system_prompt,
+                                      response_prefix)
         except InputError as error:  # name the file too, as the tokenizer-free checks do
             raise InputError(f"{prompts_path}: {error}") from error
         check_prompt_length(config, len(prepared.input_ids),
@@ -80,7 +82,7 @@ def _modified(location: str | None) -> int | None:
 
 def checked_inputs(
     neurons_path: str, prompts_path: str, model: dict[str, Any], chat_template: bool,
-    system_prompt: str | None, cache_dir: str | Path | None = None,
+    system_prompt: str | None, cache_dir: str | Path | None = None, response_prefix: str = "",
 ) -> CheckedInputs:
     """Read and check both input files (:func:`read_neurons`, :func:`read_prompts`, then
     :func:`prepare_prompts`), reusing a cached result for the same files and settings.
@@ -91,13 +93,13 @@ def checked_inputs(
     records = read_prompts(prompts_path)
     key = digest([_file_digest(neurons_path), _file_digest(prompts_path), model,
                   _modified(model["model"]), _modified(model.get("tokenizer")), chat_template,
-                  system_prompt, __version__])
+                  system_prompt, response_prefix, __version__])
     cached = None if cache_dir is None else Path(cache_dir) / f"{key}.json"
     if cached is not None and cached.exists():
         result = json.loads(cached.read_text())
         return CheckedInputs(neurons, records, result["prepared"], result["shape"])
     prepared, shape = prepare_prompts(neurons, records, str(neurons_path), str(prompts_path),
-                                      model, chat_template, system_prompt)
+                                      model, chat_template, system_prompt, response_prefix)
     if cached is not None:
         from .store import write_json
 

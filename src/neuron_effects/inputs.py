@@ -28,7 +28,8 @@ PROMPT_FIELDS = ("prompt_id", "prompt", "target", "distractor")
 # Columns the workflow writes into the prompt tables; a user field may not take one of these names.
 PROMPT_TABLE_COLUMNS = ("text", "n_tokens", "input_ids", "target_id", "distractor_id", "warnings",
                         "target_token", "target_source", "distractor_token", "clean_top_token",
-                        "clean_top_prob", "clean_target_prob", "clean_target_rank")
+                        "clean_top_prob", "clean_target_prob", "clean_target_rank",
+                        "target_low_rank")
 
 
 class InputError(ValueError):

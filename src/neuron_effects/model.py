@@ -39,15 +39,69 @@ class ModelSpec:
     trust_remote_code: bool = False
 
 
+# PyTorch's CUDA wheel indices (https://download.pytorch.org/whl/<build>), newest first.
+TORCH_CUDA_BUILDS = ("cu130", "cu129", "cu128", "cu126", "cu118")
+TORCH_INDEX = "https://download.pytorch.org/whl/"
+
+
+def nvidia_driver() -> tuple[str | None, str | None]:
+    """The NVIDIA driver's version and the newest CUDA version it supports, from the header of
+    ``nvidia-smi`` (``None, None`` without it)."""
+    import re
+    import subprocess
+
+    try:
+        header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    driver = re.search(r"Driver Version:\s*([\d.]+)", header)
+    cuda = re.search(r"CUDA Version:\s*([\d.]+)", header)
+    return driver and driver.group(1), cuda and cuda.group(1)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+def torch_build_for(driver_cuda: str) -> str | None:
+    """The newest of :data:`TORCH_CUDA_BUILDS` whose CUDA version the driver supports
+    (``cu126`` for a driver supporting CUDA 12.6 up to 12.7), None if none."""
+    for build in TORCH_CUDA_BUILDS:
+        if _version(f"{build[2:-1]}.{build[-1]}") <= _version(driver_cuda)[:2]:
+            return build
+    return None
+
+
+def cuda_unusable_message(device: str, torch_version: str, torch_cuda: str | None,
+                          driver: str | None, driver_cuda: str | None) -> str:
+    """Why ``device`` cannot be used, naming torch's CUDA version and the driver's, and the fix."""
+    build = f"torch {torch_version} is built for CUDA {torch_cuda}" if torch_cuda else \
+        f"torch {torch_version} is a CPU-only build"
+    if driver is None:
+        return (f"device {device!r} requested but CUDA is unusable here: {build} and there is no "
+                "NVIDIA driver (nvidia-smi not found). Run on a GPU node, or use device: cpu or "
+                "auto")
+    found = f"{build}; the NVIDIA driver is {driver}, which supports CUDA up to {driver_cuda}"
+    wanted = torch_build_for(driver_cuda) if driver_cuda else None
+    if torch_cuda is None or (driver_cuda and _version(torch_cuda)[:2] > _version(driver_cuda)[:2]):
+        fix = (f"TORCH_INDEX_URL={TORCH_INDEX}{wanted} tools/setup-venv.sh (a torch build for "
+               "this driver; README, Set-up)" if wanted else
+               "update the NVIDIA driver (no PyTorch CUDA build supports this one)")
+    else:
+        fix = ("the builds match: check that the job was given a GPU (CUDA_VISIBLE_DEVICES, "
+               "the Slurm --gpus request)")
+    return (f"device {device!r} requested but CUDA is unusable here "
+            f"(torch.cuda.is_available() is False): {found}. Fix: {fix}")
+
+
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; ``cuda`` without a GPU is an error."""
+    """``auto`` -> cuda when available else cpu; ``cuda`` where CUDA is unusable is an error
+    naming torch's CUDA version, the driver's and the fix (:func:`cuda_unusable_message`)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(
-            f"device {device!r} requested but no CUDA GPU is available here "
-            "(torch.cuda.is_available() is False); use device: cpu or auto"
-        )
+        raise InputError(cuda_unusable_message(device, torch.__version__, torch.version.cuda,
+                                               *nvidia_driver()))
     if device != "cpu" and not device.startswith("cuda"):
         raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
     return torch.device(device)
@@ -161,15 +215,16 @@ def precision_flags() -> dict[str, Any]:
     }
 
 
-def parameter_count(spec: ModelSpec) -> int:
-    """Number of parameters of ``spec``'s model, from its config (on the meta device: no
-    weights are read or allocated)."""
+def parameter_sizes(spec: ModelSpec) -> tuple[int, int]:
+    """Number of parameters of ``spec``'s model and the size of its largest parameter tensor,
+    from its config (on the meta device: no weights are read or allocated)."""
     from transformers import AutoModelForCausalLM
 
     config = load_config(spec)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
-    return sum(parameter.numel() for parameter in model.parameters())
+    sizes = [parameter.numel() for parameter in model.parameters()]
+    return sum(sizes), max(sizes)
 
 
 def load_model(spec: ModelSpec, compute_dtype: torch.dtype | None = None) -> "LlamaFamily":

