@@ -27,12 +27,14 @@ precision@k of the ranking by mean ``|total_atp|`` against the ranking by mean `
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from . import relp
 from .direct import Readout
 from .model import LlamaFamily
 from .treatments import treatment_scales
@@ -49,9 +51,23 @@ def neuron_gradients(
     """``p_L = W_down_L^T (d logit_target / d x_L)`` for every decoder layer ``L`` (see the module
     docstring): [n_layers, intermediate] at the last position, or [n_layers, T, intermediate]
     with ``positions='all'``; float32. Also returns the target logit."""
+    projections, logit = method_gradients(model, input_ids, target_id, positions, {"atp": ()})
+    return projections["atp"], logit
+
+
+def method_gradients(
+    model: LlamaFamily, input_ids: list[int] | torch.Tensor, target_id: int,
+    positions: str, methods: dict[str, Sequence[str]],
+) -> tuple[dict[str, torch.Tensor], float]:
+    """:func:`neuron_gradients`' projections ``W_down_L^T g_L`` for each method, from ONE forward
+    and one backward per method: ``methods`` maps a name to its RelP rules
+    (:mod:`neuron_effects.relp`; empty: the plain gradient ``g_L``, else the modified gradient
+    ``g~_L`` at the same hook point, the output ``x_L`` of decoder layer ``L``). Forward values
+    do not depend on the rules. Also returns the target logit."""
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=model.device).reshape(1, -1)
     projections: list[torch.Tensor | None] = [None] * model.n_layers
     final_hidden: list[torch.Tensor] = []
+    switch = relp.RuleSwitch()
 
     def project(layer: int):
         weight = model.layers[layer].mlp.down_proj.weight  # [hidden, intermediate]
@@ -73,16 +89,24 @@ def neuron_gradients(
     handles += [block.register_forward_hook(keep_layer_output(layer))
                 for layer, block in enumerate(model.layers)]
     readout = Readout(model, torch.tensor([target_id], device=model.device))
+    rules = relp.relevance_rules(model, switch) if any(methods.values()) else nullcontext()
+    results: dict[str, torch.Tensor] = {}
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), rules:
             embeddings = model.causal_lm.get_input_embeddings()(ids).detach().requires_grad_()
             model.causal_lm.model(inputs_embeds=embeddings, use_cache=False)
-            logit = readout.logits(final_hidden[0][None])[0, 0]
-            torch.autograd.grad(logit, embeddings)
+            hidden = final_hidden[0][None].to(readout.dtype)
+            unnormalized, inverse_rms = readout.unnormalized(hidden), readout.inverse_rms(hidden)
+            logit = relp.routed_readout(unnormalized * inverse_rms, unnormalized, inverse_rms,
+                                        switch)[0, 0]
+            for number, (name, method_rules) in enumerate(methods.items()):
+                switch.active = frozenset(relp.rule_set(method_rules))
+                torch.autograd.grad(logit, embeddings, retain_graph=number < len(methods) - 1)
+                results[name] = torch.stack(projections)
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack(projections), float(logit.detach())
+    return results, float(logit.detach())
 
 
 def first_order_estimates(
