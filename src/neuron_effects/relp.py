@@ -66,6 +66,16 @@ def method_name(rules: Sequence[str]) -> str:
     return "relp" if rules == RULES else "relp_" + "_".join(rules)
 
 
+def method_rules(methods: Sequence[str], relp_rules: Sequence[Any]) -> dict[str, tuple[str, ...]]:
+    """The config's ``atp.methods`` and ``atp.relp_rules`` as estimate name -> RelP rules:
+    ``atp`` -> () (the plain gradient), and with ``relp`` one entry per rule set
+    (:func:`method_name`)."""
+    result: dict[str, tuple[str, ...]] = {"atp": ()} if "atp" in methods else {}
+    if "relp" in methods:
+        result.update((method_name(rules), rules) for rules in rule_sets(relp_rules))
+    return result
+
+
 @dataclass
 class RuleSwitch:
     """The rules the next backward pass applies (empty: the plain gradient)."""

@@ -152,11 +152,15 @@ def _mean_activations(stats_path: str, positions: str, n_layers: int, width: int
 
 
 def estimate_attribution(spec: ModelSpec, clean_path: str, treatment: str, positions: str,
-                         output: str, neuron_stats: str | None = None) -> None:
+                         output: str, neuron_stats: str | None = None,
+                         methods: dict[str, Sequence[str]] | None = None) -> None:
     """First-order estimates of every neuron of every layer on each prompt of a clean chunk
-    (:mod:`neuron_effects.attribution`): one forward and one backward per prompt, for the target
-    recorded by the clean run; saved as [prompts, layers, intermediate] float32 with the prompt
-    ids in the metadata."""
+    (:mod:`neuron_effects.attribution`): one forward per prompt, then one backward per method
+    (``methods``: name -> RelP rules, empty for the plain gradient; default AtP alone), for the
+    target recorded by the clean run. Saved as [prompts, layers, intermediate] float32 per method
+    (:func:`estimates_key`), with ``gradient``: the plain ``d logit_target / d a`` of every neuron
+    at the last position (what the edge weights need), and the prompt ids in the metadata."""
+    methods = {"atp": ()} if methods is None else dict(methods)
     runs, records = store.load_clean_runs(clean_path)
     model = load_model(spec)
     means = None
@@ -165,67 +169,96 @@ def estimate_attribution(spec: ModelSpec, clean_path: str, treatment: str, posit
             raise InputError("treatment mean_ablate needs the activation statistics")
         means = _mean_activations(neuron_stats, positions, model.n_layers,
                                   model.intermediate_size).to(model.device)
-    estimates = []
+    passes = {"atp": (), **methods}  # the plain gradient always: the edges' weights use it
+    tensors: dict[str, list[torch.Tensor]] = {name: [] for name in [*methods, "gradient"]}
     for run, record in tqdm(list(zip(runs, records)), desc="forward + backward", **PROGRESS):
         started = time.perf_counter()
-        projections, _ = attribution.neuron_gradients(model, run.input_ids, record["target_id"],
-                                                      positions)
+        projections, _ = attribution.method_gradients(model, run.input_ids, record["target_id"],
+                                                      positions, passes)
         if positions == "all":  # every position's activation of every layer
             clean = run_clean(model, run.input_ids, record["prompt_id"], range(model.n_layers))
             activations = torch.stack([clean.full_activations[layer]
                                        for layer in range(model.n_layers)])
         else:
             activations = run.activations
-        estimates.append(attribution.first_order_estimates(
-            projections, activations.to(model.device), treatment, means).cpu())
-        log.info("prompt %s (%d tokens): estimates in %.2f s", record["prompt_id"],
-                 run.n_tokens, time.perf_counter() - started)
+        for name in methods:
+            tensors[name].append(attribution.first_order_estimates(
+                projections[name], activations.to(model.device), treatment, means).cpu())
+        plain = projections["atp"]
+        tensors["gradient"].append((plain if positions == "last" else plain[:, -1]).cpu())
+        log.info("prompt %s (%d tokens): %s in %.2f s", record["prompt_id"], run.n_tokens,
+                 ", ".join(passes), time.perf_counter() - started)
     metadata = {"prompt_ids": json.dumps([record["prompt_id"] for record in records]),
                 "target_ids": json.dumps([record["target_id"] for record in records]),
-                "treatment": treatment, "positions": positions}
+                "treatment": treatment, "positions": positions,
+                "methods": json.dumps({name: list(rules) for name, rules in methods.items()})}
     with store.atomic_path(output) as temporary:
-        save_file({"estimates": torch.stack(estimates).contiguous()}, str(temporary),
-                  metadata=metadata)
+        save_file({estimates_key(name): torch.stack(values).contiguous()
+                   for name, values in tensors.items()}, str(temporary), metadata=metadata)
 
 
-def _load_estimates(path: str) -> tuple[torch.Tensor, list[str]]:
-    """An estimates file's [prompts, layers, intermediate] tensor and its prompt ids."""
+def estimates_key(method: str) -> str:
+    """The tensor of ``method`` in the estimates files: ``estimates`` for atp (its name before
+    RelP), the method's name otherwise."""
+    return "estimates" if method == "atp" else method
+
+
+def _load_estimates(path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An estimates file's [prompts, layers, intermediate] tensors by method (and
+    ``gradient`` [prompts, layers, intermediate] where present) and its prompt ids."""
     with safe_open(path, framework="pt") as handle:
-        prompt_ids = json.loads(handle.metadata()["prompt_ids"])
-    return load_file(path)["estimates"], prompt_ids
+        metadata = handle.metadata()
+    methods = json.loads(metadata.get("methods", '{"atp": []}'))
+    tensors = load_file(path)
+    loaded = {name: tensors[estimates_key(name)] for name in methods}
+    if "gradient" in tensors:
+        loaded["gradient"] = tensors["gradient"]
+    return loaded, json.loads(metadata["prompt_ids"])
 
 
 def summarize_attribution(chunk_paths: Sequence[str], profile_path: str, n_candidates: int,
                           estimates_out: str, neurons_out: str, candidates_out: str) -> None:
-    """Stack the chunks' estimates ([prompts, layers, intermediate], prompt ids in the metadata)
-    and write the all-neuron table and the top ``n_candidates`` neurons outside the profile
-    file."""
+    """Stack the chunks' estimates ([prompts, layers, intermediate] per method, prompt ids in the
+    metadata) and write the all-neuron table and the neurons outside the profile file among the
+    top ``n_candidates`` of any method."""
     parts = [_load_estimates(path) for path in chunk_paths]
-    estimates = torch.cat([part[0] for part in parts])
+    names = list(parts[0][0])
+    stacked = {name: torch.cat([part[0][name] for part in parts]) for name in names}
     prompt_ids = [prompt_id for part in parts for prompt_id in part[1]]
+    methods = [name for name in names if name != "gradient"]
+    with safe_open(chunk_paths[0], framework="pt") as handle:
+        method_rules = handle.metadata().get("methods", '{"atp": []}')
     with store.atomic_path(estimates_out) as temporary:
-        save_file({"estimates": estimates.contiguous()}, str(temporary),
-                  metadata={"prompt_ids": json.dumps(prompt_ids)})
+        save_file({estimates_key(name): stacked[name].contiguous() for name in names},
+                  str(temporary), metadata={"prompt_ids": json.dumps(prompt_ids),
+                                            "methods": method_rules})
     profile = pd.DataFrame([vars(neuron) for neuron in read_neurons(profile_path)])
-    table = attribution.neuron_table(estimates.numpy(), profile)
+    table = attribution.neuron_table({name: stacked[name].numpy() for name in methods}, profile)
     store.write_parquet(neurons_out, table)
-    store.write_parquet(candidates_out, attribution.candidates(table, n_candidates))
-    log.info("%d prompts x %d neurons; %d of the top %d by mean |estimate| are studied neurons",
-             len(prompt_ids), len(table), int(table["in_profile"].head(n_candidates).sum()),
-             n_candidates)
+    store.write_parquet(candidates_out, attribution.candidates(table, n_candidates, methods))
+    for method in methods:
+        top = table.nsmallest(n_candidates, attribution.rank_column(method))
+        log.info("%d prompts x %d neurons; %d of the top %d by mean |%s| are studied neurons",
+                 len(prompt_ids), len(table), int(top["in_profile"].sum()), n_candidates, method)
 
 
 def _with_estimates(per_prompt: pd.DataFrame, estimates_path: str) -> pd.DataFrame:
-    """``total_atp`` (the estimate of the row's prompt and neuron) and ``indirect_atp`` (=
-    total_atp - direct) inserted after ``total``."""
+    """``total_<method>`` for each method of the estimates file (the estimate of the row's
+    prompt and neuron) inserted after ``total``, with ``indirect_atp`` (= total_atp - direct)
+    after ``total_atp``."""
     estimates, prompt_ids = _load_estimates(estimates_path)
     index = {prompt_id: position for position, prompt_id in enumerate(prompt_ids)}
-    total_atp = estimates.numpy()[per_prompt["prompt_id"].map(index).to_numpy(),
-                                  per_prompt["layer"].to_numpy(), per_prompt["neuron"].to_numpy()]
+    rows = (per_prompt["prompt_id"].map(index).to_numpy(), per_prompt["layer"].to_numpy(),
+            per_prompt["neuron"].to_numpy())
     where = per_prompt.columns.get_loc("total") + 1
     per_prompt = per_prompt.copy()
-    per_prompt.insert(where, "total_atp", total_atp.astype(np.float64))
-    per_prompt.insert(where + 1, "indirect_atp", per_prompt["total_atp"] - per_prompt["direct"])
+    for method in (name for name in estimates if name != "gradient"):
+        per_prompt.insert(where, f"total_{method}",
+                          estimates[method].numpy()[rows].astype(np.float64))
+        where += 1
+        if method == "atp":
+            per_prompt.insert(where, "indirect_atp", per_prompt["total_atp"] - per_prompt["direct"])
+            where += 1
     return per_prompt
 
 
@@ -385,8 +418,10 @@ def aggregate_effects(
     layers = aggregate.summarize_layers(neurons, per_prompt)
     if estimates_path is not None:
         per_prompt = _with_estimates(per_prompt, estimates_path)
-        neurons = neurons.merge(attribution.neuron_agreement(per_prompt), on="neuron_id")
-        layers = layers.merge(attribution.layer_agreement(per_prompt), on="layer")
+        for method in aggregate.estimate_methods(per_prompt.columns):
+            neurons = neurons.merge(attribution.neuron_agreement(per_prompt, method),
+                                    on="neuron_id")
+            layers = layers.merge(attribution.layer_agreement(per_prompt, method), on="layer")
     store.write_parquet(per_prompt_out, per_prompt)
     store.write_parquet(neurons_out, neurons)
     documents = aggregate.neuron_documents(neurons, per_prompt)

@@ -12,6 +12,7 @@ from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest, model_location
 from neuron_effects.plan import make_plan
 from neuron_effects.precision import low_precision_warning
+from neuron_effects.relp import method_rules
 
 validate(config, "../../config/config.schema.yaml")
 # bfloat16/float16 are allowed, but say at once what they do to the results.
@@ -66,6 +67,8 @@ EFFECT_SETTINGS = {
 }
 # Attribution patching (workflow/rules/atp.smk) runs unless the config turns it off.
 ATP = config["atp"]["enabled"]
+# The estimates it computes: name -> RelP rules (atp: none, the plain gradient).
+ATP_METHODS = method_rules(config["atp"]["methods"], config["atp"]["relp_rules"])
 # Jobs that run the model ask for one GPU unless the config pins the CPU.
 GPUS = 0 if config["device"] == "cpu" else 1
 LABELS = f"results/labels/{Path(config['neurons']).stem}.with_effects.json"
