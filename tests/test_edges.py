@@ -1,5 +1,6 @@
-"""Every profile edge measured exactly: Δa_t from the replay against a hooked full forward,
-the edge table's weights and signs, and the edges that are left out."""
+"""Every profile edge measured exactly: Δa_t from the replay against hooked full forwards
+(:func:`neuron_effects.reference.reference_activation_changes`), the edge table's weights and
+signs, and the edges that are left out."""
 
 from __future__ import annotations
 
@@ -15,52 +16,12 @@ from neuron_effects import edges
 from neuron_effects.clean import run_clean
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.inputs import Neuron
-from neuron_effects.model import LlamaFamily
+from neuron_effects.reference import reference_activation_changes
 from neuron_effects.treatments import treatment_scales
 
 PROMPT = [5, 17, 2, 99, 43, 8, 61, 30, 12, 77, 3]
 TARGETS = {"L0/N5": [(1, 3), (2, 40), (3, 63)], "L1/N40": [(2, 7), (3, 0)],
            "L2/N17": [(3, 11), (3, 12)]}
-
-
-def hooked_activation_changes(model: LlamaFamily, layer: int, vector: torch.Tensor,
-                              targets: list[tuple[int, int]]) -> list[float]:
-    """``a_t(treated) - a_t(clean)`` at the last position, each from a full forward of the
-    model: a forward hook adds ``vector`` ([T, hidden], or [hidden] at the last position) to
-    the output of decoder layer ``layer``; pre-hooks read the input of each target layer's
-    ``down_proj``."""
-    seen: dict[int, torch.Tensor] = {}
-
-    def read(target_layer: int):
-        def hook(module, args):
-            seen[target_layer] = args[0][0, -1].double()
-
-        return hook
-
-    def add(module, args, output):
-        hidden = (output[0] if isinstance(output, tuple) else output).clone()
-        if vector.dim() == 1:
-            hidden[0, -1] += vector.to(hidden.dtype)
-        else:
-            hidden[0] += vector.to(hidden.dtype)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    readers = [model.layers[target].mlp.down_proj.register_forward_pre_hook(read(target))
-               for target in {target for target, _ in targets}]
-    try:
-        values = []
-        for hooked in (False, True):
-            handle = model.layers[layer].register_forward_hook(add) if hooked else None
-            with torch.no_grad():
-                model.causal_lm(input_ids=torch.tensor([PROMPT]))
-            if handle is not None:
-                handle.remove()
-            values.append({target: seen[target].clone() for target in seen})
-    finally:
-        for reader in readers:
-            reader.remove()
-    clean, treated = values
-    return [float(treated[target][neuron] - clean[target][neuron]) for target, neuron in targets]
 
 
 @pytest.mark.parametrize("treatment, positions", [("add", "last"), ("zero_ablate", "last"),
@@ -86,7 +47,8 @@ def test_delta_activation_matches_a_hooked_full_forward(treatment, positions):
         else:
             per_position = clean.full_activations[neuron.layer][:, neuron.neuron]
             vector = treatment_scales(per_position, treatment)[:, None] * direction[None]
-        expected = hooked_activation_changes(model, neuron.layer, vector, TARGETS[neuron.neuron_id])
+        expected = reference_activation_changes(model, torch.tensor(PROMPT), neuron.layer,
+                                                vector, TARGETS[neuron.neuron_id])
         assert list(zip(rows["target_layer"], rows["target_neuron"])) == TARGETS[neuron.neuron_id]
         np.testing.assert_allclose(rows["delta_activation"], expected, rtol=0, atol=2e-5)
         np.testing.assert_allclose(rows["target_activation"], [

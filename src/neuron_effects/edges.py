@@ -213,7 +213,8 @@ def edge_table(deltas: pd.DataFrame, gradients: dict[str, np.ndarray] | None,
     ``a_t = 0`` left out) and of ``Δa_t * ∂logit_target/∂a_t`` (``exact_weight``; ``gradients``:
     prompt id -> [layers, intermediate] plain gradients, None without attribution patching:
     NaN), and ``sign_agrees`` (sign of exact_weight vs avg_weight; NA when either is 0 or NaN)."""
-    frame = deltas.copy()
+    frame = deltas.astype({"target_layer": int, "target_neuron": int,
+                           "delta_activation": float, "target_activation": float})
     target = frame["target_activation"].abs().replace(0.0, np.nan)
     frame["relative_delta"] = frame["delta_activation"].abs() / target
     if gradients is None:

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from . import aggregate, attribution, mediation, store
 from .clean import run_clean
-from .edges import EDGE_COLUMNS, edge_agreement, read_edges
+from .edges import (EDGE_COLUMNS, edge_agreement, edge_table, measurable_targets,
+                    neuron_target_weights, read_edges, real_edges)
 from .effects import EffectSettings, compute_effects, neuron_block
 from .input_checks import checked_inputs
 from .inputs import InputError, Neuron, extra_columns, load_profile_document, read_neurons
@@ -242,11 +243,11 @@ def summarize_attribution(chunk_paths: Sequence[str], profile_path: str, n_candi
                  len(prompt_ids), len(table), int(top["in_profile"].sum()), n_candidates, method)
 
 
-def _with_estimates(per_prompt: pd.DataFrame, estimates_path: str) -> pd.DataFrame:
-    """``total_<method>`` for each method of the estimates file (the estimate of the row's
-    prompt and neuron) inserted after ``total``, with ``indirect_atp`` (= total_atp - direct)
-    after ``total_atp``."""
-    estimates, prompt_ids = _load_estimates(estimates_path)
+def _with_estimates(per_prompt: pd.DataFrame, estimates: dict[str, torch.Tensor],
+                    prompt_ids: list[str]) -> pd.DataFrame:
+    """``total_<method>`` for each method of an estimates file (:func:`_load_estimates`: the
+    estimate of the row's prompt and neuron) inserted after ``total``, with ``indirect_atp``
+    (= total_atp - direct) after ``total_atp``."""
     index = {prompt_id: position for position, prompt_id in enumerate(prompt_ids)}
     rows = (per_prompt["prompt_id"].map(index).to_numpy(), per_prompt["layer"].to_numpy(),
             per_prompt["neuron"].to_numpy())
@@ -267,12 +268,17 @@ def compute_shard(
     settings: EffectSettings, output: str, partial_root: str, fingerprint: str,
     neuron_stats: str | None = None, neurons_per_block: int = 2048,
     mediation_output: str | None = None, mediators_output: str | None = None,
+    edge_targets: Mapping[str, Sequence[Sequence[int]]] | None = None,
+    edges_output: str | None = None,
 ) -> None:
     """Effects of the shard's neurons on the chunk's prompts, resumable unit by unit.
 
-    A unit is (neuron block, prompt); each finished unit (its per-prompt rows, mediation rows
-    and top-k mediators) is saved atomically under ``partial_root/fingerprint`` and skipped when
-    the shard is restarted; the outputs are assembled from the units at the end.
+    A unit is (neuron block, prompt); each finished unit (its per-prompt rows, mediation rows,
+    top-k mediators and edge rows) is saved atomically under ``partial_root/fingerprint`` and
+    skipped when the shard is restarted; the outputs are assembled from the units at the end.
+    ``edge_targets``: neuron id -> the ``(layer, neuron)`` targets of its profile's edges, whose
+    ``Δa_t`` goes to ``edges_output``; targets not in a later layer of the model are left out
+    with a warning.
     """
     runs, records = store.load_clean_runs(clean_path)
     neurons = [Neuron(str(i), int(layer), int(n)) for i, layer, n in neuron_table]
@@ -292,6 +298,7 @@ def compute_shard(
             means = _mean_activations(neuron_stats, settings.positions, model.n_layers,
                                       model.intermediate_size)
         layers = sorted({n.layer for n in neurons})
+        targets = _measurable_targets(neurons, edge_targets or {}, model)
         bar = tqdm(total=sum(len(blocks[b]) for b, _ in todo), desc="treated rows", unit="row",
                    **PROGRESS)
         for b, members in enumerate(blocks):
@@ -305,19 +312,39 @@ def compute_shard(
                     clean = run_clean(model, clean.input_ids, record["prompt_id"], layers)
                 started = time.perf_counter()
                 tables = compute_effects(model, clean.to(model.device), block, settings,
-                                         record["target_id"], record["distractor_id"], means)
+                                         record["target_id"], record["distractor_id"], means,
+                                         targets)
                 frame = tables.per_prompt.assign(**{key: record[key] for key in PROMPT_COLUMNS})
                 split = {name: table.assign(prompt_id=record["prompt_id"])[
                     ["prompt_id", *table.columns]] for name, table in
-                    (("mediation", tables.mediation), ("mediators", tables.mediators))}
+                    (("mediation", tables.mediation), ("mediators", tables.mediators),
+                     ("edges", tables.edges))}
                 progress.save(units[b, p], frame, split)
                 bar.update(len(members))
                 log.info("unit %s (%s): %d rows in %.2f s", units[b, p], record["prompt_id"],
                          len(members), time.perf_counter() - started)
         bar.close()
     extra = {name: path for name, path in (("mediation", mediation_output),
-                                           ("mediators", mediators_output)) if path}
+                                           ("mediators", mediators_output),
+                                           ("edges", edges_output)) if path}
     progress.assemble(list(units.values()), output, extra)
+
+
+def _measurable_targets(neurons: Sequence[Neuron], edge_targets: Mapping[str, Sequence[
+        Sequence[int]]], model: Any) -> dict[str, list[tuple[int, int]]]:
+    """The shard's edge targets that the replay can measure (:func:`edges.measurable_targets`);
+    a warning in the log for each one left out."""
+    kept = {}
+    for neuron in neurons:
+        if neuron.neuron_id not in edge_targets:
+            continue
+        kept[neuron.neuron_id], warnings = measurable_targets(
+            neuron.neuron_id, neuron.layer, [tuple(target) for target in
+                                             edge_targets[neuron.neuron_id]],
+            model.n_layers, model.intermediate_size)
+        for warning in warnings:
+            log.warning("%s", warning)
+    return kept
 
 
 def _ordered_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -360,8 +387,36 @@ def aggregate_mediation(
          **edge_agreement(edges[neuron_id], by_neuron.get(neuron_id, mediator_neurons.iloc[:0]),
                           tokens[neuron_id], top_k)}
         for neuron_id in columns["neuron_id"] if neuron_id in edges
-    ], columns=["neuron_id", *EDGE_COLUMNS])
+    ], columns=["neuron_id", *EDGE_COLUMNS[:EDGE_COLUMNS.index("edge_n_measured")]])
     return columns.merge(agreement, on="neuron_id", how="left"), summary
+
+
+def aggregate_edges(edge_shards: Sequence[str], profile_path: str, studied: Sequence[str],
+                    gradients: dict[str, np.ndarray] | None, min_relative_delta: float,
+                    edges_out: str) -> pd.DataFrame:
+    """Write the exact measurement of every neuron edge of the studied neurons' profiles
+    (:func:`neuron_effects.edges.edge_table`, from the shards' per-prompt ``Δa_t`` and the
+    plain gradients of the attribution pass) and return per studied neuron with edges
+    ``edge_n_measured`` and ``edge_real_fraction`` (:func:`neuron_effects.edges.real_edges`);
+    listed edges that were not measured are named in a warning."""
+    weights = {neuron_id: neuron_target_weights(listed)
+               for neuron_id, listed in read_edges(profile_path).items() if neuron_id in studied}
+    deltas = pd.concat([pd.read_parquet(path) for path in edge_shards], ignore_index=True)
+    table = edge_table(deltas, gradients, weights)
+    store.write_parquet(edges_out, table)
+    measured = set(zip(table["neuron_id"], table["target_layer"], table["target_neuron"]))
+    for neuron_id, targets in weights.items():
+        for layer, neuron in targets:
+            if (neuron_id, layer, neuron) not in measured:
+                log.warning("edge %s -> %d_%d left out: its target is not a neuron of a later "
+                            "layer of the model", neuron_id, layer, neuron)
+    per_neuron = real_edges(table, min_relative_delta).set_index("neuron_id")
+    per_neuron = per_neuron.reindex(list(weights))
+    per_neuron["edge_n_measured"] = per_neuron["edge_n_measured"].fillna(0.0)
+    log.info("%d edges of %d neurons measured; %.0f %% real (|Δa_t| >= %g |a_t|, sign agrees)",
+             len(table), len(weights), 100 * per_neuron["edge_real_fraction"].mean(),
+             min_relative_delta)
+    return per_neuron.rename_axis("neuron_id").reset_index()
 
 
 def _with_mediation(records: list[dict[str, Any]], columns: pd.DataFrame,
@@ -389,13 +444,16 @@ def aggregate_effects(
     mediation_shards: Sequence[str] = (), mediator_shards: Sequence[str] = (),
     mediation_out: str | None = None, mediators_out: str | None = None,
     mediation_layers_out: str | None = None, mediator_top_k: int = 10,
-    estimates_path: str | None = None,
+    estimates_path: str | None = None, edge_shards: Sequence[str] = (),
+    edges_out: str | None = None, edge_min_relative_delta: float = 0.01,
 ) -> None:
     """Merge the shards into the long table and write the neuron, layer, prompt and label
     summaries; with the mediation outputs, also the mediation tables, the layer flow and the
     per-neuron mediators and edge agreement (:func:`aggregate_mediation`); with
     ``estimates_path`` (attribution patching), also the estimates (``total_atp``,
-    ``indirect_atp``) and their agreement with the exact effects."""
+    ``indirect_atp``, ``total_relp``...) and their agreement with the exact effects; with
+    ``edges_out``, the exact measurement of the profiles' neuron edges
+    (:func:`aggregate_edges`)."""
     per_prompt = pd.concat([pd.read_parquet(path) for path in shard_paths], ignore_index=True)
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
@@ -409,15 +467,26 @@ def aggregate_effects(
     if duplicated.any():
         raise RuntimeError(f"{int(duplicated.sum())} duplicated (prompt, neuron) rows in shards")
     neurons = aggregate.summarize_neurons(per_prompt, thresholds)
+    estimates = _load_estimates(estimates_path) if estimates_path is not None else None
     split = None
     if mediation_out is not None:
         split = aggregate_mediation(mediation_shards, mediator_shards, per_prompt, profile_path,
                                     mediator_top_k, mediation_out, mediators_out,
                                     mediation_layers_out)
+        if edges_out is not None:
+            gradients = None
+            if estimates is not None and "gradient" in estimates[0]:
+                gradients = dict(zip(estimates[1], estimates[0]["gradient"].numpy()))
+            measured = aggregate_edges(edge_shards, profile_path,
+                                       list(neurons["neuron_id"]), gradients,
+                                       edge_min_relative_delta, edges_out)
+            split = (split[0].merge(measured, on="neuron_id", how="left"), split[1])
+        else:
+            split[0][["edge_n_measured", "edge_real_fraction"]] = np.nan
         neurons = neurons.merge(split[0], on="neuron_id", how="left")
     layers = aggregate.summarize_layers(neurons, per_prompt)
-    if estimates_path is not None:
-        per_prompt = _with_estimates(per_prompt, estimates_path)
+    if estimates is not None:
+        per_prompt = _with_estimates(per_prompt, *estimates)
         for method in aggregate.estimate_methods(per_prompt.columns):
             neurons = neurons.merge(attribution.neuron_agreement(per_prompt, method),
                                     on="neuron_id")
@@ -530,7 +599,7 @@ def render_report(
     validation_summary: str, benchmark_paths: Sequence[str], top_n: int, output: str,
     figures_dir: str | None = None,
     mediation_layers_path: str | None = None,
-    atp_candidates: str | None = None,
+    atp_candidates: str | None = None, edges_path: str | None = None,
 ) -> None:
     """Write the self-contained HTML report (with the attribution-patching section when
     ``atp_candidates`` is given) and, into ``figures_dir``, its figures as ``<name>.png`` (for
@@ -560,7 +629,9 @@ def render_report(
         pd.read_parquet(validation_table), timings, top_n, figures=figures,
         mediation_layers=(pd.read_parquet(mediation_layers_path) if mediation_layers_path
                           else None),
-        atp_candidates=None if atp_candidates is None else pd.read_parquet(atp_candidates))
+        atp_candidates=None if atp_candidates is None else pd.read_parquet(atp_candidates),
+        edges=None if edges_path is None else pd.read_parquet(edges_path),
+        edge_min_relative_delta=settings.get("edge_min_relative_delta", 0.01))
     if figures_dir is not None:
         for name, uri in figures.items():
             with store.atomic_path(Path(figures_dir) / f"{name}.png") as temporary:

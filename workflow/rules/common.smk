@@ -7,7 +7,7 @@ from snakemake.utils import validate
 
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.demo import fetch_demo_model
-from neuron_effects.edges import read_edges
+from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest, model_location
 from neuron_effects.plan import make_plan
@@ -37,7 +37,8 @@ INPUT_CHECKS = ".snakemake/input-checks"
 CHECKED = checked_inputs(
     config["neurons"], config["prompts"], MODEL, cache_dir=INPUT_CHECKS, **PROMPT_FORMAT
 )
-read_edges(config["neurons"])  # malformed top_downstream_targets stop the run here
+# Malformed top_downstream_targets stop the run here; the neuron targets go to the shards.
+EDGES = read_edges(config["neurons"])
 PREPARED = {row["prompt_id"]: row for row in CHECKED.prepared}
 PLAN = make_plan(
     CHECKED.neurons,
@@ -139,11 +140,21 @@ def shard_neurons(wildcards):
     return PLAN.shard(f"{wildcards.block}_{wildcards.chunk}").neuron_table
 
 
+def shard_edges(wildcards):
+    """Per neuron of the shard with profile edges: its neuron targets [layer, neuron]."""
+    return {
+        neuron_id: [[layer, neuron] for layer, neuron in neuron_target_weights(edges)]
+        for neuron_id, edges in EDGES.items()
+        if neuron_id in {row[0] for row in shard_neurons(wildcards)}
+    }
+
+
 def shard_fingerprint(wildcards):
     """Everything a shard's results depend on: its neurons, prompts, model and settings."""
     return digest(
         [
             shard_neurons(wildcards),
+            shard_edges(wildcards),
             chunk_fingerprint(wildcards),
             EFFECT_SETTINGS,
             config["compute"]["neurons_per_block"],

@@ -27,4 +27,7 @@ aggregate_effects(
     mediation_layers_out=snakemake.output.mediation_layers,
     mediator_top_k=snakemake.params.mediator_top_k,
     estimates_path=snakemake.input.estimates[0] if snakemake.input.estimates else None,
+    edge_shards=list(snakemake.input.edge_shards),
+    edges_out=snakemake.output.edges,
+    edge_min_relative_delta=snakemake.params.edge_min_relative_delta,
 )
