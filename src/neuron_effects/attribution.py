@@ -237,7 +237,9 @@ def neuron_table(estimates: dict[str, np.ndarray], profile: pd.DataFrame) -> pd.
                                   ascending=[False, True, True], kind="stable",
                                   ignore_index=True)
         table[rank_column(method)] = np.arange(1, len(table) + 1)
-    return table
+    per_method = [column for method in estimates for column in (
+        f"mean_abs_{method}", f"max_abs_{method}", f"mean_{method}", rank_column(method))]
+    return table[["layer", "neuron", *per_method, "in_profile"]]
 
 
 def rank_column(method: str) -> str:
