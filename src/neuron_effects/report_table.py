@@ -6,8 +6,8 @@ embedded once, compactly, and the rows are drawn by a small hand-written script:
 * one JSON block: the summary rows (numbers to 4 significant digits) and, per series, the
   [neurons x prompts] matrix of per-prompt effects on the target logit as base64 little-endian
   float32 (``direct`` and ``total``, plus ``total_atp`` and ``total_relp`` when present).
-  ``indirect`` is not stored: it is ``total - direct`` by definition and computed in the page. The matrices are
-  decoded only when a neuron is first opened;
+  ``indirect`` is not stored: it is ``total - direct`` by definition and computed in the page.
+  The matrices are decoded only when a neuron is first opened;
 * the script draws at most :data:`PAGE_ROWS` rows of the filtered and sorted list at a time (a
   button shows more), so the page holds a few hundred rows whatever the number of neurons.
 
