@@ -136,3 +136,37 @@ def test_relp_gradients_match_the_detached_implementation_on_smollm2(smollm2):
     expected = independent_projections(model, ids, target, relp.RULES)
     torch.testing.assert_close(projections["relp"], expected, rtol=0, atol=1e-4)
     assert projections["relp"].abs().max() > 0.1
+
+
+def test_method_rules_from_the_config():
+    assert relp.method_rules(["atp", "relp"], list(relp.RULES)) == {"atp": (), "relp": relp.RULES}
+    assert relp.method_rules(["relp"], [["ln"], list(relp.RULES), ["half", "identity"]]) == {
+        "relp_ln": ("ln",), "relp": relp.RULES, "relp_identity_half": ("identity", "half")}
+    assert relp.method_rules(["atp"], list(relp.RULES)) == {"atp": ()}
+
+
+def test_report_compares_every_rule_set():
+    """With several rule sets, the report's attribution section has one row per method in its
+    summary table, one line per method in the by-layer figure and one scatter each."""
+    import numpy as np
+    import pandas as pd
+
+    from neuron_effects.attribution import layer_agreement
+    from neuron_effects.report import attribution_section
+
+    rng = np.random.default_rng(0)
+    per_prompt = pd.DataFrame({"prompt_id": np.repeat(["p0", "p1", "p2"], 8),
+                               "neuron_id": np.tile([f"L{i // 2}/N{i}" for i in range(8)], 3),
+                               "layer": np.tile(np.arange(8) // 2, 3),
+                               "total": rng.normal(size=24)})
+    for method in ("atp", "relp", "relp_ln"):
+        per_prompt[f"total_{method}"] = per_prompt["total"] + rng.normal(0, 0.3, 24)
+    layers = pd.DataFrame({"layer": range(4), "n_neurons": 2})
+    for method in ("atp", "relp", "relp_ln"):
+        layers = layers.merge(layer_agreement(per_prompt, method), on="layer")
+    candidates = pd.DataFrame({"neuron_id": ["L0/N9"], "layer": [0], "neuron": [9],
+                               "listed_by": ["atp, relp"], "rank": [1], "rank_relp": [1]})
+    page = "".join(attribution_section(per_prompt, layers, candidates, 5))
+    for method in ("atp", "relp", "relp_ln"):
+        assert f"<td>{method}</td>" in page and f"{method}: first-order estimate" in page
+    assert page.count("<img") == 1 + 3 and "L0/N9" in page

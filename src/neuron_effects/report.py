@@ -478,7 +478,7 @@ def render_report(
         edges_section(edges, neurons, edge_min_relative_delta, top_n)
         if edges is not None else "",
         *(attribution_section(per_prompt, layers, atp_candidates, top_n)
-          if atp_candidates is not None and "total_atp" in per_prompt else []),
+          if atp_candidates is not None and estimate_methods(per_prompt.columns) else []),
         neuron_table_section(neurons, per_prompt),
         f"<h2>Prompts and targets</h2>{_table(prompts, prompt_columns)}",
     ]
