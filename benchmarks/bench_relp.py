@@ -140,7 +140,7 @@ def check_edges(model, clean, edges: pd.DataFrame, neurons, treatment: str) -> d
         scale = treatment_scales(clean.activations[neuron.layer, neuron.neuron], treatment)
         vector = scale * model.layers[neuron.layer].mlp.down_proj.weight[:, neuron.neuron]
         expected = reference_activation_changes(
-            model, torch.tensor(clean.input_ids), neuron.layer, vector,
+            model, clean.input_ids, neuron.layer, vector,
             list(zip(group["target_layer"].astype(int), group["target_neuron"].astype(int))))
         differences += list(np.abs(group["delta_activation"].to_numpy() - expected))
         sizes += list(np.abs(expected))

@@ -596,9 +596,9 @@ def _one_dry_run_lists(workdir: Path, shards: set[str], chunks: set[str]) -> str
 
 @pytest.mark.slow
 def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
-    # shards write 3 tables each; the aggregation 9 files (3 of them the mediation outputs); the
-    # report 5 (page and 4 figures); attribution patching 4 chunks and 3 summaries
-    assert len(_pretend_everything_ran(seed_scale)) == 2 + 4 + 3 * 28 + 2 + 9 + 2 + 5 + 4 + 3
+    # shards write 4 tables each; the aggregation 10 files (3 of them the mediation outputs, 1
+    # the edges); the report 5 (page and 4 figures); attribution patching 4 chunks and 3 summaries
+    assert len(_pretend_everything_ran(seed_scale)) == 2 + 4 + 4 * 28 + 2 + 10 + 2 + 5 + 4 + 3
     blocks = _expected_blocks(seed_scale)
     heavy = ("cache_clean_runs", "compute_effects", "extract_activations",
              "estimate_attribution")
