@@ -7,7 +7,10 @@ change in the machine's load weighs on both:
   prompt (cache_clean_runs);
 * attribution: :func:`neuron_effects.attribution.neuron_gradients` (one forward with autograd,
   one backward to the input embeddings, the per-layer projection ``W_down^T g``) plus
-  :func:`~neuron_effects.attribution.first_order_estimates` for every neuron of every layer.
+  :func:`~neuron_effects.attribution.first_order_estimates` for every neuron of every layer;
+* attribution + RelP: :func:`~neuron_effects.attribution.method_gradients` with AtP and RelP
+  (all four rules): the same forward with the rules' routing hooks, two backward passes, and the
+  estimates of both (what the workflow's attribution job does by default).
 
 Memory: the bytes of the tensors autograd saves for the backward (activations only; the frozen
 weights it also references are not counted), per prompt token and decoder layer, counted with
@@ -27,12 +30,13 @@ import time
 import numpy as np
 import torch
 
-from neuron_effects.attribution import first_order_estimates, neuron_gradients
+from neuron_effects.attribution import first_order_estimates, method_gradients, neuron_gradients
 from neuron_effects.clean import run_clean
 from neuron_effects.demo import DEFAULT_PATH, fetch_demo_model
 from neuron_effects.inputs import read_prompts
 from neuron_effects.model import ModelSpec, load_model, load_tokenizer
 from neuron_effects.prompts import prepare_prompt
+from neuron_effects.relp import RULES
 
 
 def saved_activation_bytes(model, input_ids: list[int], target: int) -> int:
@@ -65,9 +69,11 @@ def main() -> None:
     model, tokenizer = load_model(spec), load_tokenizer(spec)
     prepared = [prepare_prompt(tokenizer, record, args.chat_template)
                 for record in read_prompts(args.prompts)]
-    clean_seconds = attribution_seconds = 0.0
+    clean_seconds = attribution_seconds = relp_seconds = 0.0
+    both = {"atp": (), "relp": RULES}
     run_clean(model, prepared[0].input_ids, "warm-up")
     neuron_gradients(model, prepared[0].input_ids, 0)
+    method_gradients(model, prepared[0].input_ids, 0, "last", both)
     for _ in range(args.repeats):
         for p in prepared:
             started = time.perf_counter()
@@ -78,22 +84,33 @@ def main() -> None:
             projections, _ = neuron_gradients(model, p.input_ids, target)
             first_order_estimates(projections, clean.activations, "add")
             attribution_seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            gradients, _ = method_gradients(model, p.input_ids, target, "last", both)
+            for projections in gradients.values():
+                first_order_estimates(projections, clean.activations, "add")
+            relp_seconds += time.perf_counter() - started
     runs = args.repeats * len(prepared)
     tokens = [len(p.input_ids) for p in prepared]
     longest = max(prepared, key=lambda p: len(p.input_ids))
     saved = saved_activation_bytes(model, longest.input_ids, 0)
     per_token_layer = saved / (len(longest.input_ids) * model.n_layers)
     clean_ms, attribution_ms = 1e3 * clean_seconds / runs, 1e3 * attribution_seconds / runs
+    relp_ms = 1e3 * relp_seconds / runs
     print(f"prompts: {len(prepared)} ({np.mean(tokens):.1f} tokens on average), {args.repeats} "
           f"repeats")
     print(f"clean forward: {clean_ms:.1f} ms; forward + backward + estimates: "
           f"{attribution_ms:.1f} ms per prompt; ratio {attribution_ms / clean_ms:.2f}")
+    print(f"with RelP (forward + 2 backward + both estimates): {relp_ms:.1f} ms per prompt; "
+          f"{relp_ms / clean_ms:.2f}x a clean forward, {relp_ms / attribution_ms:.2f}x AtP alone")
     print(f"saved for the backward: {saved / 2**20:.1f} MiB at {len(longest.input_ids)} tokens "
           f"= {per_token_layer / 1024:.1f} KiB per token and layer")
     print(json.dumps({
         "cost_ratio_vs_clean_forward": round(attribution_ms / clean_ms, 2),
         "clean_ms_per_prompt": round(clean_ms, 2),
         "attribution_ms_per_prompt": round(attribution_ms, 2),
+        "atp_relp_ms_per_prompt": round(relp_ms, 2),
+        "atp_relp_ratio_vs_clean_forward": round(relp_ms / clean_ms, 2),
+        "atp_relp_ratio_vs_atp_alone": round(relp_ms / attribution_ms, 2),
         "prompt_tokens_mean": round(float(np.mean(tokens)), 2),
         "saved_bytes_longest_prompt": saved, "longest_prompt_tokens": len(longest.input_ids),
         "saved_bytes_per_token_layer": round(per_token_layer),

@@ -218,7 +218,7 @@ def test_neuron_table_and_candidates():
     estimates[:, 2, 6] *= 100  # the largest
     estimates[:, 1, 3] *= 50  # the second, and in the profile
     profile = pd.DataFrame({"layer": [1, 0], "neuron": [3, 0]})
-    table = attribution.neuron_table(estimates, profile)
+    table = attribution.neuron_table({"atp": estimates}, profile)
     assert len(table) == 24 and table["rank"].tolist() == list(range(1, 25))
     assert table["mean_abs_atp"].is_monotonic_decreasing
     assert tuple(table.loc[0, ["layer", "neuron"]]) == (2, 6)

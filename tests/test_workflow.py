@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import random
 import re
@@ -48,7 +49,7 @@ TOP_K_COLUMNS = [f"top_k_{kind}_{stat}" for kind in ("direct", "indirect", "tota
                  for stat in ("mean", "max", "tokens")]
 LABEL_FIELDS = {"effect_type", "direct_ratio", "effect_type_frozen_norm",
                 "direct_ratio_frozen_norm", "effect_mediators", "edge_agreement",
-                "atp_agreement"}
+                "atp_agreement", "relp_agreement"}
 ATP_NEURON_COLUMNS = ["atp_spearman", "atp_sign_agreement", "atp_median_relative_error",
                       "mean_total_atp"]
 
@@ -122,14 +123,15 @@ def test_all_outputs_exist(outputs):
                  "results/validation/summary.json", "results/validation/pairs.parquet",
                  "results/activations/neuron_stats.parquet", "results/report/report.html",
                  "results/effects/mediation.parquet", "results/effects/mediators.parquet",
-                 "results/summary/mediation_layers.parquet",
+                 "results/summary/mediation_layers.parquet", "results/summary/edges.parquet",
                  "results/atp/estimates.safetensors", "results/atp/neurons.parquet",
                  "results/atp/candidates.parquet", "results/atp/chunks/c000.safetensors",
                  "results/atp/chunks/c001.safetensors"):
         assert (workdir / path).stat().st_size > 0, path
     shards = sorted(p.name for p in (workdir / "results/effects/shards").glob("*.parquet"))
     assert shards == sorted(f"L{b:02d}-{b + 1:02d}_c00{c}{table}.parquet" for b in (0, 2, 4)
-                            for c in (0, 1) for table in ("", ".mediation", ".mediators"))
+                            for c in (0, 1)
+                            for table in ("", ".mediation", ".mediators", ".edges"))
     # each shard assembled its units and removed its progress folder
     assert list((workdir / "results/effects/partial").glob("*")) == []
 
@@ -294,13 +296,19 @@ def test_attribution_outputs(outputs):
     with safe_open(str(workdir / "results/atp/estimates.safetensors"), framework="np") as handle:
         prompt_ids = json.loads(handle.metadata()["prompt_ids"])
         estimates = handle.get_tensor("estimates")
-    assert estimates.shape == (6, 6, 96) and estimates.dtype == np.float32
+        relp = handle.get_tensor("relp")
+        gradient = handle.get_tensor("gradient")
+    assert estimates.shape == relp.shape == gradient.shape == (6, 6, 96)
+    assert estimates.dtype == relp.dtype == np.float32
     assert prompt_ids == outputs["prompt_ids"]
     assert np.isfinite(estimates).all() and np.abs(estimates).max() > 1e-3
     index = {prompt_id: i for i, prompt_id in enumerate(prompt_ids)}
     expected = estimates[per_prompt["prompt_id"].map(index), per_prompt["layer"],
                          per_prompt["neuron"]]
     np.testing.assert_array_equal(per_prompt["total_atp"].to_numpy(), expected)
+    np.testing.assert_array_equal(per_prompt["total_relp"].to_numpy(), relp[
+        per_prompt["prompt_id"].map(index), per_prompt["layer"], per_prompt["neuron"]])
+    assert np.abs(relp - estimates).max() > 1e-3  # another gradient, another estimate
     np.testing.assert_allclose(per_prompt["indirect_atp"],
                                per_prompt["total_atp"] - per_prompt["direct"], atol=1e-12)
     # add on a tiny random model: the estimate ranks like the exact total (a few rows with
@@ -312,6 +320,8 @@ def test_attribution_outputs(outputs):
     assert len(table) == 6 * 96 and not table.duplicated(["layer", "neuron"]).any()
     assert table["rank"].tolist() == list(range(1, 6 * 96 + 1))
     assert table["mean_abs_atp"].is_monotonic_decreasing
+    assert sorted(table["rank_relp"]) == list(range(1, 6 * 96 + 1))
+    assert (table.sort_values("rank_relp")["mean_abs_relp"].is_monotonic_decreasing)
     studied = {(p["layer"], p["neuron"]) for p in outputs["profiles"]["profiles"]}
     assert set(zip(table.loc[table["in_profile"], "layer"],
                    table.loc[table["in_profile"], "neuron"])) == studied
@@ -320,10 +330,14 @@ def test_attribution_outputs(outputs):
     assert row["max_abs_atp"] == pytest.approx(np.abs(estimates[:, 2, 50]).max(), rel=1e-6)
 
     candidates = outputs["atp_candidates"]
-    assert len(candidates) == 200  # atp.candidates
+    outside = table[~table["in_profile"]]
+    listed = {method: set(outside.nsmallest(200, column).index)
+              for method, column in (("atp", "rank"), ("relp", "rank_relp"))}
+    assert len(candidates) == len(listed["atp"] | listed["relp"])  # atp.candidates of either
     assert not set(zip(candidates["layer"], candidates["neuron"])) & studied
-    assert candidates["neuron_id"].iloc[0] == (
-        "L{}/N{}".format(*table.loc[~table["in_profile"]].iloc[0][["layer", "neuron"]]))
+    best = "L{}/N{}".format(*outside.iloc[0][["layer", "neuron"]])
+    assert "atp" in candidates.set_index("neuron_id").loc[best, "listed_by"]
+    assert candidates[["rank", "rank_relp"]].min(axis=1).iloc[0] == 1
 
     neurons, layers = outputs["neurons"], outputs["layers"]
     assert set(ATP_NEURON_COLUMNS) <= set(neurons.columns)
@@ -337,11 +351,64 @@ def test_attribution_outputs(outputs):
     assert {"atp_spearman", "atp_sign_agreement", "atp_median_relative_error",
             "atp_precision_at_k"} <= set(layers.columns)
     assert layers["atp_precision_at_k"].between(0, 1).all()
+    assert {"relp_spearman", "relp_sign_agreement", "relp_median_relative_error",
+            "mean_total_relp"} <= set(neurons.columns)
+    assert first["mean_total_relp"] == pytest.approx(rows["total_relp"].mean())
+    assert layers["relp_precision_at_k"].between(0, 1).all()
     for document in outputs["documents"]:
         assert set(document["atp_agreement"]) == {"spearman", "sign_agreement",
                                                   "median_relative_error", "mean_total_atp"}
+        assert set(document["relp_agreement"]) == {"spearman", "sign_agreement",
+                                                   "median_relative_error", "mean_total_relp"}
     report = (workdir / "results/report/report.html").read_text()
     assert "Attribution patching" in report and candidates["neuron_id"].iloc[0] in report
+    assert "total_relp" in report
+
+
+@pytest.mark.slow
+def test_edges_measured_exactly(outputs):
+    """results/summary/edges.parquet: one row per listed neuron edge of a later layer of the
+    model (the last layer's edges point past the model: left out, with a warning naming them);
+    exact_weight = mean over prompts of Δa_t x the plain gradient; per neuron the fraction of
+    real edges; profiles without edges NaN."""
+    from safetensors import safe_open
+
+    workdir = outputs["workdir"]
+    edges = pd.read_parquet(workdir / "results/summary/edges.parquet")
+    assert list(edges.columns) == ["neuron_id", "target_layer", "target_neuron", "avg_weight",
+                                   "delta_activation", "relative_delta", "exact_weight",
+                                   "sign_agrees", "n_prompts"]
+    assert len(edges) == 10 and (edges["n_prompts"] == 6).all()
+    assert set(edges["neuron_id"]) == {f"L{layer}/N{layer}" for layer in range(5)}
+    assert (edges["target_layer"] == edges["neuron_id"].str[1].astype(int) + 1).all()
+    assert sorted(set(edges["avg_weight"])) == [-0.3, 0.4]
+    log = (workdir / "logs/aggregate_effects.log").read_text()
+    assert "edge L5/N5 -> 6_5 left out" in log and "edge L5/N5 -> 6_11 left out" in log
+    deltas = pd.concat(pd.read_parquet(path) for path in
+                       sorted((workdir / "results/effects/shards").glob("*.edges.parquet")))
+    with safe_open(str(workdir / "results/atp/estimates.safetensors"), framework="np") as handle:
+        prompt_ids = json.loads(handle.metadata()["prompt_ids"])
+        gradient = handle.get_tensor("gradient")
+    row = edges.iloc[3]
+    rows = deltas[(deltas["neuron_id"] == row["neuron_id"])
+                  & (deltas["target_neuron"] == row["target_neuron"])]
+    slopes = [gradient[prompt_ids.index(prompt), row["target_layer"], row["target_neuron"]]
+              for prompt in rows["prompt_id"]]
+    assert row["exact_weight"] == pytest.approx(float(np.mean(rows["delta_activation"] * slopes)))
+    assert row["delta_activation"] == pytest.approx(rows["delta_activation"].mean())
+    assert row["sign_agrees"] == (np.sign(row["exact_weight"]) == np.sign(row["avg_weight"]))
+    neurons = outputs["neurons"].set_index("neuron_id")
+    real = (edges["relative_delta"] >= 0.01) & edges["sign_agrees"]
+    expected = real.groupby(edges["neuron_id"]).mean()
+    np.testing.assert_allclose(neurons.loc[expected.index, "edge_real_fraction"], expected)
+    assert neurons.loc["L5/N5", "edge_n_measured"] == 0
+    assert math.isnan(neurons.loc["L5/N5", "edge_real_fraction"])
+    assert neurons.loc["L0/N7", ["edge_n_measured", "edge_real_fraction"]].isna().all()
+    labels = outputs["labels"]["profiles"]
+    assert labels[0]["edge_agreement"]["edge_real_fraction"] == pytest.approx(
+        expected["L0/N0"])
+    report = (workdir / "results/report/report.html").read_text()
+    assert "Every profile edge measured exactly" in report
 
 
 @pytest.mark.slow
@@ -358,6 +425,7 @@ def test_attribution_can_be_turned_off(tiny_workflow, tmp_path):
     per_prompt = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
     neurons = pd.read_parquet(workdir / "results/summary/neurons.parquet")
     assert "total_atp" not in per_prompt and "atp_spearman" not in neurons
+    assert "total_relp" not in per_prompt and "relp_spearman" not in neurons
     labels = json.loads((workdir / "results/labels/neurons.with_effects.json").read_text())
     assert all("atp_agreement" not in profile for profile in labels["profiles"])
     assert "Attribution patching" not in (workdir / "results/report/report.html").read_text()
@@ -570,9 +638,9 @@ def _one_dry_run_lists(workdir: Path, shards: set[str], chunks: set[str]) -> str
 
 @pytest.mark.slow
 def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
-    # shards write 3 tables each; the aggregation 9 files (3 of them the mediation outputs); the
-    # report 5 (page and 4 figures); attribution patching 4 chunks and 3 summaries
-    assert len(_pretend_everything_ran(seed_scale)) == 2 + 4 + 3 * 28 + 2 + 9 + 2 + 5 + 4 + 3
+    # shards write 4 tables each; the aggregation 10 files (3 of them the mediation outputs, 1
+    # the edges); the report 5 (page and 4 figures); attribution patching 4 chunks and 3 summaries
+    assert len(_pretend_everything_ran(seed_scale)) == 2 + 4 + 4 * 28 + 2 + 10 + 2 + 5 + 4 + 3
     blocks = _expected_blocks(seed_scale)
     heavy = ("cache_clean_runs", "compute_effects", "extract_activations",
              "estimate_attribution")
@@ -622,9 +690,9 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
 # --- the same on the tiny model, with real runs -------------------------------------------------
 
 def shard_files(*shards: str) -> set[str]:
-    """A shard's three files: per-prompt rows, mediation rows, top-k mediators."""
+    """A shard's four files: per-prompt rows, mediation rows, top-k mediators, edge rows."""
     return {f"{shard}{table}.parquet" for shard in shards
-            for table in ("", ".mediation", ".mediators")}
+            for table in ("", ".mediation", ".mediators", ".edges")}
 
 
 def unit_files(paths) -> list[Path]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -123,23 +123,33 @@ def _clean_float(value: Any) -> Any:
 
 BREAKDOWN_COLUMNS = ("prompt_id", "target_token", "activation", "direct", "indirect", "total",
                      "direct_frozen_norm", "direct_ratio", "cancellation", "sign_aligned")
-# Agreement of the attribution-patching estimate with the exact total (neurons.parquet columns,
-# present when the workflow ran attribution patching; see neuron_effects.attribution).
-ATP_AGREEMENT_COLUMNS = ("atp_spearman", "atp_sign_agreement", "atp_median_relative_error",
-                         "mean_total_atp")
+def estimate_methods(columns: Iterable[str], prefix: str = "total_") -> list[str]:
+    """The estimate methods (``atp``, ``relp``, ``relp_ln``...) whose ``<prefix><method>``
+    columns are among ``columns`` (per-prompt ``total_<method>``; per-neuron
+    ``mean_total_<method>``)."""
+    return [column[len(prefix):] for column in columns if column.startswith(prefix)
+            and column[len(prefix):].split("_")[0] in ("atp", "relp")]
 
 
-def _atp_agreement(row: Any) -> dict[str, Any]:
-    """``{"atp_agreement": {...}}`` from a neurons row (namedtuple or Series), or ``{}``."""
-    if not hasattr(row, ATP_AGREEMENT_COLUMNS[0]):
-        return {}
-    return {"atp_agreement": {column.removeprefix("atp_"): _clean_float(getattr(row, column))
-                              for column in ATP_AGREEMENT_COLUMNS}}
+# Agreement of each first-order estimate (atp, relp, ...) with the exact total: neurons.parquet
+# columns "<method>_<measure>", present when the workflow ran attribution patching.
+AGREEMENT_MEASURES = ("spearman", "sign_agreement", "median_relative_error")
+
+
+def _estimate_agreement(row: Any, methods: Sequence[str]) -> dict[str, Any]:
+    """``{"<method>_agreement": {...}}`` per method from a neurons row (namedtuple or Series):
+    the :data:`AGREEMENT_MEASURES` and ``mean_total_<method>``."""
+    return {f"{method}_agreement": {
+        **{measure: _clean_float(getattr(row, f"{method}_{measure}"))
+           for measure in AGREEMENT_MEASURES},
+        f"mean_total_{method}": _clean_float(getattr(row, f"mean_total_{method}"))}
+        for method in methods}
 
 
 def neuron_documents(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> list[dict[str, Any]]:
     """The plan's per-neuron JSON shape (effect_summary, sign_alignment, per_prompt_breakdown)."""
     breakdowns = {neuron_id: group for neuron_id, group in per_prompt.groupby("neuron_id")}
+    methods = estimate_methods(neurons.columns, "mean_total_")
     documents = []
     for row in neurons.itertuples(index=False):
         group = breakdowns[row.neuron_id]
@@ -155,11 +165,12 @@ def neuron_documents(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> list[di
                 "consistency_frozen_norm")},
             "sign_alignment": {"aligned_fraction": _clean_float(row.aligned_fraction),
                                "interpretation": row.interpretation},
-            **_atp_agreement(row),
+            **_estimate_agreement(row, methods),
             "per_prompt_breakdown": [
                 {key: _clean_float(value) for key, value in record.items()}
-                for record in group[[c for c in (*BREAKDOWN_COLUMNS, "total_atp")
-                                     if c in group]].to_dict("records")
+                for record in group[[*BREAKDOWN_COLUMNS, *(f"total_{method}"
+                                                           for method in methods)]
+                                    ].to_dict("records")
             ],
         })
     return documents
@@ -167,11 +178,12 @@ def neuron_documents(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> list[di
 
 def enrich_profiles(document: Any, neurons: pd.DataFrame) -> Any:
     """A deep copy of the user's profile document, each profile gaining ``effect_type``,
-    ``direct_ratio`` and their frozen-norm variants (and ``atp_agreement`` when the neurons
-    carry it); every other field untouched."""
+    ``direct_ratio`` and their frozen-norm variants (and ``<method>_agreement``, e.g.
+    ``atp_agreement`` and ``relp_agreement``, when the neurons carry them); every other field untouched."""
     enriched = copy.deepcopy(document)
     profiles = enriched["profiles"] if isinstance(enriched, dict) else enriched
     by_id = neurons.set_index("neuron_id")
+    methods = estimate_methods(neurons.columns, "mean_total_")
     for profile in profiles:
         neuron_id = profile.get("neuron_id", f"L{profile['layer']}/N{profile['neuron']}")
         row = by_id.loc[neuron_id]
@@ -179,5 +191,5 @@ def enrich_profiles(document: Any, neurons: pd.DataFrame) -> Any:
         profile["direct_ratio"] = _clean_float(row["mean_direct_ratio"])
         profile["effect_type_frozen_norm"] = row["classification_frozen_norm"]
         profile["direct_ratio_frozen_norm"] = _clean_float(row["mean_direct_ratio_frozen_norm"])
-        profile.update(_atp_agreement(row))
+        profile.update(_estimate_agreement(row, methods))
     return enriched

@@ -27,12 +27,14 @@ precision@k of the ranking by mean ``|total_atp|`` against the ranking by mean `
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from . import relp
 from .direct import Readout
 from .model import LlamaFamily
 from .treatments import treatment_scales
@@ -49,9 +51,23 @@ def neuron_gradients(
     """``p_L = W_down_L^T (d logit_target / d x_L)`` for every decoder layer ``L`` (see the module
     docstring): [n_layers, intermediate] at the last position, or [n_layers, T, intermediate]
     with ``positions='all'``; float32. Also returns the target logit."""
+    projections, logit = method_gradients(model, input_ids, target_id, positions, {"atp": ()})
+    return projections["atp"], logit
+
+
+def method_gradients(
+    model: LlamaFamily, input_ids: list[int] | torch.Tensor, target_id: int,
+    positions: str, methods: dict[str, Sequence[str]],
+) -> tuple[dict[str, torch.Tensor], float]:
+    """:func:`neuron_gradients`' projections ``W_down_L^T g_L`` for each method, from ONE forward
+    and one backward per method: ``methods`` maps a name to its RelP rules
+    (:mod:`neuron_effects.relp`; empty: the plain gradient ``g_L``, else the modified gradient
+    ``g~_L`` at the same hook point, the output ``x_L`` of decoder layer ``L``). Forward values
+    do not depend on the rules. Also returns the target logit."""
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=model.device).reshape(1, -1)
     projections: list[torch.Tensor | None] = [None] * model.n_layers
     final_hidden: list[torch.Tensor] = []
+    switch = relp.RuleSwitch()
 
     def project(layer: int):
         weight = model.layers[layer].mlp.down_proj.weight  # [hidden, intermediate]
@@ -73,16 +89,24 @@ def neuron_gradients(
     handles += [block.register_forward_hook(keep_layer_output(layer))
                 for layer, block in enumerate(model.layers)]
     readout = Readout(model, torch.tensor([target_id], device=model.device))
+    rules = relp.relevance_rules(model, switch) if any(methods.values()) else nullcontext()
+    results: dict[str, torch.Tensor] = {}
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), rules:
             embeddings = model.causal_lm.get_input_embeddings()(ids).detach().requires_grad_()
             model.causal_lm.model(inputs_embeds=embeddings, use_cache=False)
-            logit = readout.logits(final_hidden[0][None])[0, 0]
-            torch.autograd.grad(logit, embeddings)
+            hidden = final_hidden[0][None].to(readout.dtype)
+            unnormalized, inverse_rms = readout.unnormalized(hidden), readout.inverse_rms(hidden)
+            logit = relp.routed_readout(unnormalized * inverse_rms, unnormalized, inverse_rms,
+                                        switch)[0, 0]
+            for number, (name, method_rules) in enumerate(methods.items()):
+                switch.active = frozenset(relp.rule_set(method_rules))
+                torch.autograd.grad(logit, embeddings, retain_graph=number < len(methods) - 1)
+                results[name] = torch.stack(projections)
     finally:
         for handle in handles:
             handle.remove()
-    return torch.stack(projections), float(logit.detach())
+    return results, float(logit.detach())
 
 
 def first_order_estimates(
@@ -116,25 +140,29 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.corrcoef(rank_x, rank_y)[0, 1])
 
 
-def agreement(estimate: np.ndarray, exact: np.ndarray) -> dict[str, float]:
-    """``atp_spearman``, ``atp_sign_agreement`` (over rows where the exact value is non-zero) and
-    ``atp_median_relative_error`` (``|estimate - exact| / |exact|``, same rows) of paired values."""
+def agreement(estimate: np.ndarray, exact: np.ndarray, method: str = "atp") -> dict[str, float]:
+    """``<method>_spearman``, ``<method>_sign_agreement`` (over rows where the exact value is
+    non-zero) and ``<method>_median_relative_error`` (``|estimate - exact| / |exact|``, same
+    rows) of paired values."""
     estimate, exact = np.asarray(estimate, dtype=float), np.asarray(exact, dtype=float)
     nonzero = exact != 0
     relative = np.abs(estimate[nonzero] - exact[nonzero]) / np.abs(exact[nonzero])
     return {
-        "atp_spearman": spearman(estimate, exact),
-        "atp_sign_agreement": float((np.sign(estimate[nonzero]) == np.sign(exact[nonzero])).mean())
+        f"{method}_spearman": spearman(estimate, exact),
+        f"{method}_sign_agreement": float(
+            (np.sign(estimate[nonzero]) == np.sign(exact[nonzero])).mean())
         if nonzero.any() else math.nan,
-        "atp_median_relative_error": float(np.median(relative)) if nonzero.any() else math.nan,
+        f"{method}_median_relative_error": float(np.median(relative))
+        if nonzero.any() else math.nan,
     }
 
 
-def neuron_agreement(per_prompt: pd.DataFrame) -> pd.DataFrame:
-    """Per neuron over its prompts (columns ``total``, ``total_atp``): :func:`agreement` and
-    ``mean_total_atp``; one row per ``neuron_id``."""
-    rows = [{"neuron_id": neuron_id, **agreement(group["total_atp"], group["total"]),
-             "mean_total_atp": float(group["total_atp"].mean())}
+def neuron_agreement(per_prompt: pd.DataFrame, method: str = "atp") -> pd.DataFrame:
+    """Per neuron over its prompts (columns ``total``, ``total_<method>``): :func:`agreement`
+    and ``mean_total_<method>``; one row per ``neuron_id``."""
+    column = f"total_{method}"
+    rows = [{"neuron_id": neuron_id, **agreement(group[column], group["total"], method),
+             f"mean_{column}": float(group[column].mean())}
             for neuron_id, group in per_prompt.groupby("neuron_id", sort=False)]
     return pd.DataFrame(rows)
 
@@ -150,66 +178,88 @@ def precision_at_k(estimate: pd.Series, exact: pd.Series, k: int) -> float:
     return len(top_estimate & top_exact) / k
 
 
-def ranking_scores(per_prompt: pd.DataFrame) -> pd.DataFrame:
-    """Per neuron: mean |total| (the exact ranking) and mean |total_atp| (the estimate's)."""
+def ranking_scores(per_prompt: pd.DataFrame, method: str = "atp") -> pd.DataFrame:
+    """Per neuron: mean |total| (the exact ranking, ``abs_total``) and mean |total_<method>|
+    (the estimate's, ``abs_estimate``)."""
     return per_prompt.assign(abs_total=per_prompt["total"].abs(),
-                             abs_atp=per_prompt["total_atp"].abs()).groupby(
-        "neuron_id")[["abs_total", "abs_atp"]].mean()
+                             abs_estimate=per_prompt[f"total_{method}"].abs()).groupby(
+        "neuron_id")[["abs_total", "abs_estimate"]].mean()
 
 
-def layer_agreement(per_prompt: pd.DataFrame) -> pd.DataFrame:
-    """Per layer, over its (prompt, neuron) rows: :func:`agreement`; and ``atp_precision_at_k``
-    of the layer's studied neurons with ``atp_k`` = a tenth of them (at least 1)."""
+def layer_agreement(per_prompt: pd.DataFrame, method: str = "atp") -> pd.DataFrame:
+    """Per layer, over its (prompt, neuron) rows: :func:`agreement`; and
+    ``<method>_precision_at_k`` of the layer's studied neurons with ``<method>_k`` = a tenth of
+    them (at least 1)."""
     rows = []
     for layer, group in per_prompt.groupby("layer"):
-        scores = ranking_scores(group)
+        scores = ranking_scores(group, method)
         k = max(1, math.ceil(len(scores) / 10))
-        rows.append({"layer": int(layer), **agreement(group["total_atp"], group["total"]),
-                     "atp_k": k,
-                     "atp_precision_at_k": precision_at_k(scores["abs_atp"],
-                                                          scores["abs_total"], k)})
+        rows.append({"layer": int(layer),
+                     **agreement(group[f"total_{method}"], group["total"], method),
+                     f"{method}_k": k,
+                     f"{method}_precision_at_k": precision_at_k(scores["abs_estimate"],
+                                                                scores["abs_total"], k)})
     return pd.DataFrame(rows)
 
 
-def overall_agreement(per_prompt: pd.DataFrame, ks: tuple[int, ...] = (10, 50, 100, 500)
-                      ) -> dict[str, float]:
+def overall_agreement(per_prompt: pd.DataFrame, ks: tuple[int, ...] = (10, 50, 100, 500),
+                      method: str = "atp") -> dict[str, float]:
     """Over every (prompt, neuron) row: :func:`agreement`, and precision@k of the studied
     neurons' ranking for each k below their number (and k = a tenth of them)."""
-    scores = ranking_scores(per_prompt)
+    scores = ranking_scores(per_prompt, method)
     tenth = max(1, math.ceil(len(scores) / 10))
-    result = agreement(per_prompt["total_atp"], per_prompt["total"])
+    result = agreement(per_prompt[f"total_{method}"], per_prompt["total"], method)
     for k in sorted({k for k in ks if k < len(scores)} | {tenth}):
-        result[f"precision_at_{k}"] = precision_at_k(scores["abs_atp"], scores["abs_total"], k)
+        result[f"precision_at_{k}"] = precision_at_k(scores["abs_estimate"],
+                                                     scores["abs_total"], k)
     return result
 
 
-def neuron_table(estimates: np.ndarray, profile: pd.DataFrame) -> pd.DataFrame:
-    """Every neuron of the model from ``estimates`` [prompts, layers, intermediate]: layer,
-    neuron, ``mean_abs_atp`` (mean over prompts of |est|), ``max_abs_atp``, ``mean_atp``,
-    ``in_profile`` (listed in ``profile``'s layer/neuron columns) and ``rank`` (1 = the largest
-    mean_abs_atp); ordered by rank."""
-    n_layers, width = estimates.shape[1:]
-    magnitude = np.abs(estimates.astype(np.float64))
-    table = pd.DataFrame({
-        "layer": np.repeat(np.arange(n_layers), width),
-        "neuron": np.tile(np.arange(width), n_layers),
-        "mean_abs_atp": magnitude.mean(0).ravel(),
-        "max_abs_atp": magnitude.max(0).ravel(),
-        "mean_atp": estimates.astype(np.float64).mean(0).ravel(),
-    })
+def neuron_table(estimates: dict[str, np.ndarray], profile: pd.DataFrame) -> pd.DataFrame:
+    """Every neuron of the model from each method's ``estimates`` [prompts, layers,
+    intermediate]: layer, neuron, per method ``mean_abs_<method>`` (mean over prompts of |est|),
+    ``max_abs_<method>``, ``mean_<method>`` and its rank (1 = the largest mean_abs; ``rank`` for
+    atp, ``rank_<method>`` for the others), and ``in_profile`` (listed in ``profile``'s
+    layer/neuron columns); ordered by the first method's rank."""
+    n_layers, width = next(iter(estimates.values())).shape[1:]
+    table = pd.DataFrame({"layer": np.repeat(np.arange(n_layers), width),
+                          "neuron": np.tile(np.arange(width), n_layers)})
+    for method, values in estimates.items():
+        magnitude = np.abs(values.astype(np.float64))
+        table[f"mean_abs_{method}"] = magnitude.mean(0).ravel()
+        table[f"max_abs_{method}"] = magnitude.max(0).ravel()
+        table[f"mean_{method}"] = values.astype(np.float64).mean(0).ravel()
     table["in_profile"] = False
     table.loc[profile["layer"].to_numpy() * width + profile["neuron"].to_numpy(),
               "in_profile"] = True
-    table = table.sort_values(["mean_abs_atp", "layer", "neuron"], ascending=[False, True, True],
-                              kind="stable", ignore_index=True)
-    table["rank"] = np.arange(1, len(table) + 1)
-    return table
+    for method in reversed(list(estimates)):  # the first method's order last
+        table = table.sort_values([f"mean_abs_{method}", "layer", "neuron"],
+                                  ascending=[False, True, True], kind="stable",
+                                  ignore_index=True)
+        table[rank_column(method)] = np.arange(1, len(table) + 1)
+    per_method = [column for method in estimates for column in (
+        f"mean_abs_{method}", f"max_abs_{method}", f"mean_{method}", rank_column(method))]
+    return table[["layer", "neuron", *per_method, "in_profile"]]
 
 
-def candidates(table: pd.DataFrame, n: int) -> pd.DataFrame:
-    """The ``n`` neurons of :func:`neuron_table` with the largest mean_abs_atp that are not in the
-    profile, with a ``neuron_id`` ``L{layer}/N{neuron}``."""
-    top = table[~table["in_profile"]].head(n).reset_index(drop=True)
+def rank_column(method: str) -> str:
+    """The all-neuron table's rank column of ``method``: ``rank`` for atp (as before RelP),
+    ``rank_<method>`` for the others."""
+    return "rank" if method == "atp" else f"rank_{method}"
+
+
+def candidates(table: pd.DataFrame, n: int, methods: Sequence[str] = ("atp",)) -> pd.DataFrame:
+    """The neurons of :func:`neuron_table` not in the profile that are among the ``n`` with the
+    largest mean |estimate| of any of ``methods``, with a ``neuron_id`` ``L{layer}/N{neuron}``
+    and ``listed_by`` (the methods that list it, comma-separated); ordered by their best rank
+    over the methods."""
+    outside = table[~table["in_profile"]]
+    listed = {method: set(outside.nsmallest(n, rank_column(method)).index) for method in methods}
+    top = outside.loc[sorted(set().union(*listed.values()))].copy()
+    top["listed_by"] = [", ".join(method for method in methods if index in listed[method])
+                        for index in top.index]
+    top["_best"] = top[[rank_column(method) for method in methods]].min(axis=1)
+    top = top.sort_values(["_best", "layer", "neuron"], kind="stable", ignore_index=True)
     top.insert(0, "neuron_id", [f"L{layer}/N{neuron}"
                                 for layer, neuron in zip(top["layer"], top["neuron"])])
-    return top.drop(columns="in_profile")
+    return top.drop(columns=["_best", "in_profile"])

@@ -6,7 +6,8 @@ FLOPs count multiply-adds as 2. For one treated row of a neuron in layer ``l`` (
 attending to the ``T`` cached positions, then unembeds the total (``2 * hidden * vocab``, with
 full-vocabulary metrics); the mediation split adds one projection of each downstream layer's
 output per row (:data:`MEDIATION_FACTOR`, measured on the whole row). A clean forward is a full forward of ``T``
-tokens; attribution patching one forward and one backward (``3 x`` a forward); the validation
+tokens; attribution patching one forward and one backward per estimate method (each ``2 x``
+a forward); the validation
 one float64 forward per sampled pair.
 
 The rates are documented defaults per device (:data:`DEVICES`), measured where the text says
@@ -22,9 +23,10 @@ from typing import Any, Mapping
 
 # The mediation split costs x1.167 of the replay (BENCHMARKS.md, measured interleaved on CPU).
 MEDIATION_FACTOR = 1.167
-# Attribution patching: one forward and one backward per prompt, measured 1.80x a clean
-# forward on SmolLM2 (BENCHMARKS.md section 4); a backward is ~2x a forward in FLOPs.
-ATTRIBUTION_FACTOR = 3.0
+# Attribution patching: one forward per prompt and one backward per estimate method (AtP, each
+# RelP rule set); a backward is ~2x a forward in FLOPs (AtP alone measured 1.80x a clean forward
+# on SmolLM2, BENCHMARKS.md section 7).
+BACKWARD_FACTOR = 2.0
 # Bytes per parameter of a checkpoint by its config's torch_dtype (a prepared GGUF: float32).
 STORAGE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -128,13 +130,13 @@ class DeviceRates:
 # Documented defaults (rates in this model's FLOP count, mediation included). cpu: this
 # project's 2-core machines: the fast path with every metric and the mediation split ran
 # 2.70 ms per SmolLM2 row of ~187 MFLOP (~69 GFLOP/s) on a quiet machine, 60 with other load;
-# start-up and loading of the prepared demo model as measured in BENCHMARKS.md section 8.
+# start-up and loading of the prepared demo model as measured in BENCHMARKS.md, "Fixed cost".
 # h200: 4,904 rows/s measured with the mediation split on (section 0: 38.5 TFLOP/s counted
 # without it, x1.167); loading assumes 2 GB/s from a cluster file system (the bf16 checkpoint,
 # upcast on the GPU); start-up: Python, torch and transformers, the job's parse of the workflow,
 # CUDA initialisation. h100: the same FP32 peak (67 TFLOP/s); not measured, assumed 85 % of the
 # H200's achieved rate (less memory for batches). The host work per unit and per row: measured
-# on the CPU (section 8), the same on any device.
+# on the CPU (BENCHMARKS.md, "Fixed cost"), the same on any device.
 DEVICES: dict[str, DeviceRates] = {
     "cpu": DeviceRates("cpu", flops_per_s=60e9, float64_factor=2.0, startup_s=4.0,
                        read_bytes_per_s=1.0e9, unit_host_s=0.015, row_host_s=60e-6),

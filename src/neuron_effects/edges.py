@@ -15,6 +15,20 @@ Positions are ignored. Per neuron (:func:`edge_agreement`):
   in the direct effect's top-k over prompts, over ``min(k, either list's length)``.
 
 A profile without the field gets no comparison (NaN), which is not an error.
+
+**Every neuron edge measured exactly.** For a studied neuron ``s`` (layer ``L``) and each of its
+neuron targets ``t`` (layer ``l > L``, index ``m``; positions ignored), the replay that computes
+``s``'s total effect also yields ``t``'s activation (the input of ``layers[l].mlp.down_proj``,
+entry ``m``) at the last position: :class:`EdgeCollector` keeps
+``Δa_t = a_t(treated row) - a_t(the V = 0 baseline row of the same batch)`` per prompt. With the
+plain gradient ``∂logit_target/∂a_t = (W_down_l^T g_l)[m]`` of the attribution pass, the exact
+first-order edge weight is ``Δa_t * ∂logit_target/∂a_t``. :func:`edge_table`: one row per edge
+with the means over prompts; an edge is *real* when ``relative_delta`` (mean ``|Δa_t| / |a_t|``,
+``a_t`` the clean activation) is at least a threshold and its ``exact_weight`` has the sign of
+the profile's ``avg_weight``. Limits: the graph's edges count direct paths only (``s``'s write read
+by ``t``) with the graph's own metric; ``Δa_t`` counts every path from ``s`` to ``t``. An edge
+whose target layer is not after the source's, or not in the model, is left out with a warning
+(:func:`measurable_targets`).
 """
 
 from __future__ import annotations
@@ -26,13 +40,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import pandas as pd
+import torch
 
 from .inputs import InputError, load_profile_document, profile_list
 
 EDGE_FIELD = "top_downstream_targets"
 EDGE_COLUMNS = ("edge_n_neuron_targets", "edge_n_logit_targets", "edge_neuron_overlap",
-                "edge_sign_agreement", "edge_logit_overlap")
+                "edge_sign_agreement", "edge_logit_overlap", "edge_n_measured",
+                "edge_real_fraction")
+# One row per (prompt, studied neuron, neuron target) in the shards' edge tables.
+EDGE_DELTA_COLUMNS = ("neuron_id", "target_layer", "target_neuron", "delta_activation",
+                      "target_activation")
+EDGE_TABLE_COLUMNS = ("neuron_id", "target_layer", "target_neuron", "avg_weight",
+                      "delta_activation", "relative_delta", "exact_weight", "sign_agrees",
+                      "n_prompts")
 _TARGET = re.compile(r"^(?:(\d+)|([LE]))_(\d+)_(-?\d+)$")
 
 
@@ -120,3 +143,104 @@ def edge_agreement(edges: list[Edge], mediator_neurons: pd.DataFrame,
         "edge_sign_agreement": sum(signs) / len(signs) if signs else math.nan,
         "edge_logit_overlap": _overlap(logit_top, direct_top),
     }
+
+
+def neuron_target_weights(edges: list[Edge]) -> dict[tuple[int, int], float]:
+    """The neuron targets ``(layer, neuron)`` of a profile's edges with their ``avg_weight``
+    (positions ignored: of a target listed at several positions, the largest |avg_weight|)."""
+    weights: dict[tuple[int, int], float] = {}
+    for edge in edges:
+        key = (edge.layer, edge.index)
+        if edge.kind == "neuron" and (key not in weights or abs(edge.avg_weight)
+                                      > abs(weights[key])):
+            weights[key] = edge.avg_weight
+    return weights
+
+
+def measurable_targets(neuron_id: str, layer: int, targets: Iterable[tuple[int, int]],
+                       n_layers: int, intermediate: int) -> tuple[list[tuple[int, int]],
+                                                                  list[str]]:
+    """The targets ``(layer, neuron)`` of neuron ``neuron_id`` (in ``layer``) that the replay can
+    measure: a later layer of the model and an index below ``intermediate``; and a warning
+    naming the neuron and the edge for each one left out."""
+    kept, warnings = [], []
+    for target_layer, target_neuron in targets:
+        edge = f"{neuron_id} -> {target_layer}_{target_neuron}"
+        if target_layer <= layer:
+            warnings.append(f"edge {edge} left out: target layer {target_layer} is not after "
+                            f"the source's ({layer})")
+        elif target_layer >= n_layers or target_neuron >= intermediate:
+            warnings.append(f"edge {edge} left out: no neuron {target_neuron} in layer "
+                            f"{target_layer} of the model ({n_layers} layers x {intermediate})")
+        else:
+            kept.append((int(target_layer), int(target_neuron)))
+    return kept, warnings
+
+
+class EdgeCollector:
+    """A :class:`neuron_effects.total.LayerCollector` for one replay batch: ``Δa_t`` at the last
+    position for each requested (replay row, target layer, target neuron).
+
+    ``rows``, ``layers``, ``neurons`` [E]: the requests (each target layer after its row's start
+    layer); ``baselines[p]``: the replay row holding row p's V = 0 baseline. ``deltas`` [E]
+    (float64) is filled as the replay passes the target layers."""
+
+    def __init__(self, rows: torch.Tensor, layers: torch.Tensor, neurons: torch.Tensor,
+                 baselines: torch.Tensor):
+        self.rows, self.neurons, self.baselines = rows, neurons, baselines
+        self.by_layer = {int(layer): (layers == layer).nonzero().squeeze(1)
+                         for layer in torch.unique(layers).tolist()}
+        self.deltas = torch.full((len(rows),), float("nan"), dtype=torch.float64,
+                                 device=rows.device)
+
+    def __call__(self, layer: int, active: int, attention_output: torch.Tensor,
+                 attention_input: torch.Tensor, activations: torch.Tensor,
+                 mlp_output: torch.Tensor) -> None:
+        requests = self.by_layer.get(layer)
+        if requests is None:
+            return
+        rows, neurons = self.rows[requests], self.neurons[requests]
+        self.deltas[requests] = (activations[rows, neurons].double()
+                                 - activations[self.baselines[rows], neurons].double())
+
+
+def edge_table(deltas: pd.DataFrame, gradients: dict[str, np.ndarray] | None,
+               weights: dict[str, dict[tuple[int, int], float]]) -> pd.DataFrame:
+    """One row per measured edge (:data:`EDGE_TABLE_COLUMNS`) from the shards' per-prompt
+    ``deltas`` (``prompt_id`` and :data:`EDGE_DELTA_COLUMNS`): the profile's ``avg_weight``
+    (``weights``: neuron id -> :func:`neuron_target_weights`), the means over prompts of
+    ``Δa_t`` (``delta_activation``), of ``|Δa_t| / |a_t|`` (``relative_delta``, prompts with
+    ``a_t = 0`` left out) and of ``Δa_t * ∂logit_target/∂a_t`` (``exact_weight``; ``gradients``:
+    prompt id -> [layers, intermediate] plain gradients, None without attribution patching:
+    NaN), and ``sign_agrees`` (sign of exact_weight vs avg_weight; NA when either is 0 or NaN)."""
+    frame = deltas.astype({"target_layer": int, "target_neuron": int,
+                           "delta_activation": float, "target_activation": float})
+    target = frame["target_activation"].abs().replace(0.0, np.nan)
+    frame["relative_delta"] = frame["delta_activation"].abs() / target
+    if gradients is None:
+        frame["exact_weight"] = np.nan
+    else:
+        slope = [gradients[prompt][layer, neuron] for prompt, layer, neuron in zip(
+            frame["prompt_id"], frame["target_layer"], frame["target_neuron"])]
+        frame["exact_weight"] = frame["delta_activation"] * np.asarray(slope, dtype=np.float64)
+    keys = ["neuron_id", "target_layer", "target_neuron"]
+    table = frame.groupby(keys, sort=False).agg(
+        delta_activation=("delta_activation", "mean"), relative_delta=("relative_delta", "mean"),
+        exact_weight=("exact_weight", "mean"), n_prompts=("prompt_id", "size")).reset_index()
+    table["avg_weight"] = [weights.get(neuron_id, {}).get((layer, neuron), math.nan)
+                           for neuron_id, layer, neuron in zip(
+                               table["neuron_id"], table["target_layer"], table["target_neuron"])]
+    signs = np.sign(table["exact_weight"]) * np.sign(table["avg_weight"])
+    table["sign_agrees"] = pd.array([None if sign == 0 or math.isnan(sign) else bool(sign > 0)
+                                     for sign in signs], dtype="boolean")
+    return table[list(EDGE_TABLE_COLUMNS)]
+
+
+def real_edges(table: pd.DataFrame, min_relative_delta: float) -> pd.DataFrame:
+    """Per neuron of an :func:`edge_table`: ``edge_n_measured`` and ``edge_real_fraction``, the
+    fraction of its measured edges with ``relative_delta >= min_relative_delta`` and a sign that
+    agrees."""
+    real = (table["relative_delta"] >= min_relative_delta) & table["sign_agrees"].fillna(False)
+    return (table.assign(real=real.astype(float)).groupby("neuron_id", sort=False)
+            .agg(edge_n_measured=("real", "size"), edge_real_fraction=("real", "mean"))
+            .reset_index())

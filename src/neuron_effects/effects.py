@@ -12,7 +12,9 @@ For each neuron (L, n) of the block and the prompt's clean run:
 * with ``mediators``, the exact split of the indirect effect over the downstream attention and
   MLP layers, heads and neurons (:mod:`neuron_effects.mediation`), from the components the
   replay computes: ``indirect_attn``, ``indirect_mlp``, ``indirect_norm`` (and their
-  ``_logit_diff`` versions), the long per-layer table and the top-k mediator table.
+  ``_logit_diff`` versions), the long per-layer table and the top-k mediator table;
+* with ``edge_targets``, ``Δa_t`` of the listed downstream neurons at the last position
+  (:class:`neuron_effects.edges.EdgeCollector`), from the same replay.
 
 Only [batch_rows x vocabulary] effect matrices ever exist; the result is one row of metrics per
 neuron. Final norm, unembedding and all differences are float32.
@@ -20,8 +22,8 @@ neuron. Final norm, unembedding and all differences are float32.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,13 +33,14 @@ import torch
 from .clean import CleanRun
 from .direct import Readout, direct_effects
 from .error_scale import ratio_noise_floor
+from .edges import EDGE_DELTA_COLUMNS, EdgeCollector
 from .inputs import Neuron
 from .mediation import (MEDIATION_COLUMNS, MEDIATION_COMPONENTS, MEDIATOR_COLUMNS,
                         BatchMediation, MediationCollector, mediation_readout, mediation_rows,
                         mediator_rows)
 from .metrics import effect_metrics
 from .model import LlamaFamily
-from .total import perturbed_final_hidden, perturbed_final_hidden_all_positions
+from .total import LayerCollector, perturbed_final_hidden, perturbed_final_hidden_all_positions
 from .treatments import POSITIONS, TREATMENTS, treatment_scales
 
 
@@ -71,11 +74,15 @@ class EffectTables:
     """What :func:`compute_effects` returns for one prompt: one row per neuron
     (``per_prompt``), the long per-layer split (``mediation``: neuron_id, layer, component,
     contribution) and the top-k mediators (``mediators``: neuron_id, kind, rank, layer, index,
-    contribution); the last two are empty without ``mediators``."""
+    contribution); the last two are empty without ``mediators``. ``edges``: ``Δa_t`` per
+    requested edge (:data:`~neuron_effects.edges.EDGE_DELTA_COLUMNS`), empty without
+    ``edge_targets``."""
 
     per_prompt: pd.DataFrame
     mediation: pd.DataFrame
     mediators: pd.DataFrame
+    edges: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=list(EDGE_DELTA_COLUMNS)))
 
 
 @dataclass
@@ -169,9 +176,13 @@ def compute_effects(
     model: LlamaFamily, clean: CleanRun, block: NeuronBlock, settings: EffectSettings,
     target_id: int, distractor_id: int | None = None,
     mean_activations: torch.Tensor | None = None,
+    edge_targets: Mapping[str, Sequence[tuple[int, int]]] | None = None,
 ) -> EffectTables:
     """One row of metrics per neuron of ``block`` for the prompt of ``clean``, and the
-    mediation tables (see :class:`EffectTables`).
+    mediation and edge tables (see :class:`EffectTables`).
+
+    ``edge_targets``: neuron id -> its downstream targets ``(layer, neuron)``, each in a later
+    layer than the neuron's (:func:`neuron_effects.edges.measurable_targets`).
 
     ``mean_activations`` [n_layers, intermediate]: the prompt-set means (``mean_ablate`` only;
     last-position means for ``positions: last``, all-position means for ``positions: all``).
@@ -203,6 +214,7 @@ def compute_effects(
     parts: list[dict[str, np.ndarray]] = []
     mediation_parts: list[pd.DataFrame] = []
     mediator_parts: list[pd.DataFrame] = []
+    edge_parts: list[pd.DataFrame] = []
     for start in range(0, len(block), batch_rows):
         rows = slice(start, start + batch_rows)
         layers, indices, directions = block.layers[rows], block.neurons[rows], block.directions[rows]
@@ -224,14 +236,26 @@ def compute_effects(
         replay_vectors[treated] = vectors
         replay = (perturbed_final_hidden if settings.positions == "last"
                   else perturbed_final_hidden_all_positions)
-        collector = None
+        baselines = torch.arange(len(starts), device=device)
+        baselines[treated] = baseline
+        collectors: list[LayerCollector] = []
         if mediation is not None:
-            baselines = torch.arange(len(starts), device=device)
-            baselines[treated] = baseline
-            collector = MediationCollector(mediation, baselines, model.n_layers, model.n_heads,
-                                           settings.mediator_top_k)
-        final_hidden = replay(model, clean, starts, replay_vectors, collector)
-        split = collector.result(treated, final_hidden) if collector is not None else None
+            splitter = MediationCollector(mediation, baselines, model.n_layers, model.n_heads,
+                                          settings.mediator_top_k)
+            collectors.append(splitter)
+        requests = _edge_requests(block.neuron_ids[rows], edge_targets or {})
+        if requests:
+            targets = torch.tensor([request[1:] for request in requests], dtype=torch.long,
+                                   device=device).reshape(-1, 2)
+            edge_collector = EdgeCollector(
+                treated[torch.tensor([request[0] for request in requests], device=device)],
+                targets[:, 0], targets[:, 1], baselines)
+            collectors.append(edge_collector)
+        final_hidden = replay(model, clean, starts, replay_vectors, _all_of(collectors))
+        split = splitter.result(treated, final_hidden) if mediation is not None else None
+        if requests:
+            edge_parts.append(_edge_rows(block.neuron_ids[rows], requests,
+                                         edge_collector.deltas, clean.activations))
         if split is not None:
             ids = block.neuron_ids[rows]
             mediation_parts.append(mediation_rows(
@@ -266,7 +290,8 @@ def compute_effects(
         if name.startswith("top_k_") and name.endswith("_tokens"):
             frame[name] = [list(map(int, tokens)) for part in parts for tokens in part[name]]
     return EffectTables(frame, _concat_batches(mediation_parts, MEDIATION_COLUMNS),
-                        _concat_batches(mediator_parts, MEDIATOR_COLUMNS))
+                        _concat_batches(mediator_parts, MEDIATOR_COLUMNS),
+                        *([pd.concat(edge_parts, ignore_index=True)] if edge_parts else []))
 
 
 def _concat_batches(parts: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
@@ -277,6 +302,44 @@ def _concat_batches(parts: list[pd.DataFrame], columns: Sequence[str]) -> pd.Dat
     frame = pd.concat(parts, ignore_index=True)
     frame["neuron_id"] = union_categoricals([part["neuron_id"] for part in parts])
     return frame
+
+
+
+def _all_of(collectors: list[LayerCollector]) -> LayerCollector | None:
+    """One collector calling each of ``collectors`` (None for none, so the replay stays
+    unchanged)."""
+    if not collectors:
+        return None
+    if len(collectors) == 1:
+        return collectors[0]
+
+    def collect(*components: torch.Tensor | int) -> None:
+        for collector in collectors:
+            collector(*components)
+
+    return collect
+
+
+def _edge_requests(neuron_ids: Sequence[str], edge_targets: Mapping[str, Sequence[tuple[int, int]]]
+                   ) -> list[tuple[int, int, int]]:
+    """``(row in the batch, target layer, target neuron)`` for every target of the batch's
+    neurons."""
+    return [(row, int(layer), int(neuron)) for row, neuron_id in enumerate(neuron_ids)
+            for layer, neuron in edge_targets.get(neuron_id, ())]
+
+
+def _edge_rows(neuron_ids: Sequence[str], requests: list[tuple[int, int, int]],
+               deltas: torch.Tensor, clean_activations: torch.Tensor) -> pd.DataFrame:
+    """The batch's edge table: per request the neuron id, target, ``Δa_t`` and the target's
+    clean activation ``a_t`` at the last position."""
+    rows, layers, neurons = (np.array(column) for column in zip(*requests))
+    return pd.DataFrame({
+        "neuron_id": np.asarray(neuron_ids, dtype=object)[rows],
+        "target_layer": layers.astype(np.int16), "target_neuron": neurons.astype(np.int32),
+        "delta_activation": deltas.cpu().numpy(),
+        "target_activation": clean_activations[torch.as_tensor(layers), torch.as_tensor(neurons)
+                                               ].double().cpu().numpy(),
+    })
 
 
 def _split_columns(split: BatchMediation | None, chunk: slice,

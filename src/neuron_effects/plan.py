@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .cost import ATTRIBUTION_FACTOR, DeviceRates, ModelShape
+from .cost import BACKWARD_FACTOR, DeviceRates, ModelShape
 from .inputs import InputError, Neuron, PromptRecord, chunk, digest, prompt_fields
 
 
@@ -109,7 +109,7 @@ class Workload:
     full_vocab: bool = True
     mediators: bool = True
     positions: str = "last"
-    attribution: bool = True
+    backward_passes: int = 2  # attribution patching: one per estimate method (0: off)
     validation_pairs: int = 32
     neurons_per_block: int = 2048
 
@@ -205,8 +205,9 @@ def estimate(plan: ShardPlan, tokens: Mapping[str, int], shape: ModelShape, rate
     mean_forward = forwards / max(len(tokens), 1)
     rules = [RuleEstimate("cache_clean_runs", n_chunks, forwards, n_chunks * fixed),
              RuleEstimate("compute_effects", len(plan.shards), shards, len(plan.shards) * fixed)]
-    if work.attribution:
-        rules.append(RuleEstimate("estimate_attribution", n_chunks, ATTRIBUTION_FACTOR * forwards,
+    if work.backward_passes:
+        passes = 1 + BACKWARD_FACTOR * work.backward_passes
+        rules.append(RuleEstimate("estimate_attribution", n_chunks, passes * forwards,
                                   n_chunks * fixed))
     # the float64 reference: per sampled pair one hooked forward, per prompt one clean forward
     pairs = min(work.validation_pairs, sum(len(s.neurons) * len(s.chunk.records)

@@ -16,6 +16,8 @@
   output, and the final norm's input; each layer's, head's and neuron's contribution is its
   change read out along ``u`` with the clean scale (heads: ``o_proj`` applied to the head's slice
   of the change alone; neurons: the change of ``act_m`` times column m of ``down_proj``).
+* EDGE ACTIVATION CHANGES: the treated and the untreated full forward with pre-hooks reading the
+  input of each target layer's ``down_proj`` at the last position: ``Δa_t`` = the difference.
 
 Logits are read out from the final norm's input ``h`` (last position) in float32 (float64 for a
 float64 model: the readout dtype of :class:`~neuron_effects.model.LlamaFamily`), as the
@@ -290,3 +292,38 @@ def plain_metrics(
             values["sign_aligned"] = bool(direct_part * indirect_part > 0)
             values["ratio_defined"] = bool(defined)
     return values
+
+
+@torch.inference_mode()
+def reference_activation_changes(
+    model: LlamaFamily, input_ids: torch.Tensor, layer: int, vector: torch.Tensor,
+    targets: list[tuple[int, int]],
+) -> list[float]:
+    """``a_t(treated) - a_t(untreated)`` at the last position for each target ``(layer l,
+    neuron m)`` (entry m of the input of ``layers[l].mlp.down_proj``), from two full forwards:
+    with and without a hook adding ``vector`` to the output of decoder layer ``layer``
+    ([hidden] at the last position, or [T, hidden] at every position)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def read(target_layer: int):
+        def hook(module, args):
+            seen[target_layer] = args[0][0, -1].double()
+
+        return hook
+
+    readers = [model.layers[target].mlp.down_proj.register_forward_pre_hook(read(target))
+               for target in {target for target, _ in targets}]
+    ids = torch.as_tensor(input_ids).reshape(1, -1).to(model.device)
+    try:
+        model.causal_lm(input_ids=ids, logits_to_keep=1)
+        untreated = dict(seen)
+        handle = model.layers[layer].register_forward_hook(_adding_hook(vector))
+        try:
+            model.causal_lm(input_ids=ids, logits_to_keep=1)
+        finally:
+            handle.remove()
+    finally:
+        for reader in readers:
+            reader.remove()
+    return [float(seen[target][neuron] - untreated[target][neuron])
+            for target, neuron in targets]

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .aggregate import CLASSES, UNDETERMINED  # noqa: E402
+from .aggregate import CLASSES, UNDETERMINED, estimate_methods  # noqa: E402
 from .attribution import overall_agreement  # noqa: E402
 from .inputs import PROMPT_FIELDS, PROMPT_TABLE_COLUMNS  # noqa: E402
 from .report_table import neuron_table_section  # noqa: E402
@@ -305,59 +305,115 @@ def indirect_routes_section(neurons: pd.DataFrame, flow: pd.DataFrame, top_n: in
     return "".join(parts)
 
 
-def _atp_scatter(per_prompt: pd.DataFrame) -> str:
-    return _layer_scatter(per_prompt, "total", "total_atp", diagonal=1.0, line="estimate = exact",
-                          xlabel="exact total effect on target logit",
-                          ylabel="first-order estimate (total_atp)", legend="upper left")
+def _estimate_scatter(per_prompt: pd.DataFrame, method: str) -> str:
+    return _layer_scatter(per_prompt, "total", f"total_{method}", diagonal=1.0,
+                          line="estimate = exact", xlabel="exact total effect on target logit",
+                          ylabel=f"first-order estimate (total_{method})", legend="upper left")
 
 
-def _atp_by_layer(layers: pd.DataFrame) -> str:
-    figure, axis = plt.subplots(figsize=(11, 3.2))
-    for column, marker, label in (
-            ("atp_spearman", "o", "Spearman(estimate, exact)"),
-            ("atp_sign_agreement", "s", "sign agreement"),
-            ("atp_median_relative_error", "^", "median relative error"),
-            ("atp_precision_at_k", "d", "precision@k (k = a tenth of the layer's neurons)")):
-        axis.plot(layers["layer"], layers[column], marker=marker, ms=3, label=label)
-    axis.set_xlabel("layer")
-    axis.legend(fontsize=8)
+AGREEMENT_PANELS = (("spearman", "Spearman(estimate, exact)"), ("sign_agreement", "sign agreement"),
+                    ("median_relative_error", "median relative error"),
+                    ("precision_at_k", "precision@k (k = a tenth of the layer's neurons)"))
+
+
+def _estimates_by_layer(layers: pd.DataFrame, methods: list[str]) -> str:
+    """One panel per agreement measure, one line per method, by layer."""
+    figure, axes = plt.subplots(1, len(AGREEMENT_PANELS), figsize=(13, 3.2), sharex=True)
+    for axis, (measure, title) in zip(axes, AGREEMENT_PANELS):
+        for method, marker in zip(methods, "osd^v<>p*h"):
+            axis.plot(layers["layer"], layers[f"{method}_{measure}"], marker=marker, ms=3,
+                      label=method)
+        axis.set_title(title, fontsize=9)
+        axis.set_xlabel("layer")
+    axes[0].legend(fontsize=8)
     return _figure_uri(figure)
 
 
 def attribution_section(per_prompt: pd.DataFrame, layers: pd.DataFrame,
                         candidates: pd.DataFrame, top_n: int) -> list[str]:
-    """Attribution patching beside the exact effects: overall agreement, the scatter of
-    total_atp against total, agreement by layer, and the top candidates outside the profile."""
-    overall = overall_agreement(per_prompt)
-    summary = pd.DataFrame([{"measure": key.replace("atp_", ""), "value": value}
-                            for key, value in overall.items()])
-    candidate_columns = [c for c in ("neuron_id", "layer", "neuron", "rank", "mean_abs_atp",
-                                     "max_abs_atp", "mean_atp") if c in candidates]
+    """First-order estimates (AtP, RelP and any partial RelP rule sets) beside the exact
+    effects: overall agreement of each method, their agreement by layer in one figure, one
+    scatter of estimate against exact per method, and the candidates outside the profile."""
+    methods = estimate_methods(per_prompt.columns)
+    overall = {method: overall_agreement(per_prompt, method=method) for method in methods}
+    summary = pd.DataFrame([{"method": method, **{key.removeprefix(f"{method}_"): value
+                                                  for key, value in values.items()}}
+                            for method, values in overall.items()])
+    candidate_columns = [c for c in ("neuron_id", "layer", "neuron", "listed_by", "rank",
+                                     "mean_abs_atp", "rank_relp", "mean_abs_relp")
+                         if c in candidates]
+    per_layer = ["layer", "n_neurons", *(f"{method}_{measure}" for method in methods
+                                         for measure, _ in AGREEMENT_PANELS)]
     return [
-        "<h2>Attribution patching: first-order estimates beside the exact effects</h2>",
+        "<h2>Attribution patching and RelP: first-order estimates beside the exact effects</h2>",
         '<div class="defs"><p>For every prompt, one backward pass gives the gradient '
         "<code>g<sub>L</sub></code> of the target logit with respect to the output of every "
         "decoder layer at the last position (every position with <code>positions: all</code>, "
         "summed over positions with each position's own V); the estimate of every neuron of "
         "the model is <code>total_atp = g<sub>L</sub> · V = s · (g<sub>L</sub> · "
-        "w<sub>n</sub>)</code>, and <code>indirect_atp = total_atp − direct</code>. Below, on "
-        "the studied neurons, against the exact total: rank correlation, sign agreement, "
-        "median relative error |total_atp − total| / |total|, and precision@k of the ranking "
-        "by mean |total_atp| against the ranking by mean |total|. A good screen is not a "
-        "substitute: the largest effects carry the largest errors.</p></div>",
+        "w<sub>n</sub>)</code>, and <code>indirect_atp = total_atp − direct</code>. "
+        "<b>RelP</b> (<code>total_relp</code>, the score behind attribution graphs) is the same "
+        "formula with the gradient of a second backward pass over the same forward that follows "
+        "relevance rules: every RMSNorm's 1/rms constant (LN-rule), SiLU's sigmoid constant "
+        "(identity rule), half the gradient through the gated product (half-rule), attention "
+        "patterns frozen (no gradient through queries and keys); <code>relp_&lt;rules&gt;</code> "
+        "applies only the rules named. Below, on the studied neurons, against the exact total: "
+        "rank correlation, sign agreement, median relative error |estimate − total| / |total|, "
+        "and precision@k of the ranking by mean |estimate| against the ranking by mean "
+        "|total|. A good screen is not a substitute: the largest effects carry the largest "
+        "errors.</p></div>",
         _table(summary),
-        _figure(_atp_scatter(per_prompt), "First-order estimate vs exact total effect on the "
-                                          "target logit, one point per (prompt, neuron), "
-                                          "coloured by layer (symlog axes)."),
-        _figure(_atp_by_layer(layers), "Agreement of the estimate with the exact total by "
-                                       "layer."),
-        _table(layers, [c for c in ("layer", "n_neurons", "atp_spearman", "atp_sign_agreement",
-                                    "atp_median_relative_error", "atp_k",
-                                    "atp_precision_at_k") if c in layers]),
+        _figure(_estimates_by_layer(layers, methods),
+                "Agreement of each estimate with the exact total, by layer."),
+        *(_figure(_estimate_scatter(per_prompt, method),
+                  f"{method}: first-order estimate vs exact total effect on the target logit, "
+                  "one point per (prompt, neuron), coloured by layer (symlog axes).")
+          for method in methods),
+        _table(layers, [c for c in per_layer if c in layers]),
         f"<h3>Candidates: the {min(top_n, len(candidates))} neurons outside the profile with "
-        f"the largest mean |estimate| (of {len(candidates)} in results/atp/candidates.parquet)"
-        f"</h3>", _table(candidates.head(top_n), candidate_columns),
+        f"the largest mean |estimate| (of {len(candidates)} in results/atp/candidates.parquet, "
+        f"the top {top_n} of any method)</h3>", _table(candidates.head(top_n), candidate_columns),
     ]
+
+
+def edges_section(edges: pd.DataFrame, neurons: pd.DataFrame, min_relative_delta: float,
+                  top_n: int) -> str:
+    """The profiles' neuron edges measured exactly: the distribution of the fraction of each
+    neuron's edges that are real, the edges' relative activation changes, and the edges that
+    disagree most (wrong sign, largest |exact_weight|)."""
+    if not len(edges):
+        return ""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 3.0))
+    fractions = neurons["edge_real_fraction"].dropna().to_numpy(dtype=float)
+    axes[0].hist(fractions, bins=np.linspace(0, 1, 11), color="#4477aa")
+    axes[0].set_title(f"edge_real_fraction per neuron (n = {len(fractions)})", fontsize=9)
+    axes[0].set_ylabel("neurons")
+    relative = edges["relative_delta"].dropna().to_numpy(dtype=float)
+    axes[1].hist(np.log10(np.clip(relative, 1e-8, None)), bins=30, color="#228833")
+    axes[1].axvline(math.log10(min_relative_delta), color="#ee6677", ls="--", lw=0.8)
+    axes[1].set_title(f"log10 mean |Δa_t| / |a_t| per edge (n = {len(relative)})", fontsize=9)
+    disagreeing = edges[edges["sign_agrees"].eq(False).fillna(False)]
+    worst = disagreeing.assign(_size=-disagreeing["exact_weight"].abs()).sort_values("_size")
+    return "".join([
+        "<h3>Every profile edge measured exactly</h3>",
+        f"<p>{len(edges)} neuron edges of {edges['neuron_id'].nunique()} profiles "
+        "(<code>results/summary/edges.parquet</code>). For an edge s → t, the replay that "
+        "computes s's total effect also gives the exact change <code>Δa<sub>t</sub></code> of "
+        "t's activation at the last position; <code>exact_weight</code> = mean over prompts of "
+        "<code>Δa<sub>t</sub> · ∂logit<sub>target</sub>/∂a<sub>t</sub></code> (plain gradient). "
+        f"An edge is real when mean |Δa<sub>t</sub>| / |a<sub>t</sub>| ≥ {min_relative_delta:g} "
+        "and exact_weight has the sign of the profile's avg_weight. <b>Limits:</b> the graph's "
+        "edges count direct paths only (s's write read by t), with the graph's own metric; "
+        "Δa<sub>t</sub> counts every path from s to t, and the weight here is on the target "
+        "logit. A disagreement says the listed edge does not describe what s's treatment does "
+        "to t on these prompts, not that the graph computed it wrongly.</p>",
+        _figure(_figure_uri(figure), "Left: the fraction of each neuron's listed edges that "
+                "are real. Right: how far each edge moves its target (dashed: the threshold)."),
+        f"<h4>The {min(top_n, len(worst))} disagreeing edges with the largest |exact_weight| "
+        f"(of {len(disagreeing)} whose sign disagrees)</h4>",
+        _table(worst.head(top_n), ["neuron_id", "target_layer", "target_neuron", "avg_weight",
+                                   "exact_weight", "delta_activation", "relative_delta"]),
+    ])
 
 
 def render_report(
@@ -367,9 +423,10 @@ def render_report(
     figures: dict[str, str] | None = None,
     mediation_layers: pd.DataFrame | None = None,
     atp_candidates: pd.DataFrame | None = None,
+    edges: pd.DataFrame | None = None, edge_min_relative_delta: float = 0.01,
 ) -> str:
     """The report page as one HTML string (``figures``: from :func:`report_figures`, made here
-    when not given)."""
+    when not given; ``edges``: results/summary/edges.parquet)."""
     figures = figures or report_figures(per_prompt, layers)
     passed = validation["passed"]
     largest = ("NaN or inf" if validation["max_abs_diff"] is None  # a non-finite value
@@ -445,8 +502,10 @@ def render_report(
         f"<h2>Most cancelling neurons (self-repair)</h2>{_table(cancelling, neuron_columns)}",
         indirect_routes_section(neurons, mediation_layers if mediation_layers is not None
                                 else pd.DataFrame(), top_n),
+        edges_section(edges, neurons, edge_min_relative_delta, top_n)
+        if edges is not None else "",
         *(attribution_section(per_prompt, layers, atp_candidates, top_n)
-          if atp_candidates is not None and "total_atp" in per_prompt else []),
+          if atp_candidates is not None and estimate_methods(per_prompt.columns) else []),
         neuron_table_section(neurons, per_prompt),
         f"<h2>Prompts and targets</h2>{_table(prompts, prompt_columns)}",
     ]

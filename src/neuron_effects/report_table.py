@@ -5,9 +5,9 @@ embedded once, compactly, and the rows are drawn by a small hand-written script:
 
 * one JSON block: the summary rows (numbers to 4 significant digits) and, per series, the
   [neurons x prompts] matrix of per-prompt effects on the target logit as base64 little-endian
-  float32 (``direct`` and ``total``, plus ``total_atp`` when present). ``indirect`` is not
-  stored: it is ``total - direct`` by definition and computed in the page. The matrices are
-  decoded only when a neuron is first opened;
+  float32 (``direct`` and ``total``, plus ``total_atp`` and ``total_relp`` when present).
+  ``indirect`` is not stored: it is ``total - direct`` by definition and computed in the page.
+  The matrices are decoded only when a neuron is first opened;
 * the script draws at most :data:`PAGE_ROWS` rows of the filtered and sorted list at a time (a
   button shows more), so the page holds a few hundred rows whatever the number of neurons.
 
@@ -44,10 +44,12 @@ OPTIONAL_COLUMNS = [
     ("top_mediator", "top mediator", "text"),
     ("indirect_share_attn", "indirect share via attention", "num"),
     ("atp_spearman", "AtP Spearman", "num"),
+    ("relp_spearman", "RelP Spearman", "num"),
+    ("edge_real_fraction", "real edges", "num"),
 ]
 # Per-prompt series of per_prompt.parquet (effects on the target logit); indirect = total - direct.
 SERIES = ("direct", "total")
-OPTIONAL_SERIES = ("total_atp",)
+OPTIONAL_SERIES = ("total_atp", "total_relp")
 PAGE_ROWS = 200
 
 
@@ -113,7 +115,7 @@ SCRIPT = r"""
   const body = box.querySelector("tbody");
   const heads = Array.from(box.querySelectorAll("thead th"));
   const PAGE = %(page)d, COLOURS = {direct: "#ee6677", indirect: "#4477aa", total: "#222222",
-    total_atp: "#228833"};
+    total_atp: "#228833", total_relp: "#aa3377"};
   const show = v => v === null ? "\u2013" : String(v);
   const text = data.rows.map(row => row.map(show).join(" ").toLowerCase());
   let order = data.rows.map((_, i) => i), shown = [], limit = PAGE, sortKey = -1, sortDir = 1;
@@ -139,7 +141,7 @@ SCRIPT = r"""
   }
   const fmt = v => Number.isFinite(v) ? Number(v.toPrecision(4)).toString() : "\u2013";
   function plot(values) {
-    const names = ["direct", "indirect", "total", "total_atp"].filter(k => values[k]);
+    const names = ["direct", "indirect", "total", "total_atp", "total_relp"].filter(k => values[k]);
     const n = data.prompts.length, W = 760, H = 190, L = 56, R = 10, T = 18, B = 22;
     let top = 0;
     for (const k of names) for (const v of values[k]) if (Number.isFinite(v)) top = Math.max(top, Math.abs(v));
@@ -168,7 +170,7 @@ SCRIPT = r"""
   }
   function detail(index) {
     const values = perPrompt(index);
-    const names = ["direct", "indirect", "total", "total_atp"].filter(k => values[k]);
+    const names = ["direct", "indirect", "total", "total_atp", "total_relp"].filter(k => values[k]);
     const rows = data.prompts.map((p, i) => `<tr><td>${escape(p)}</td>` +
       names.map(k => `<td class="num">${fmt(values[k][i])}</td>`).join("") + "</tr>").join("");
     return `<tr class="neuron-detail"><td colspan="${heads.length}">${plot(values)}` +

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from . import aggregate, attribution, mediation, store
 from .clean import run_clean
-from .edges import EDGE_COLUMNS, edge_agreement, read_edges
+from .edges import (EDGE_COLUMNS, edge_agreement, edge_table, measurable_targets,
+                    neuron_target_weights, read_edges, real_edges)
 from .effects import EffectSettings, EffectTables, compute_effects, neuron_block
 from .input_checks import checked_inputs
 from .inputs import InputError, Neuron, extra_columns, load_profile_document, read_neurons
@@ -196,11 +197,15 @@ def _mean_activations(stats_path: str, positions: str, n_layers: int, width: int
 
 
 def estimate_attribution(spec: ModelSpec, clean_path: str, treatment: str, positions: str,
-                         output: str, neuron_stats: str | None = None) -> None:
+                         output: str, neuron_stats: str | None = None,
+                         methods: dict[str, Sequence[str]] | None = None) -> None:
     """First-order estimates of every neuron of every layer on each prompt of a clean chunk
-    (:mod:`neuron_effects.attribution`): one forward and one backward per prompt, for the target
-    recorded by the clean run; saved as [prompts, layers, intermediate] float32 with the prompt
-    ids in the metadata."""
+    (:mod:`neuron_effects.attribution`): one forward per prompt, then one backward per method
+    (``methods``: name -> RelP rules, empty for the plain gradient; default AtP alone), for the
+    target recorded by the clean run. Saved as [prompts, layers, intermediate] float32 per method
+    (:func:`estimates_key`), with ``gradient``: the plain ``d logit_target / d a`` of every neuron
+    at the last position (what the edge weights need), and the prompt ids in the metadata."""
+    methods = {"atp": ()} if methods is None else dict(methods)
     runs, records = store.load_clean_runs(clean_path)
     model = _load_model(spec)
     means = None
@@ -209,67 +214,96 @@ def estimate_attribution(spec: ModelSpec, clean_path: str, treatment: str, posit
             raise InputError("treatment mean_ablate needs the activation statistics")
         means = _mean_activations(neuron_stats, positions, model.n_layers,
                                   model.intermediate_size).to(model.device)
-    estimates = []
+    passes = {"atp": (), **methods}  # the plain gradient always: the edges' weights use it
+    tensors: dict[str, list[torch.Tensor]] = {name: [] for name in [*methods, "gradient"]}
     for run, record in tqdm(list(zip(runs, records)), desc="forward + backward", **PROGRESS):
         started = time.perf_counter()
-        projections, _ = attribution.neuron_gradients(model, run.input_ids, record["target_id"],
-                                                      positions)
+        projections, _ = attribution.method_gradients(model, run.input_ids, record["target_id"],
+                                                      positions, passes)
         if positions == "all":  # every position's activation of every layer
             clean = run_clean(model, run.input_ids, record["prompt_id"], range(model.n_layers))
             activations = torch.stack([clean.full_activations[layer]
                                        for layer in range(model.n_layers)])
         else:
             activations = run.activations
-        estimates.append(attribution.first_order_estimates(
-            projections, activations.to(model.device), treatment, means).cpu())
-        log.info("prompt %s (%d tokens): estimates in %.2f s", record["prompt_id"],
-                 run.n_tokens, time.perf_counter() - started)
+        for name in methods:
+            tensors[name].append(attribution.first_order_estimates(
+                projections[name], activations.to(model.device), treatment, means).cpu())
+        plain = projections["atp"]
+        tensors["gradient"].append((plain if positions == "last" else plain[:, -1]).cpu())
+        log.info("prompt %s (%d tokens): %s in %.2f s", record["prompt_id"], run.n_tokens,
+                 ", ".join(passes), time.perf_counter() - started)
     metadata = {"prompt_ids": json.dumps([record["prompt_id"] for record in records]),
                 "target_ids": json.dumps([record["target_id"] for record in records]),
-                "treatment": treatment, "positions": positions}
+                "treatment": treatment, "positions": positions,
+                "methods": json.dumps({name: list(rules) for name, rules in methods.items()})}
     with store.atomic_path(output) as temporary:
-        save_file({"estimates": torch.stack(estimates).contiguous()}, str(temporary),
-                  metadata=metadata)
+        save_file({estimates_key(name): torch.stack(values).contiguous()
+                   for name, values in tensors.items()}, str(temporary), metadata=metadata)
 
 
-def _load_estimates(path: str) -> tuple[torch.Tensor, list[str]]:
-    """An estimates file's [prompts, layers, intermediate] tensor and its prompt ids."""
+def estimates_key(method: str) -> str:
+    """The tensor of ``method`` in the estimates files: ``estimates`` for atp (its name before
+    RelP), the method's name otherwise."""
+    return "estimates" if method == "atp" else method
+
+
+def _load_estimates(path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """An estimates file's [prompts, layers, intermediate] tensors by method (and
+    ``gradient`` [prompts, layers, intermediate] where present) and its prompt ids."""
     with safe_open(path, framework="pt") as handle:
-        prompt_ids = json.loads(handle.metadata()["prompt_ids"])
-    return load_file(path)["estimates"], prompt_ids
+        metadata = handle.metadata()
+    methods = json.loads(metadata.get("methods", '{"atp": []}'))
+    tensors = load_file(path)
+    loaded = {name: tensors[estimates_key(name)] for name in methods}
+    if "gradient" in tensors:
+        loaded["gradient"] = tensors["gradient"]
+    return loaded, json.loads(metadata["prompt_ids"])
 
 
 def summarize_attribution(chunk_paths: Sequence[str], profile_path: str, n_candidates: int,
                           estimates_out: str, neurons_out: str, candidates_out: str) -> None:
-    """Stack the chunks' estimates ([prompts, layers, intermediate], prompt ids in the metadata)
-    and write the all-neuron table and the top ``n_candidates`` neurons outside the profile
-    file."""
+    """Stack the chunks' estimates ([prompts, layers, intermediate] per method, prompt ids in the
+    metadata) and write the all-neuron table and the neurons outside the profile file among the
+    top ``n_candidates`` of any method."""
     parts = [_load_estimates(path) for path in chunk_paths]
-    estimates = torch.cat([part[0] for part in parts])
+    names = list(parts[0][0])
+    stacked = {name: torch.cat([part[0][name] for part in parts]) for name in names}
     prompt_ids = [prompt_id for part in parts for prompt_id in part[1]]
+    methods = [name for name in names if name != "gradient"]
+    with safe_open(chunk_paths[0], framework="pt") as handle:
+        method_rules = handle.metadata().get("methods", '{"atp": []}')
     with store.atomic_path(estimates_out) as temporary:
-        save_file({"estimates": estimates.contiguous()}, str(temporary),
-                  metadata={"prompt_ids": json.dumps(prompt_ids)})
+        save_file({estimates_key(name): stacked[name].contiguous() for name in names},
+                  str(temporary), metadata={"prompt_ids": json.dumps(prompt_ids),
+                                            "methods": method_rules})
     profile = pd.DataFrame([vars(neuron) for neuron in read_neurons(profile_path)])
-    table = attribution.neuron_table(estimates.numpy(), profile)
+    table = attribution.neuron_table({name: stacked[name].numpy() for name in methods}, profile)
     store.write_parquet(neurons_out, table)
-    store.write_parquet(candidates_out, attribution.candidates(table, n_candidates))
-    log.info("%d prompts x %d neurons; %d of the top %d by mean |estimate| are studied neurons",
-             len(prompt_ids), len(table), int(table["in_profile"].head(n_candidates).sum()),
-             n_candidates)
+    store.write_parquet(candidates_out, attribution.candidates(table, n_candidates, methods))
+    for method in methods:
+        top = table.nsmallest(n_candidates, attribution.rank_column(method))
+        log.info("%d prompts x %d neurons; %d of the top %d by mean |%s| are studied neurons",
+                 len(prompt_ids), len(table), int(top["in_profile"].sum()), n_candidates, method)
 
 
-def _with_estimates(per_prompt: pd.DataFrame, estimates_path: str) -> pd.DataFrame:
-    """``total_atp`` (the estimate of the row's prompt and neuron) and ``indirect_atp`` (=
-    total_atp - direct) inserted after ``total``."""
-    estimates, prompt_ids = _load_estimates(estimates_path)
+def _with_estimates(per_prompt: pd.DataFrame, estimates: dict[str, torch.Tensor],
+                    prompt_ids: list[str]) -> pd.DataFrame:
+    """``total_<method>`` for each method of an estimates file (:func:`_load_estimates`: the
+    estimate of the row's prompt and neuron) inserted after ``total``, with ``indirect_atp``
+    (= total_atp - direct) after ``total_atp``."""
     index = {prompt_id: position for position, prompt_id in enumerate(prompt_ids)}
-    total_atp = estimates.numpy()[per_prompt["prompt_id"].map(index).to_numpy(),
-                                  per_prompt["layer"].to_numpy(), per_prompt["neuron"].to_numpy()]
+    rows = (per_prompt["prompt_id"].map(index).to_numpy(), per_prompt["layer"].to_numpy(),
+            per_prompt["neuron"].to_numpy())
     where = per_prompt.columns.get_loc("total") + 1
     per_prompt = per_prompt.copy()
-    per_prompt.insert(where, "total_atp", total_atp.astype(np.float64))
-    per_prompt.insert(where + 1, "indirect_atp", per_prompt["total_atp"] - per_prompt["direct"])
+    for method in (name for name in estimates if name != "gradient"):
+        per_prompt.insert(where, f"total_{method}",
+                          estimates[method].numpy()[rows].astype(np.float64))
+        where += 1
+        if method == "atp":
+            per_prompt.insert(where, "indirect_atp", per_prompt["total_atp"] - per_prompt["direct"])
+            where += 1
     return per_prompt
 
 
@@ -278,12 +312,17 @@ def compute_shard(
     settings: EffectSettings, output: str, partial_root: str, fingerprint: str,
     neuron_stats: str | None = None, neurons_per_block: int = 2048,
     mediation_output: str | None = None, mediators_output: str | None = None,
+    edge_targets: Mapping[str, Sequence[Sequence[int]]] | None = None,
+    edges_output: str | None = None,
 ) -> None:
     """Effects of the shard's neurons on the chunk's prompts, resumable unit by unit.
 
-    A unit is (neuron block, prompt); each finished unit (its per-prompt rows, mediation rows
-    and top-k mediators) is saved atomically under ``partial_root/fingerprint`` and skipped when
-    the shard is restarted; the outputs are assembled from the units at the end.
+    A unit is (neuron block, prompt); each finished unit (its per-prompt rows, mediation rows,
+    top-k mediators and edge rows) is saved atomically under ``partial_root/fingerprint`` and
+    skipped when the shard is restarted; the outputs are assembled from the units at the end.
+    ``edge_targets``: neuron id -> the ``(layer, neuron)`` targets of its profile's edges, whose
+    ``Δa_t`` goes to ``edges_output``; targets not in a later layer of the model are left out
+    with a warning.
     """
     runs, records = store.load_clean_runs(clean_path)
     neurons = [Neuron(str(i), int(layer), int(n)) for i, layer, n in neuron_table]
@@ -303,6 +342,7 @@ def compute_shard(
             means = _mean_activations(neuron_stats, settings.positions, model.n_layers,
                                       model.intermediate_size)
         layers = sorted({n.layer for n in neurons})
+        targets = _measurable_targets(neurons, edge_targets or {}, model)
         bar = tqdm(total=sum(len(blocks[b]) for b, _ in todo), desc="treated rows", unit="row",
                    **PROGRESS)
         # A unit's tables are written by a second thread while the next unit computes (on a GPU
@@ -320,7 +360,8 @@ def compute_shard(
                         clean = run_clean(model, clean.input_ids, record["prompt_id"], layers)
                     started = time.perf_counter()
                     tables = compute_effects(model, clean.to(model.device), block, settings,
-                                             record["target_id"], record["distractor_id"], means)
+                                             record["target_id"], record["distractor_id"], means,
+                                             targets)
                     if saving is not None:
                         saving.result()
                     saving = writer.submit(_save_unit, progress, units[b, p], tables, record)
@@ -331,19 +372,37 @@ def compute_shard(
                 saving.result()
         bar.close()
     extra = {name: path for name, path in (("mediation", mediation_output),
-                                           ("mediators", mediators_output)) if path}
+                                           ("mediators", mediators_output),
+                                           ("edges", edges_output)) if path}
     progress.assemble(list(units.values()), output, extra)
 
 
 def _save_unit(progress: store.ShardProgress, unit: str, tables: EffectTables,
                record: dict[str, Any]) -> None:
-    """Save one unit: its per-prompt rows with the prompt's columns, and its mediation and
-    top-k mediator rows with the prompt id."""
+    """Save one unit: its per-prompt rows with the prompt's columns, and its mediation, top-k
+    mediator and edge rows with the prompt id."""
     frame = tables.per_prompt.assign(**{key: record[key] for key in PROMPT_COLUMNS})
     split = {name: table.assign(prompt_id=record["prompt_id"])[["prompt_id", *table.columns]]
              for name, table in (("mediation", tables.mediation),
-                                 ("mediators", tables.mediators))}
+                                 ("mediators", tables.mediators), ("edges", tables.edges))}
     progress.save(unit, frame, split)
+
+
+def _measurable_targets(neurons: Sequence[Neuron], edge_targets: Mapping[str, Sequence[
+        Sequence[int]]], model: Any) -> dict[str, list[tuple[int, int]]]:
+    """The shard's edge targets that the replay can measure (:func:`edges.measurable_targets`);
+    a warning in the log for each one left out."""
+    kept = {}
+    for neuron in neurons:
+        if neuron.neuron_id not in edge_targets:
+            continue
+        kept[neuron.neuron_id], warnings = measurable_targets(
+            neuron.neuron_id, neuron.layer, [tuple(target) for target in
+                                             edge_targets[neuron.neuron_id]],
+            model.n_layers, model.intermediate_size)
+        for warning in warnings:
+            log.warning("%s", warning)
+    return kept
 
 
 def _ordered_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -386,8 +445,36 @@ def aggregate_mediation(
          **edge_agreement(edges[neuron_id], by_neuron.get(neuron_id, mediator_neurons.iloc[:0]),
                           tokens[neuron_id], top_k)}
         for neuron_id in columns["neuron_id"] if neuron_id in edges
-    ], columns=["neuron_id", *EDGE_COLUMNS])
+    ], columns=["neuron_id", *EDGE_COLUMNS[:EDGE_COLUMNS.index("edge_n_measured")]])
     return columns.merge(agreement, on="neuron_id", how="left"), summary
+
+
+def aggregate_edges(edge_shards: Sequence[str], profile_path: str, studied: Sequence[str],
+                    gradients: dict[str, np.ndarray] | None, min_relative_delta: float,
+                    edges_out: str) -> pd.DataFrame:
+    """Write the exact measurement of every neuron edge of the studied neurons' profiles
+    (:func:`neuron_effects.edges.edge_table`, from the shards' per-prompt ``Δa_t`` and the
+    plain gradients of the attribution pass) and return per studied neuron with edges
+    ``edge_n_measured`` and ``edge_real_fraction`` (:func:`neuron_effects.edges.real_edges`);
+    listed edges that were not measured are named in a warning."""
+    weights = {neuron_id: neuron_target_weights(listed)
+               for neuron_id, listed in read_edges(profile_path).items() if neuron_id in studied}
+    deltas = pd.concat([pd.read_parquet(path) for path in edge_shards], ignore_index=True)
+    table = edge_table(deltas, gradients, weights)
+    store.write_parquet(edges_out, table)
+    measured = set(zip(table["neuron_id"], table["target_layer"], table["target_neuron"]))
+    for neuron_id, targets in weights.items():
+        for layer, neuron in targets:
+            if (neuron_id, layer, neuron) not in measured:
+                log.warning("edge %s -> %d_%d left out: its target is not a neuron of a later "
+                            "layer of the model", neuron_id, layer, neuron)
+    per_neuron = real_edges(table, min_relative_delta).set_index("neuron_id")
+    per_neuron = per_neuron.reindex(list(weights))
+    per_neuron["edge_n_measured"] = per_neuron["edge_n_measured"].fillna(0.0)
+    log.info("%d edges of %d neurons measured; %.0f %% real (|Δa_t| >= %g |a_t|, sign agrees)",
+             len(table), len(weights), 100 * per_neuron["edge_real_fraction"].mean(),
+             min_relative_delta)
+    return per_neuron.rename_axis("neuron_id").reset_index()
 
 
 def _with_mediation(records: list[dict[str, Any]], columns: pd.DataFrame,
@@ -415,14 +502,17 @@ def aggregate_effects(
     mediation_shards: Sequence[str] = (), mediator_shards: Sequence[str] = (),
     mediation_out: str | None = None, mediators_out: str | None = None,
     mediation_layers_out: str | None = None, mediator_top_k: int = 10,
-    estimates_path: str | None = None, max_rank: int = 100,
+    estimates_path: str | None = None, max_rank: int = 100, edge_shards: Sequence[str] = (),
+    edges_out: str | None = None, edge_min_relative_delta: float = 0.01,
 ) -> None:
     """Merge the shards into the long table and write the neuron, layer, prompt and label
     summaries (the prompts' ``target_low_rank``: a given target ranked below the top
     ``max_rank`` by the clean model); with the mediation outputs, also the mediation tables, the layer flow and the
     per-neuron mediators and edge agreement (:func:`aggregate_mediation`); with
     ``estimates_path`` (attribution patching), also the estimates (``total_atp``,
-    ``indirect_atp``) and their agreement with the exact effects."""
+    ``indirect_atp``, ``total_relp``...) and their agreement with the exact effects; with
+    ``edges_out``, the exact measurement of the profiles' neuron edges
+    (:func:`aggregate_edges`)."""
     per_prompt = pd.concat([pd.read_parquet(path) for path in shard_paths], ignore_index=True)
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
@@ -442,17 +532,30 @@ def aggregate_effects(
     if duplicated.any():
         raise RuntimeError(f"{int(duplicated.sum())} duplicated (prompt, neuron) rows in shards")
     neurons = aggregate.summarize_neurons(per_prompt, thresholds)
+    estimates = _load_estimates(estimates_path) if estimates_path is not None else None
     split = None
     if mediation_out is not None:
         split = aggregate_mediation(mediation_shards, mediator_shards, per_prompt, profile_path,
                                     mediator_top_k, mediation_out, mediators_out,
                                     mediation_layers_out)
+        if edges_out is not None:
+            gradients = None
+            if estimates is not None and "gradient" in estimates[0]:
+                gradients = dict(zip(estimates[1], estimates[0]["gradient"].numpy()))
+            measured = aggregate_edges(edge_shards, profile_path,
+                                       list(neurons["neuron_id"]), gradients,
+                                       edge_min_relative_delta, edges_out)
+            split = (split[0].merge(measured, on="neuron_id", how="left"), split[1])
+        else:
+            split[0][["edge_n_measured", "edge_real_fraction"]] = np.nan
         neurons = neurons.merge(split[0], on="neuron_id", how="left")
     layers = aggregate.summarize_layers(neurons, per_prompt)
-    if estimates_path is not None:
-        per_prompt = _with_estimates(per_prompt, estimates_path)
-        neurons = neurons.merge(attribution.neuron_agreement(per_prompt), on="neuron_id")
-        layers = layers.merge(attribution.layer_agreement(per_prompt), on="layer")
+    if estimates is not None:
+        per_prompt = _with_estimates(per_prompt, *estimates)
+        for method in aggregate.estimate_methods(per_prompt.columns):
+            neurons = neurons.merge(attribution.neuron_agreement(per_prompt, method),
+                                    on="neuron_id")
+            layers = layers.merge(attribution.layer_agreement(per_prompt, method), on="layer")
     store.write_parquet(per_prompt_out, per_prompt)
     store.write_parquet(neurons_out, neurons)
     documents = aggregate.neuron_documents(neurons, per_prompt)
@@ -623,7 +726,7 @@ def render_report(
     validation_summary: str, jobs: Sequence[tuple[str, str]], top_n: int, output: str,
     figures_dir: str | None = None,
     mediation_layers_path: str | None = None,
-    atp_candidates: str | None = None,
+    atp_candidates: str | None = None, edges_path: str | None = None,
     plan_estimate: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the self-contained HTML report (with the attribution-patching section when
@@ -654,7 +757,9 @@ def render_report(
         pd.read_parquet(validation_table), timings, top_n, figures=figures,
         mediation_layers=(pd.read_parquet(mediation_layers_path) if mediation_layers_path
                           else None),
-        atp_candidates=None if atp_candidates is None else pd.read_parquet(atp_candidates))
+        atp_candidates=None if atp_candidates is None else pd.read_parquet(atp_candidates),
+        edges=None if edges_path is None else pd.read_parquet(edges_path),
+        edge_min_relative_delta=settings.get("edge_min_relative_delta", 0.01))
     if figures_dir is not None:
         for name, uri in figures.items():
             with store.atomic_path(Path(figures_dir) / f"{name}.png") as temporary:

@@ -25,6 +25,7 @@ rule estimate_attribution:
         model=MODEL,
         treatment=config["treatment"],
         positions=config["positions"],
+        methods=ATP_METHODS,
     script:
         "../scripts/estimate_attribution.py"
 

@@ -9,12 +9,13 @@ from snakemake.utils import validate
 from neuron_effects.cost import ModelShape, device_rates, planning_device
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.demo import fetch_demo_model
-from neuron_effects.edges import read_edges
+from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest, model_location
 from neuron_effects.plan import Workload, estimate, make_plan, resolve_layout
 from neuron_effects.precision import low_precision_warning
 from neuron_effects.prepare import prepared_location
+from neuron_effects.relp import method_rules
 
 validate(config, "../../config/config.schema.yaml")
 # bfloat16/float16 are allowed, but say at once what they do to the results.
@@ -50,7 +51,8 @@ CHECKED = checked_inputs(
     cache_dir=INPUT_CHECKS,
     **PROMPT_FORMAT,
 )
-read_edges(config["neurons"])  # malformed top_downstream_targets stop the run here
+# Malformed top_downstream_targets stop the run here; the neuron targets go to the shards.
+EDGES = read_edges(config["neurons"])
 PREPARED_PROMPTS = {row["prompt_id"]: row for row in CHECKED.prepared}
 if not workflow.remote_exec:
     for row in CHECKED.prepared:  # e.g. a target with a leading space in chat mode
@@ -59,12 +61,16 @@ if not workflow.remote_exec:
 TOKENS = {row["prompt_id"]: row["n_tokens"] for row in CHECKED.prepared}
 # The shard plan: sizes from the config, or (auto) from the cost model. The layout is chosen by
 # the top-level run and saved, so that the parse inside each cluster job finds the same shards.
+# Attribution patching (workflow/rules/atp.smk) runs unless the config turns it off.
+ATP = config["atp"]["enabled"]
+# The estimates it computes: name -> RelP rules (atp: none, the plain gradient).
+ATP_METHODS = method_rules(config["atp"]["methods"], config["atp"]["relp_rules"])
 SHAPE = ModelShape(**CHECKED.shape)
 WORK = Workload(
     full_vocab=config["metrics"]["full_vocab"],
     mediators=config["mediators"]["enabled"],
     positions=config["positions"],
-    attribution=config["atp"]["enabled"],
+    backward_passes=len(ATP_METHODS) if ATP else 0,
     validation_pairs=config["validation"]["pairs"],
     neurons_per_block=config["compute"]["neurons_per_block"],
 )
@@ -112,8 +118,6 @@ EFFECT_SETTINGS = {
     "mediators": config["mediators"]["enabled"],
     "mediator_top_k": config["mediators"]["top_k"],
 }
-# Attribution patching (workflow/rules/atp.smk) runs unless the config turns it off.
-ATP = config["atp"]["enabled"]
 # Jobs that run the model ask for one GPU unless the config pins the CPU.
 GPUS = 0 if config["device"] == "cpu" else 1
 LABELS = f"results/labels/{Path(config['neurons']).stem}.with_effects.json"
@@ -183,11 +187,21 @@ def shard_neurons(wildcards):
     return PLAN.shard(f"{wildcards.block}_{wildcards.chunk}").neuron_table
 
 
+def shard_edges(wildcards):
+    """Per neuron of the shard with profile edges: its neuron targets [layer, neuron]."""
+    return {
+        neuron_id: [[layer, neuron] for layer, neuron in neuron_target_weights(edges)]
+        for neuron_id, edges in EDGES.items()
+        if neuron_id in {row[0] for row in shard_neurons(wildcards)}
+    }
+
+
 def shard_fingerprint(wildcards):
     """Everything a shard's results depend on: its neurons, prompts, model and settings."""
     return digest(
         [
             shard_neurons(wildcards),
+            shard_edges(wildcards),
             chunk_fingerprint(wildcards),
             EFFECT_SETTINGS,
             config["compute"]["neurons_per_block"],

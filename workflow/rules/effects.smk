@@ -7,6 +7,7 @@ rule compute_effects:
         per_prompt="results/effects/shards/{block}_{chunk}.parquet",
         mediation="results/effects/shards/{block}_{chunk}.mediation.parquet",
         mediators="results/effects/shards/{block}_{chunk}.mediators.parquet",
+        edges="results/effects/shards/{block}_{chunk}.edges.parquet",
     log:
         "logs/compute_effects/{block}_{chunk}.log",
     benchmark:
@@ -19,6 +20,7 @@ rule compute_effects:
     params:
         model=MODEL,
         neurons=shard_neurons,
+        edges=shard_edges,
         settings=EFFECT_SETTINGS,
         neurons_per_block=config["compute"]["neurons_per_block"],
         fingerprint=shard_fingerprint,

@@ -3,6 +3,7 @@ rule aggregate_effects:
         shards=effect_shards(),
         mediation_shards=effect_shards("mediation"),
         mediator_shards=effect_shards("mediators"),
+        edge_shards=effect_shards("edges"),
         prompts=rules.prepare_inputs.output.prompts,
         clean=clean_chunks(),
         profiles=config["neurons"],
@@ -31,6 +32,7 @@ rule aggregate_effects:
         mediation="results/effects/mediation.parquet",
         mediators="results/effects/mediators.parquet",
         mediation_layers="results/summary/mediation_layers.parquet",
+        edges="results/summary/edges.parquet",
         prompts="results/summary/prompts.parquet",
         labels=report(LABELS, caption="../report/labels.rst", category="Labels"),
     log:
@@ -43,6 +45,7 @@ rule aggregate_effects:
         thresholds=config["classification"],
         mediator_top_k=config["mediators"]["top_k"],
         max_rank=config["targets"]["max_rank"],
+        edge_min_relative_delta=config["mediators"]["edge_min_relative_delta"],
     script:
         "../scripts/aggregate_effects.py"
 

@@ -28,4 +28,7 @@ aggregate_effects(
     mediator_top_k=snakemake.params.mediator_top_k,
     estimates_path=snakemake.input.estimates[0] if snakemake.input.estimates else None,
     max_rank=snakemake.params.max_rank,
+    edge_shards=list(snakemake.input.edge_shards),
+    edges_out=snakemake.output.edges,
+    edge_min_relative_delta=snakemake.params.edge_min_relative_delta,
 )

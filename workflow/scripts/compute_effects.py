@@ -17,6 +17,8 @@ compute_shard(
     output=snakemake.output.per_prompt,
     mediation_output=snakemake.output.mediation,
     mediators_output=snakemake.output.mediators,
+    edge_targets=snakemake.params.edges,
+    edges_output=snakemake.output.edges,
     partial_root=snakemake.params.partial,
     fingerprint=snakemake.params.fingerprint,
     neuron_stats=snakemake.input.stats or None,

@@ -1,4 +1,5 @@
-"""Rule estimate_attribution: first-order estimates of every neuron on a chunk's prompts."""
+"""Rule estimate_attribution: first-order estimates (AtP, RelP) of every neuron on a chunk's
+prompts."""
 
 import sys
 
@@ -15,4 +16,5 @@ estimate_attribution(
     positions=snakemake.params.positions,
     output=snakemake.output[0],
     neuron_stats=snakemake.input.stats or None,
+    methods=snakemake.params.methods,
 )

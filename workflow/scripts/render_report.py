@@ -22,6 +22,7 @@ render_report(
     output=snakemake.output.page,
     figures_dir=str(Path(snakemake.output.class_bars).parent),
     mediation_layers_path=snakemake.input.mediation_layers,
+    edges_path=snakemake.input.edges,
     atp_candidates=snakemake.input.atp_candidates[0]
     if snakemake.input.atp_candidates
     else None,

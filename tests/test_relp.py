@@ -1,0 +1,172 @@
+"""RelP: the modified backward of :mod:`neuron_effects.relp` against an independent
+implementation of the same rules written here in plain transformers (monkey-patched norms,
+forward hooks that detach), on a tiny random Llama and on SmolLM2; forward values unchanged."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from neuron_effects import attribution, relp
+from neuron_effects.model import LlamaFamily
+
+PROMPT = [5, 17, 2, 99, 43, 8, 61, 30, 12, 77, 3]
+TARGET = 7
+
+
+@contextmanager
+def detached_rules(model: LlamaFamily, rules: Sequence[str]) -> Iterator[None]:
+    """The rules as the issue spells them, by detaching inside a plain forward: every RMSNorm's
+    forward replaced by ``g * x * rsqrt(mean(x^2) + eps).detach()``; ``act_fn(x)`` replaced by
+    ``x * sigmoid(x).detach()``; ``down_proj``'s input ``p`` by ``p/2 + (p/2).detach()``;
+    ``q_proj`` and ``k_proj`` outputs detached."""
+    patched, handles = [], []
+    if "ln" in rules:
+        for module in model.causal_lm.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                def forward(x, m=module):
+                    wide = x.float()
+                    scale = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + m.variance_epsilon)
+                    return m.weight * (wide * scale.detach()).to(x.dtype)
+
+                module.forward = forward
+                patched.append(module)
+    for block in model.layers:
+        if "identity" in rules:
+            handles.append(block.mlp.act_fn.register_forward_hook(
+                lambda module, args, output: args[0] * torch.sigmoid(args[0]).detach()))
+        if "half" in rules:
+            handles.append(block.mlp.down_proj.register_forward_pre_hook(
+                lambda module, args: (args[0] / 2 + (args[0] / 2).detach(),)))
+        if "frozen_attention" in rules:
+            for projection in (block.self_attn.q_proj, block.self_attn.k_proj):
+                handles.append(projection.register_forward_hook(
+                    lambda module, args, output: output.detach()))
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+        for handle in handles:
+            handle.remove()
+
+
+def independent_projections(model: LlamaFamily, input_ids: list[int], target_id: int,
+                            rules: Sequence[str]) -> torch.Tensor:
+    """``W_down_L^T g~_L`` [n_layers, intermediate] at the last position: ``g~_L`` the gradient,
+    through the detached forward, of the model's own target logit (``lm_head(norm(h))``) with
+    respect to a zero leaf added to the output of each decoder layer."""
+    deltas = [torch.zeros(len(input_ids), model.hidden_size, requires_grad=True)
+              for _ in range(model.n_layers)]
+    handles = [block.register_forward_hook(
+        lambda module, args, output, delta=delta: (output[0] + delta[None], *output[1:])
+        if isinstance(output, tuple) else output + delta[None])
+        for block, delta in zip(model.layers, deltas)]
+    try:
+        with torch.enable_grad(), detached_rules(model, rules):
+            logits = model.causal_lm(input_ids=torch.tensor([input_ids])).logits
+            gradients = torch.autograd.grad(logits[0, -1, target_id].float(), deltas)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack([gradient[-1].float() @ block.mlp.down_proj.weight.float()
+                        for gradient, block in zip(gradients, model.layers)])
+
+
+RULE_SETS = [(rule,) for rule in relp.RULES] + [relp.RULES]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+def test_relp_gradients_match_the_detached_implementation(architecture):
+    model = tiny_model(architecture)
+    methods = {"atp": (), **{relp.method_name(rules): rules for rules in RULE_SETS}}
+    projections, _ = attribution.method_gradients(model, PROMPT, TARGET, "last", methods)
+    plain, _ = attribution.neuron_gradients(model, PROMPT, TARGET)
+    torch.testing.assert_close(projections["atp"], plain, rtol=0, atol=0)
+    for rules in RULE_SETS:
+        expected = independent_projections(model, PROMPT, TARGET, rules)
+        got = projections[relp.method_name(rules)]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=str(rules))
+        assert (got - plain).abs().max() > 1e-2, rules  # each rule changes the gradient
+    assert projections["relp"].abs().max() > 0.05
+
+
+def test_forward_values_are_unchanged_by_the_rules():
+    model = tiny_model()
+    ids = torch.tensor([PROMPT])
+
+    def hooks() -> int:
+        return sum(len(module._forward_hooks) + len(module._forward_pre_hooks)
+                   for module in model.causal_lm.modules())
+
+    with torch.no_grad():
+        expected = model.causal_lm(input_ids=ids, output_hidden_states=True)
+    before = hooks()  # transformers installs its own on the first call
+    switch = relp.RuleSwitch(frozenset(relp.RULES))
+    with torch.enable_grad(), relp.relevance_rules(model, switch):
+        treated = model.causal_lm(input_ids=ids, output_hidden_states=True)
+    assert torch.equal(treated.logits, expected.logits)
+    for mine, theirs in zip(treated.hidden_states, expected.hidden_states):
+        assert torch.equal(mine, theirs)
+    # the hooks are gone afterwards
+    assert hooks() == before
+
+
+def test_rule_sets_and_names():
+    assert relp.rule_sets(["half", "ln"]) == [("ln", "half")]
+    assert relp.rule_sets([["ln"], ["frozen_attention", "identity"], ["ln"]]) == [
+        ("ln",), ("identity", "frozen_attention")]
+    assert relp.method_name(relp.RULES) == "relp"
+    assert relp.method_name(["half", "ln"]) == "relp_ln_half"
+    with pytest.raises(ValueError, match="unknown RelP rules"):
+        relp.rule_sets(["lrp"])
+
+
+@pytest.mark.slow
+def test_relp_gradients_match_the_detached_implementation_on_smollm2(smollm2):
+    model, tokenizer = smollm2
+    ids = tokenizer("Insulin is a hormone produced by the")["input_ids"]
+    target = tokenizer(" pancreas", add_special_tokens=False)["input_ids"][0]
+    projections, _ = attribution.method_gradients(model, ids, target, "last",
+                                                  {"relp": relp.RULES})
+    expected = independent_projections(model, ids, target, relp.RULES)
+    torch.testing.assert_close(projections["relp"], expected, rtol=0, atol=1e-4)
+    assert projections["relp"].abs().max() > 0.1
+
+
+def test_method_rules_from_the_config():
+    assert relp.method_rules(["atp", "relp"], list(relp.RULES)) == {"atp": (), "relp": relp.RULES}
+    assert relp.method_rules(["relp"], [["ln"], list(relp.RULES), ["half", "identity"]]) == {
+        "relp_ln": ("ln",), "relp": relp.RULES, "relp_identity_half": ("identity", "half")}
+    assert relp.method_rules(["atp"], list(relp.RULES)) == {"atp": ()}
+
+
+def test_report_compares_every_rule_set():
+    """With several rule sets, the report's attribution section has one row per method in its
+    summary table, one line per method in the by-layer figure and one scatter each."""
+    import numpy as np
+    import pandas as pd
+
+    from neuron_effects.attribution import layer_agreement
+    from neuron_effects.report import attribution_section
+
+    rng = np.random.default_rng(0)
+    per_prompt = pd.DataFrame({"prompt_id": np.repeat(["p0", "p1", "p2"], 8),
+                               "neuron_id": np.tile([f"L{i // 2}/N{i}" for i in range(8)], 3),
+                               "layer": np.tile(np.arange(8) // 2, 3),
+                               "total": rng.normal(size=24)})
+    for method in ("atp", "relp", "relp_ln"):
+        per_prompt[f"total_{method}"] = per_prompt["total"] + rng.normal(0, 0.3, 24)
+    layers = pd.DataFrame({"layer": range(4), "n_neurons": 2})
+    for method in ("atp", "relp", "relp_ln"):
+        layers = layers.merge(layer_agreement(per_prompt, method), on="layer")
+    candidates = pd.DataFrame({"neuron_id": ["L0/N9"], "layer": [0], "neuron": [9],
+                               "listed_by": ["atp, relp"], "rank": [1], "rank_relp": [1]})
+    page = "".join(attribution_section(per_prompt, layers, candidates, 5))
+    for method in ("atp", "relp", "relp_ln"):
+        assert f"<td>{method}</td>" in page and f"{method}: first-order estimate" in page
+    assert page.count("<img") == 1 + 3 and "L0/N9" in page
