@@ -24,11 +24,14 @@ from __future__ import annotations
 import torch
 
 from .model import LlamaFamily
+from .products import SplitWeight
 
 
 class Readout:
     """Final norm and unembedding in the model's readout dtype (max(float32, model dtype)), over
-    all vocabulary rows or the given ones."""
+    all vocabulary rows or the given ones. With ``compute.products: split_bf16``
+    (``model.split_unembedding``) the product with ``W`` is a split-bf16 product
+    (:mod:`neuron_effects.products`)."""
 
     def __init__(self, model: LlamaFamily, token_ids: torch.Tensor | None = None):
         norm_weight, unembedding, eps = model.readout()
@@ -37,6 +40,10 @@ class Readout:
         self.eps = eps
         self.token_ids = token_ids
         self.unembedding = unembedding if token_ids is None else unembedding[token_ids]
+        split = model.split_unembedding
+        if split is not None and token_ids is not None:
+            split = SplitWeight(self.unembedding, split.parts)
+        self.split = split
 
     def inverse_rms(self, hidden: torch.Tensor) -> torch.Tensor:
         """``1 / r(h)`` for rows h [B, hidden] (readout dtype) -> [B, 1]."""
@@ -44,6 +51,8 @@ class Readout:
 
     def unnormalized(self, hidden: torch.Tensor) -> torch.Tensor:
         """``W (g * h)`` for rows h [B, hidden] -> [B, vocab rows]."""
+        if self.split is not None:
+            return self.split.product_t(hidden * self.norm_weight)
         return (hidden * self.norm_weight) @ self.unembedding.T
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

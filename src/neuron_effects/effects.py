@@ -35,6 +35,7 @@ from .mediation import (MEDIATION_COLUMNS, MEDIATION_COMPONENTS, MEDIATOR_COLUMN
                         mediator_rows)
 from .metrics import effect_metrics
 from .model import LlamaFamily
+from .products import PRODUCTS, SPLIT_PARTS
 from .total import perturbed_final_hidden, perturbed_final_hidden_all_positions
 from .treatments import POSITIONS, TREATMENTS, treatment_scales
 
@@ -52,12 +53,18 @@ class EffectSettings:
     vocab_rows: int | None = None  # rows per vocabulary-wide metric chunk; None: per device
     mediators: bool = True  # split the indirect effect over downstream layers, heads, neurons
     mediator_top_k: int = 10  # top neurons and top heads kept per (prompt, neuron)
+    products: str = "float32"  # or split_bf16 (neuron_effects.products), set up at model load
+    split_parts: int = 3
+
 
     def __post_init__(self) -> None:
         if self.treatment not in TREATMENTS:
             raise ValueError(f"unknown treatment {self.treatment!r} (use {', '.join(TREATMENTS)})")
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r} (use {', '.join(POSITIONS)})")
+        if self.products not in PRODUCTS or self.split_parts not in SPLIT_PARTS:
+            raise ValueError(f"products must be one of {PRODUCTS} with split_parts in "
+                             f"{SPLIT_PARTS}, got {self.products!r}, {self.split_parts!r}")
         if min(self.batch_rows or 1, self.vocab_rows or 1, self.top_k, self.mediator_top_k) < 1:
             raise ValueError("batch_rows, vocab_rows, top_k and mediator_top_k must be >= 1")
 

@@ -31,6 +31,7 @@ from .inputs import InputError, Neuron, extra_columns, load_profile_document, re
 from .model import (ModelSpec, load_model, load_tokenizer, parameter_count, precision_flags,
                     resolve_device, resolve_dtype)
 from .precision import low_precision_warning
+from .products import use_products
 from .reference import reference_clean_logits
 from .validation import (RELATIVE_METRICS, absolute_differences, reference_dtype,
                          reference_metrics, relative_errors, sample_pairs, summarize)
@@ -252,6 +253,7 @@ def compute_shard(
              len(neurons), len(runs), len(units), len(units) - len(todo))
     if todo:
         model = load_model(spec)
+        use_products(model, settings.products, settings.split_parts)
         means = None
         if settings.treatment == "mean_ablate":
             if neuron_stats is None:

@@ -61,6 +61,8 @@ EFFECT_SETTINGS = {
         if config["compute"]["vocab_rows"] == "auto"
         else config["compute"]["vocab_rows"]
     ),
+    "products": config["compute"]["products"],
+    "split_parts": config["compute"]["split_parts"],
     "mediators": config["mediators"]["enabled"],
     "mediator_top_k": config["mediators"]["top_k"],
 }
