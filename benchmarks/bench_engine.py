@@ -13,6 +13,10 @@ and compute the direct effect algebraically; they differ in the TOTAL effect:
 The fast path runs twice per prompt, with and without the mediation split (``mediators``, on
 by default in the workflow), alternating which goes first, to measure its overhead.
 
+A third path, the batched hook peer (``--peer-per-layer``, :func:`peer_rows`), is what a user
+of hook libraries would write: 64 copies of the prompt per forward, a hook adding each row's V
+after its layer, last-position logits.
+
 The naive path runs on a subset (``--naive-per-layer`` neurons per layer, same prompts); the
 fast path on all neurons. ``max_abs_diff`` is over every compared metric of the shared rows.
 
@@ -60,6 +64,51 @@ def naive_row(model, clean, clean_logits, readout, neuron: Neuron, target: int,
     return {name: float(columns[name][0]) for name in COMPARED}
 
 
+def peer_rows(model, clean, clean_logits, readout, neurons: list[Neuron], target: int,
+              distractor: int | None, settings: EffectSettings,
+              batch: int = 64) -> list[dict[str, float]]:
+    """The batched hook peer, as a user of hook libraries would write it: ``batch`` copies of
+    the prompt per forward, a forward hook on each decoder layer adding each row's V at the last
+    position of its own layer's output, last-position logits (``logits_to_keep=1``); the
+    direct effect and the metrics as the fast path computes them."""
+    rows = []
+    input_ids = clean.input_ids.reshape(1, -1)
+    columns = torch.tensor([target] + ([distractor] if distractor is not None else []))
+    for start in range(0, len(neurons), batch):
+        members = neurons[start:start + batch]
+        layers = torch.tensor([n.layer for n in members])
+        indices = torch.tensor([n.neuron for n in members])
+        activation = clean.activations[layers, indices]
+        directions = model.output_directions(layers, indices)
+        vectors = (activation[:, None] * directions).to(model.dtype)
+
+        def adding(rows_of_layer: torch.Tensor):
+            def hook(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                hidden[rows_of_layer, -1] += vectors[rows_of_layer]
+                return output
+            return hook
+
+        handles = [model.layers[layer].register_forward_hook(
+            adding((layers == layer).nonzero().squeeze(1)))
+            for layer in torch.unique(layers).tolist()]
+        try:
+            with torch.inference_mode():
+                logits = model.causal_lm(input_ids=input_ids.repeat(len(members), 1),
+                                         logits_to_keep=1).logits[:, -1].float()
+        finally:
+            for handle in handles:
+                handle.remove()
+        direct, frozen, _ = direct_effects(readout, clean.final_hidden, activation, directions,
+                                           readout.unnormalized(directions), columns)
+        metrics = effect_metrics(direct, frozen, logits - clean_logits, clean_logits, target,
+                                 distractor, True, settings.top_k, settings.noise_floor)
+        rows.extend({"neuron_id": neuron.neuron_id,
+                     **{name: float(metrics[name][i]) for name in COMPARED}}
+                    for i, neuron in enumerate(members))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default="config/demo/prompts.jsonl")
@@ -68,6 +117,8 @@ def main() -> None:
                         help="format prompts as chat user turns (as the real job does)")
     parser.add_argument("--per-layer", type=int, default=16, help="neurons per layer (fast)")
     parser.add_argument("--naive-per-layer", type=int, default=2)
+    parser.add_argument("--peer-per-layer", type=int, default=0,
+                        help="neurons per layer for the batched hook peer (64 rows a forward)")
     parser.add_argument("--batch-rows", type=int, default=512)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -92,6 +143,9 @@ def main() -> None:
     # The two paths alternate prompt by prompt, so that a change in the machine's load during
     # the run (other processes on a shared machine) weighs on both alike.
     subset = [n for i, n in enumerate(neurons) if i % args.per_layer < args.naive_per_layer]
+    peer_subset = [n for i, n in enumerate(neurons) if i % args.per_layer < args.peer_per_layer]
+    peer: list[dict] = []
+    peer_seconds = 0.0
     readout = Readout(model)
     started = time.perf_counter()
     block = neuron_block(model, neurons, settings.full_vocab)
@@ -108,6 +162,14 @@ def main() -> None:
                 tables.append(result.per_prompt.assign(prompt_id=p.prompt_id))
             else:
                 plain_seconds += time.perf_counter() - started
+        if peer_subset:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                peer_clean = model.causal_lm(input_ids=clean.input_ids.reshape(1, -1),
+                                             logits_to_keep=1).logits[0, -1].float()
+            peer.extend({"prompt_id": p.prompt_id, **row} for row in peer_rows(
+                model, clean, peer_clean, readout, peer_subset, target, distractor, settings))
+            peer_seconds += time.perf_counter() - started
         if not subset:
             continue
         started = time.perf_counter()
@@ -128,12 +190,22 @@ def main() -> None:
     fast_ms = 1e3 * fast_seconds / fast_count
     plain_ms = 1e3 * plain_seconds / fast_count
     by_layer = fast.groupby("layer")["total"].apply(lambda s: float(s.abs().median()))
+    peer_ms = 1e3 * peer_seconds / max(len(peer), 1)
+    peer_joined = pd.DataFrame(peer or [{"prompt_id": None, "neuron_id": None}]).merge(
+        fast, on=["prompt_id", "neuron_id"], suffixes=("_peer", ""))
+    peer_diff = max((float(np.nanmax(np.abs(peer_joined[f"{name}_peer"] - peer_joined[name])))
+                     for name in COMPARED if peer and peer_joined[name].notna().any()),
+                    default=float("nan"))
     print(f"prompts: {len(prepared)} ({np.mean([len(p.input_ids) for p in prepared]):.1f} "
           f"tokens on average); neurons: {len(neurons)} (fast), {len(subset)} (naive)")
     print(f"naive: {len(naive)} perturbations in {naive_seconds:.1f} s = {naive_ms:.2f} ms each")
     print(f"fast : {fast_count} perturbations in {fast_seconds:.1f} s = {fast_ms:.3f} ms each")
     print(f"fast without mediators: {plain_seconds:.1f} s = {plain_ms:.3f} ms each "
           f"(mediation overhead x{fast_ms / plain_ms:.3f})")
+    if peer:
+        print(f"peer : {len(peer)} perturbations in {peer_seconds:.1f} s = {peer_ms:.2f} ms each "
+              f"(x{peer_ms / fast_ms:.1f} the fast path with mediators, x{peer_ms / plain_ms:.1f} "
+              f"without); max |fast - peer| {peer_diff:.2g}")
     print("max |fast - naive| by metric: " + ", ".join(f"{k} {v:.2g}"
                                                         for k, v in differences.items()))
     print(f"median |total effect| by layer: min {by_layer.min():.2g}, max {by_layer.max():.2g}")
@@ -143,6 +215,10 @@ def main() -> None:
         "fast_ms_per_perturbation": round(fast_ms, 4),
         "fast_ms_per_perturbation_without_mediators": round(plain_ms, 4),
         "mediation_overhead_ratio": round(fast_ms / plain_ms, 3),
+        "peer_ms_per_perturbation": round(peer_ms, 3) if peer else None,
+        "speedup_vs_peer": round(peer_ms / fast_ms, 2) if peer else None,
+        "speedup_vs_peer_without_mediators": round(peer_ms / plain_ms, 2) if peer else None,
+        "max_abs_diff_peer": peer_diff,
         "max_abs_diff": max(differences.values()),
         "prompt_tokens_mean": round(float(np.mean([len(p.input_ids) for p in prepared])), 2),
         "n_prompts": len(prepared), "n_neurons_fast": len(neurons),

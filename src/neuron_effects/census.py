@@ -1,0 +1,194 @@
+"""A census: every MLP neuron of chosen layers through the same exact engine.
+
+``census: {layers: all}`` or ``{layers: [5, 20]}`` adds every neuron ``L{layer}/N{n}`` of those
+layers to the studied set (:func:`census_neurons`); a neuron also listed in the profile file keeps
+its profile id and fields. Nothing else changes: the shard plan, the clean cache and the engine
+treat census neurons like any other.
+
+Also here: the agreement of a first-order estimate (attribution patching) with the exact effects
+over every neuron of a layer (:func:`ranking_agreement`), and the cost of a census before it runs
+(:func:`census_estimate`, a pure function of the model config).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .inputs import InputError, Neuron, digest
+
+
+def census_layers(layers: str | Sequence[int] | None, n_layers: int) -> list[int]:
+    """The census's layers: ``all`` -> every layer, a list -> those (checked), None -> none."""
+    if layers is None:
+        return []
+    if layers == "all":
+        return list(range(n_layers))
+    chosen = sorted(set(int(layer) for layer in layers))
+    wrong = [layer for layer in chosen if not 0 <= layer < n_layers]
+    if wrong:
+        raise InputError(f"census.layers: {wrong} out of range (the model has {n_layers} "
+                         f"layers, 0..{n_layers - 1})")
+    return chosen
+
+
+def census_neurons(profile: Sequence[Neuron], layers: Sequence[int],
+                   intermediate_size: int) -> list[Neuron]:
+    """The profile's neurons, then every other neuron of ``layers`` as ``L{layer}/N{n}``."""
+    listed = {(neuron.layer, neuron.neuron) for neuron in profile}
+    return [*profile, *(Neuron(f"L{layer}/N{n}", layer, n) for layer in layers
+                        for n in range(intermediate_size) if (layer, n) not in listed)]
+
+
+def model_shape(model: dict[str, Any], cache_dir: str | Path | None = None) -> tuple[int, int]:
+    """``(num_hidden_layers, intermediate_size)`` from the model config (no weights), cached in
+    ``cache_dir`` by the model settings and the local path's modification time."""
+    from .model import ModelSpec, load_config
+
+    location = Path(str(model["model"])).expanduser()
+    key = digest([model, location.stat().st_mtime_ns if location.exists() else None])
+    cached = None if cache_dir is None else Path(cache_dir) / f"shape-{key}.json"
+    if cached is not None and cached.exists():
+        layers, width = json.loads(cached.read_text())
+        return int(layers), int(width)
+    config = load_config(ModelSpec(**model))
+    shape = int(config.num_hidden_layers), int(config.intermediate_size)
+    if cached is not None:
+        from .store import write_json
+
+        write_json(cached, list(shape))
+    return shape
+
+
+# ---- agreement of an estimate with the exact effects over every neuron of a layer ----
+
+def _top(scores: pd.Series, k: int) -> set:
+    return set(scores.sort_values(ascending=False, kind="stable").index[:k])
+
+
+def ranking_agreement(estimate: pd.Series, exact: pd.Series, k: int) -> dict[str, float]:
+    """How well the ranking by ``estimate`` finds the top ``k`` by ``exact`` (two scores of the
+    same neurons, larger = more important, e.g. mean |total| over prompts):
+
+    * ``precision_at_k``: |E_k ∩ X_k| / k (E_k, X_k: the top k by estimate, by exact);
+    * ``recall_at_k``: |E_2k ∩ X_k| / k, the share of the exact top k that a screen twice as
+      wide keeps (with equal sizes recall would equal precision);
+    * ``rank_spearman``: Spearman correlation of the two scores over all neurons.
+    """
+    k = min(k, len(exact))
+    if k < 1:
+        return {"precision_at_k": math.nan, "recall_at_k": math.nan, "rank_spearman": math.nan}
+    truth = _top(exact, k)
+    return {
+        "precision_at_k": len(_top(estimate, k) & truth) / k,
+        "recall_at_k": len(_top(estimate, 2 * k) & truth) / k,
+        "rank_spearman": float(estimate.rank().corr(exact.rank())),
+    }
+
+
+def layer_ranking_agreement(per_prompt: pd.DataFrame, estimate: str = "total_atp",
+                            ks: Sequence[int] = (10, 100)) -> pd.DataFrame:
+    """Per layer, over all its studied neurons (every neuron in a census layer): the ranking of
+    neurons by mean |``estimate``| over prompts against the ranking by mean |total|
+    (:func:`ranking_agreement`) at each k of ``ks`` below the layer's size and at a tenth of
+    it: ``atp_precision_at_{k}``, ``atp_recall_at_{k}``, ``atp_rank_spearman``,
+    ``atp_tenth`` (that k)."""
+    rows = []
+    for layer, group in per_prompt.groupby("layer"):
+        scores = group.assign(_exact=group["total"].abs(), _estimate=group[estimate].abs()
+                              ).groupby("neuron_id")[["_exact", "_estimate"]].mean()
+        tenth = max(1, math.ceil(len(scores) / 10))
+        row: dict[str, float] = {"layer": int(layer), "atp_tenth": tenth}
+        for k in [k for k in ks if k < len(scores)] + [tenth]:
+            name = "tenth" if k == tenth else str(k)
+            result = ranking_agreement(scores["_estimate"], scores["_exact"], k)
+            row[f"atp_precision_at_{name}"] = result["precision_at_k"]
+            row[f"atp_recall_at_{name}"] = result["recall_at_k"]
+            row["atp_rank_spearman"] = result["rank_spearman"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ---- the cost of a census, before it runs ----
+
+# Measured (BENCHMARKS.md section 0): float32, TF32 off, Llama-3.1-8B shape, every metric on,
+# neurons of all layers mixed, 16,384-row batches on one H200. The H100 (SXM) has the same
+# FP32 peak; not measured, assumed 0.9x for its smaller batches (80 GB).
+ROWS_PER_SECOND = {"h200": 4904.0, "h100": 0.9 * 4904.0}
+JOB_FIXED_SECONDS = 60.0  # start-up + loading 16 GB of bf16 weights (README: 45-80 s)
+# Bytes on disk per (prompt, neuron), measured on the demo (BENCHMARKS.md section 6): the
+# per-prompt row (~270 B with the top-k token lists), the top-k mediators (~140 B), and
+# ~6 B per row of the mediation table, which has 2 rows per downstream layer plus one.
+PER_PROMPT_BYTES = 270
+MEDIATORS_BYTES = 140
+MEDIATION_BYTES_PER_ROW = 6
+
+
+def row_flops(config: Any, start_layer: int, n_tokens: int = 128,
+              full_vocab: bool = True) -> float:
+    """FLOPs of one treated row starting after ``start_layer``: one token through each
+    downstream layer (q, k, v, o projections, gate/up/down, attention over ``n_tokens`` keys)
+    plus, with full-vocabulary metrics, the float32 unembedding of the row."""
+    hidden, width = int(config.hidden_size), int(config.intermediate_size)
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads) * head_dim
+    per_layer = 2 * (hidden * (2 * heads * head_dim + 2 * kv) + 3 * hidden * width
+                     + 2 * heads * head_dim * n_tokens)
+    downstream = int(config.num_hidden_layers) - 1 - start_layer
+    return downstream * per_layer + (2 * hidden * int(config.vocab_size) if full_vocab else 0)
+
+
+@dataclass(frozen=True)
+class CensusEstimate:
+    """What a census costs: ``neurons``, ``rows`` (= neurons x prompts), ``pflop``,
+    ``compute_hours`` at the given rate, ``jobs`` (model jobs of at least ``min_compute_ratio``
+    x the fixed cost each), ``gpu_hours`` (compute + every job's fixed cost) and ``disk_bytes``
+    of the per-prompt and mediation tables."""
+
+    neurons: int
+    rows: int
+    pflop: float
+    compute_hours: float
+    jobs: int
+    gpu_hours: float
+    disk_bytes: int
+
+
+def census_estimate(config: Any, layers: Sequence[int], n_prompts: int, rows_per_second: float,
+                    *, n_tokens: int = 128, full_vocab: bool = True, mediators: bool = True,
+                    job_fixed_seconds: float = JOB_FIXED_SECONDS,
+                    min_compute_ratio: float = 3.0) -> CensusEstimate:
+    """The cost of a census of ``layers`` over ``n_prompts`` from the model config alone.
+
+    ``rows_per_second`` is a mixed-layer rate (rows of every layer in equal numbers, as
+    :data:`ROWS_PER_SECOND` was measured); the rate of the chosen layers is scaled by the ratio
+    of mean FLOPs per row (:func:`row_flops`): a census of late layers runs faster per row.
+    Jobs: as few as keep each job's compute at least ``min_compute_ratio`` times its fixed cost
+    (at least one). Disk: :data:`PER_PROMPT_BYTES` per row, with mediators also
+    :data:`MEDIATORS_BYTES` and :data:`MEDIATION_BYTES_PER_ROW` x (2 x downstream layers + 1).
+    """
+    n_layers, width = int(config.num_hidden_layers), int(config.intermediate_size)
+    layers = list(layers)
+    if not layers or n_prompts < 1:
+        return CensusEstimate(0, 0, 0.0, 0.0, 0, 0.0, 0)
+    flops = float(np.mean([row_flops(config, layer, n_tokens, full_vocab) for layer in layers]))
+    mixed = float(np.mean([row_flops(config, layer, n_tokens, full_vocab)
+                           for layer in range(n_layers)]))
+    rows = len(layers) * width * n_prompts
+    compute_seconds = rows * flops / mixed / rows_per_second
+    jobs = max(1, int(compute_seconds // (min_compute_ratio * job_fixed_seconds)))
+    downstream = float(np.mean([n_layers - 1 - layer for layer in layers]))
+    per_row = PER_PROMPT_BYTES + (MEDIATORS_BYTES + MEDIATION_BYTES_PER_ROW
+                                  * (2 * downstream + 1) if mediators else 0)
+    return CensusEstimate(
+        neurons=len(layers) * width, rows=rows, pflop=rows * flops / 1e15,
+        compute_hours=compute_seconds / 3600, jobs=jobs,
+        gpu_hours=(compute_seconds + jobs * job_fixed_seconds) / 3600,
+        disk_bytes=int(rows * per_row))

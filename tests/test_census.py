@@ -1,0 +1,90 @@
+"""The census: its neuron set, the ranking agreement of an estimate, and its cost estimate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from transformers import LlamaConfig
+
+from conftest import LLAMA_8B_CONFIG
+from neuron_effects.census import (ROWS_PER_SECOND, census_estimate, census_layers,
+                                   census_neurons, layer_ranking_agreement, model_shape,
+                                   ranking_agreement, row_flops)
+from neuron_effects.inputs import InputError, Neuron
+
+
+def test_census_layers_all_some_none_and_out_of_range():
+    assert census_layers("all", 4) == [0, 1, 2, 3]
+    assert census_layers([3, 1, 3], 4) == [1, 3]
+    assert census_layers(None, 4) == []
+    with pytest.raises(InputError, match=r"census.layers: \[4\] out of range"):
+        census_layers([1, 4], 4)
+
+
+def test_census_neurons_keep_profile_ids_and_add_every_other_neuron():
+    profile = [Neuron("my-favourite", 1, 2), Neuron("L0/N5", 0, 5)]
+    neurons = census_neurons(profile, [1, 2], 4)
+    assert neurons[:2] == profile
+    keys = [(n.layer, n.neuron) for n in neurons]
+    assert len(keys) == len(set(keys)) == 2 + 7
+    assert {(layer, n) for layer in (1, 2) for n in range(4)} <= set(keys)
+    assert Neuron("L2/N3", 2, 3) in neurons
+
+
+def test_model_shape_reads_the_config_once(tiny_model_dir, tmp_path):
+    settings = {"model": str(tiny_model_dir), "tokenizer": None, "dtype": "auto",
+                "device": "cpu", "trust_remote_code": False}
+    assert model_shape(settings, tmp_path) == (6, 96)
+    assert len(list(tmp_path.glob("shape-*.json"))) == 1
+    assert model_shape(settings, tmp_path) == (6, 96)
+
+
+def test_ranking_agreement_by_hand():
+    exact = pd.Series([10.0, 9, 8, 7, 6, 5], index=list("abcdef"))
+    assert ranking_agreement(exact * 2, exact, 2) == {
+        "precision_at_k": 1.0, "recall_at_k": 1.0, "rank_spearman": pytest.approx(1.0)}
+    # the estimate ranks b, c, a, ...: top 2 {b, c} holds one of {a, b}; top 4 holds both
+    estimate = pd.Series([8.0, 10, 9, 1, 2, 3], index=list("abcdef"))
+    result = ranking_agreement(estimate, exact, 2)
+    assert result["precision_at_k"] == 0.5 and result["recall_at_k"] == 1.0
+    assert math.isnan(ranking_agreement(estimate.iloc[:0], exact.iloc[:0], 2)["precision_at_k"])
+
+
+def test_layer_ranking_agreement_over_every_neuron_of_a_layer():
+    rng = np.random.default_rng(0)
+    rows = []
+    for layer in (0, 1):
+        for n in range(40):
+            for prompt in range(3):
+                total = rng.normal() * (n + 1)
+                rows.append({"prompt_id": f"p{prompt}", "neuron_id": f"L{layer}/N{n}",
+                             "layer": layer, "total": total,
+                             "total_atp": total if layer == 0 else -rng.normal() * (n + 1)})
+    table = layer_ranking_agreement(pd.DataFrame(rows), ks=(10, 100)).set_index("layer")
+    assert table.loc[0, "atp_precision_at_10"] == 1.0 and table.loc[0, "atp_recall_at_10"] == 1.0
+    assert table.loc[0, "atp_tenth"] == 4 and table.loc[0, "atp_precision_at_tenth"] == 1.0
+    assert table.loc[0, "atp_rank_spearman"] == pytest.approx(1.0)
+    assert "atp_precision_at_100" not in table  # 100 >= the layer's 40 neurons
+    assert table.loc[1, "atp_rank_spearman"] < 1.0
+
+
+def test_census_estimate_of_llama_8b():
+    """All 458,752 neurons x 100 prompts = 45.9 M rows at the H200's measured 4,904 rows/s:
+    2.6 h of compute (the issue's figure)."""
+    config = LlamaConfig(**LLAMA_8B_CONFIG)
+    whole = census_estimate(config, range(32), 100, ROWS_PER_SECOND["h200"])
+    assert whole.neurons == 458_752 and whole.rows == 45_875_200
+    assert whole.compute_hours == pytest.approx(45_875_200 / 4904 / 3600)
+    assert whole.gpu_hours > whole.compute_hours
+    assert whole.compute_hours * 3600 / whole.jobs >= 3 * 60  # compute >= 3x fixed per job
+    assert 15e9 < whole.disk_bytes < 40e9
+    assert census_estimate(config, range(32), 100, ROWS_PER_SECOND["h100"]).gpu_hours > \
+        whole.gpu_hours
+    late = census_estimate(config, [30, 31], 100, ROWS_PER_SECOND["h200"])
+    early = census_estimate(config, [0, 1], 100, ROWS_PER_SECOND["h200"])
+    assert late.rows == early.rows and late.compute_hours < early.compute_hours / 5
+    assert row_flops(config, 31) == 2 * 4096 * 128256  # only the readout is left
+    assert census_estimate(config, [], 100, 1.0).jobs == 0
