@@ -10,9 +10,10 @@ import pytest
 from transformers import LlamaConfig
 
 from conftest import LLAMA_8B_CONFIG
-from neuron_effects.census import (ROWS_PER_SECOND, census_estimate, census_layers,
-                                   census_neurons, layer_ranking_agreement, model_shape,
-                                   ranking_agreement, row_flops)
+from neuron_effects.census import (ROWS_PER_SECOND, census_columns, census_estimate,
+                                   census_layers, census_neurons, layer_ranking_agreement,
+                                   model_shape, ranking_agreement, row_flops, table_neurons,
+                                   top_neurons)
 from neuron_effects.inputs import InputError, Neuron
 
 
@@ -88,3 +89,37 @@ def test_census_estimate_of_llama_8b():
     assert late.rows == early.rows and late.compute_hours < early.compute_hours / 5
     assert row_flops(config, 31) == 2 * 4096 * 128256  # only the readout is left
     assert census_estimate(config, [], 100, 1.0).jobs == 0
+
+
+def _census_rows() -> pd.DataFrame:
+    """3 prompts x (layer 0: 4 neurons, layer 1: 2 neurons), |total| growing with the index."""
+    rows = []
+    for layer, width in ((0, 4), (1, 2)):
+        for n in range(width):
+            for prompt in range(3):
+                direct = (n + 1) * (1 if prompt else -1)
+                rows.append({"prompt_id": f"p{prompt}", "neuron_id": f"L{layer}/N{n}",
+                             "layer": layer, "direct": float(direct),
+                             "indirect": 0.5 * direct, "total": 1.5 * direct})
+    return pd.DataFrame(rows)
+
+
+def test_census_columns_rank_every_neuron_in_its_layer():
+    per_prompt = _census_rows()
+    neurons = per_prompt.groupby("neuron_id", sort=False).agg(
+        layer=("layer", "first"), mean_abs_total=("total", lambda s: s.abs().mean())
+    ).reset_index()
+    result = census_columns(neurons, per_prompt, ["L0/N1"]).set_index("neuron_id")
+    assert result["in_profile"].sum() == 1 and result.loc["L0/N1", "in_profile"]
+    assert result.loc["L0/N3", "mean_abs_direct"] == pytest.approx(4.0)
+    assert result.loc["L0/N3", "mean_abs_indirect"] == pytest.approx(2.0)
+    assert result.loc["L0/N3", "rank_in_layer"] == 1 and result.loc["L0/N0", "rank_in_layer"] == 4
+    assert result.loc["L0/N3", "percentile_in_layer"] == 1.0
+    assert result.loc["L0/N0", "percentile_in_layer"] == 0.0
+    assert result.loc["L1/N1", "rank_in_layer"] == 1
+    table = table_neurons(result.reset_index(), 2)
+    assert list(table["neuron_id"]) == ["L0/N1", "L0/N2", "L0/N3"]  # profile + top 2 others
+    by_layer = top_neurons(result.reset_index(), "layer", 1).set_index("layer")
+    assert by_layer.loc[0, "top_|total|"].startswith("L0/N3 (+6)")
+    by_prompt = top_neurons(per_prompt, "prompt_id", 2).set_index("prompt_id")
+    assert by_prompt.loc["p0", "top_|direct|"] == "L0/N3 (-4), L0/N2 (-3)"

@@ -66,6 +66,52 @@ def model_shape(model: dict[str, Any], cache_dir: str | Path | None = None) -> t
     return shape
 
 
+# ---- summaries of a census (aggregation and report) ----
+
+MAGNITUDES = ("total", "direct", "indirect")
+
+
+def census_columns(neurons: pd.DataFrame, per_prompt: pd.DataFrame,
+                   profile_ids: Sequence[str]) -> pd.DataFrame:
+    """``neurons`` (one row per neuron) with ``in_profile``, ``mean_abs_direct``,
+    ``mean_abs_indirect`` (means over prompts; ``mean_abs_total`` is already there),
+    ``rank_in_layer`` (1 = the largest mean |total| of its layer) and ``percentile_in_layer``
+    (the fraction of its layer's neurons with a smaller mean |total|)."""
+    sizes = per_prompt[["neuron_id", "direct", "indirect"]].set_index("neuron_id").abs()
+    means = sizes.groupby(level=0).mean().add_prefix("mean_abs_")
+    result = neurons.merge(means, left_on="neuron_id", right_index=True, how="left")
+    result["in_profile"] = result["neuron_id"].isin(set(profile_ids))
+    by_layer = result.groupby("layer")["mean_abs_total"]
+    result["rank_in_layer"] = by_layer.rank(ascending=False, method="min").astype(int)
+    result["percentile_in_layer"] = (by_layer.rank(method="min") - 1) / by_layer.transform(
+        "size").clip(lower=2).sub(1)
+    return result
+
+
+def table_neurons(neurons: pd.DataFrame, top: int) -> pd.DataFrame:
+    """The neurons of the report's searchable table: every profile neuron and the ``top``
+    others with the largest mean |total|, in ``neurons``' order."""
+    others = neurons[~neurons["in_profile"]].nlargest(top, "mean_abs_total").index
+    return neurons[neurons["in_profile"] | neurons.index.isin(others)]
+
+
+def top_neurons(frame: pd.DataFrame, by: str, n: int) -> pd.DataFrame:
+    """Per value of ``by`` (``layer`` over neurons with ``mean_abs_*`` columns, or
+    ``prompt_id`` over per-prompt rows), the ``n`` neuron ids with the largest |total|,
+    |direct| and |indirect|, as ``id (value)`` text: one row per ``by`` value."""
+    rows = []
+    for key, group in frame.groupby(by, sort=True):
+        row: dict[str, Any] = {by: key}
+        for name in MAGNITUDES:
+            column = f"mean_abs_{name}" if f"mean_abs_{name}" in group else name
+            size = group[column].abs()
+            top = group.loc[size.nlargest(n).index]
+            row[f"top_|{name}|"] = ", ".join(f"{i} ({v:+.3g})" for i, v in zip(
+                top["neuron_id"], top[column]))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 # ---- agreement of an estimate with the exact effects over every neuron of a layer ----
 
 def _top(scores: pd.Series, k: int) -> set:
@@ -105,8 +151,7 @@ def layer_ranking_agreement(per_prompt: pd.DataFrame, estimate: str = "total_atp
                               ).groupby("neuron_id")[["_exact", "_estimate"]].mean()
         tenth = max(1, math.ceil(len(scores) / 10))
         row: dict[str, float] = {"layer": int(layer), "atp_tenth": tenth}
-        for k in [k for k in ks if k < len(scores)] + [tenth]:
-            name = "tenth" if k == tenth else str(k)
+        for name, k in [(str(k), k) for k in ks if k < len(scores)] + [("tenth", tenth)]:
             result = ranking_agreement(scores["_estimate"], scores["_exact"], k)
             row[f"atp_precision_at_{name}"] = result["precision_at_k"]
             row[f"atp_recall_at_{name}"] = result["recall_at_k"]

@@ -348,10 +348,16 @@ def render_report(
     validation_pairs: pd.DataFrame, timings: pd.DataFrame, top_n: int = 12,
     figures: dict[str, str] | None = None,
     mediation_layers: pd.DataFrame | None = None,
-    atp_candidates: pd.DataFrame | None = None,
+    atp_candidates: pd.DataFrame | None = None, census_table_top: int = 200,
 ) -> str:
     """The report page as one HTML string (``figures``: from :func:`report_figures`, made here
-    when not given)."""
+    when not given). A census run (``neurons`` with ``in_profile``) adds the census section and
+    keeps in the searchable table the profile's neurons and the ``census_table_top`` others
+    with the largest mean |total|."""
+    from .census import table_neurons
+    from .report_census import census_section
+
+    census = "in_profile" in neurons
     figures = figures or report_figures(per_prompt, layers)
     passed = validation["passed"]
     verdict = (
@@ -420,7 +426,9 @@ def render_report(
                                 else pd.DataFrame(), top_n),
         *(attribution_section(per_prompt, layers, atp_candidates, top_n)
           if atp_candidates is not None and "total_atp" in per_prompt else []),
-        neuron_table_section(neurons, per_prompt),
+        *(census_section(neurons, per_prompt, layers, census_table_top) if census else []),
+        neuron_table_section(table_neurons(neurons, census_table_top) if census else neurons,
+                             per_prompt),
         f"<h2>Prompts and targets</h2>{_table(prompts, prompt_columns)}",
     ]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"

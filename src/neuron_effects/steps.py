@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import aggregate, attribution, mediation, store
+from .census import census_columns, layer_ranking_agreement
 from .clean import run_clean
 from .edges import EDGE_COLUMNS, edge_agreement, read_edges
 from .effects import EffectSettings, compute_effects, neuron_block
@@ -358,13 +359,16 @@ def aggregate_effects(
     mediation_shards: Sequence[str] = (), mediator_shards: Sequence[str] = (),
     mediation_out: str | None = None, mediators_out: str | None = None,
     mediation_layers_out: str | None = None, mediator_top_k: int = 10,
-    estimates_path: str | None = None,
+    estimates_path: str | None = None, census: bool = False,
 ) -> None:
     """Merge the shards into the long table and write the neuron, layer, prompt and label
     summaries; with the mediation outputs, also the mediation tables, the layer flow and the
     per-neuron mediators and edge agreement (:func:`aggregate_mediation`); with
     ``estimates_path`` (attribution patching), also the estimates (``total_atp``,
-    ``indirect_atp``) and their agreement with the exact effects."""
+    ``indirect_atp``) and their agreement with the exact effects. With ``census``, the neurons
+    gain :func:`census_columns`, the layers the ranking agreement of the estimates over all
+    their neurons (:func:`layer_ranking_agreement`), and ``neurons.json`` holds the profile's
+    neurons only (every neuron stays in ``neurons.parquet``)."""
     per_prompt = pd.concat([pd.read_parquet(path) for path in shard_paths], ignore_index=True)
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
@@ -389,9 +393,15 @@ def aggregate_effects(
         per_prompt = _with_estimates(per_prompt, estimates_path)
         neurons = neurons.merge(attribution.neuron_agreement(per_prompt), on="neuron_id")
         layers = layers.merge(attribution.layer_agreement(per_prompt), on="layer")
+        if census:
+            layers = layers.merge(layer_ranking_agreement(per_prompt), on="layer")
+    if census:
+        neurons = census_columns(neurons, per_prompt,
+                                 [neuron.neuron_id for neuron in read_neurons(profile_path)])
     store.write_parquet(per_prompt_out, per_prompt)
     store.write_parquet(neurons_out, neurons)
-    documents = aggregate.neuron_documents(neurons, per_prompt)
+    documents = aggregate.neuron_documents(neurons[neurons["in_profile"]] if census else neurons,
+                                           per_prompt)
     document = aggregate.enrich_profiles(load_profile_document(profile_path), neurons)
     if split is not None:
         _with_mediation(documents, *split, listed=mediator_top_k)
@@ -497,7 +507,7 @@ def render_report(
     validation_summary: str, benchmark_paths: Sequence[str], top_n: int, output: str,
     figures_dir: str | None = None,
     mediation_layers_path: str | None = None,
-    atp_candidates: str | None = None,
+    atp_candidates: str | None = None, census_table_top: int = 200,
 ) -> None:
     """Write the self-contained HTML report (with the attribution-patching section when
     ``atp_candidates`` is given) and, into ``figures_dir``, its figures as ``<name>.png`` (for
@@ -527,7 +537,8 @@ def render_report(
         pd.read_parquet(validation_table), timings, top_n, figures=figures,
         mediation_layers=(pd.read_parquet(mediation_layers_path) if mediation_layers_path
                           else None),
-        atp_candidates=None if atp_candidates is None else pd.read_parquet(atp_candidates))
+        atp_candidates=None if atp_candidates is None else pd.read_parquet(atp_candidates),
+        census_table_top=census_table_top)
     if figures_dir is not None:
         for name, uri in figures.items():
             with store.atomic_path(Path(figures_dir) / f"{name}.png") as temporary:

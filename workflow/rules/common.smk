@@ -5,6 +5,7 @@ from pathlib import Path
 from snakemake.logging import logger
 from snakemake.utils import validate
 
+from neuron_effects.census import census_layers, census_neurons, model_shape
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.demo import fetch_demo_model
 from neuron_effects.edges import read_edges
@@ -38,8 +39,18 @@ CHECKED = checked_inputs(
 )
 read_edges(config["neurons"])  # malformed top_downstream_targets stop the run here
 PREPARED = {row["prompt_id"]: row for row in CHECKED.prepared}
+# A census adds every neuron of its layers (the model's shape is read from its config, cached).
+CENSUS = config["census"]["layers"] is not None
+NEURONS = CHECKED.neurons
+if CENSUS:
+    N_LAYERS, INTERMEDIATE = model_shape(MODEL, INPUT_CHECKS)
+    NEURONS = census_neurons(
+        CHECKED.neurons,
+        census_layers(config["census"]["layers"], N_LAYERS),
+        INTERMEDIATE,
+    )
 PLAN = make_plan(
-    CHECKED.neurons,
+    NEURONS,
     CHECKED.records,
     config["sharding"]["layers_per_shard"],
     config["sharding"]["prompts_per_chunk"],

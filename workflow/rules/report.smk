@@ -51,10 +51,12 @@ rule render_report:
             "top_k": config["metrics"]["top_k"],
             "ratio_noise_floor": config["metrics"]["ratio_noise_floor"],
             "attribution_patching": ATP,
+            "census_layers": config["census"]["layers"],
             **config["classification"],
             "shards": len(PLAN.shards),
         },
         top_n=config["report"]["top_n"],
+        census_table_top=config["census"]["table_top"],
         benchmarks=benchmark_files(),
     script:
         "../scripts/render_report.py"

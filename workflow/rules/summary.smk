@@ -42,6 +42,7 @@ rule aggregate_effects:
     params:
         thresholds=config["classification"],
         mediator_top_k=config["mediators"]["top_k"],
+        census=CENSUS,
     script:
         "../scripts/aggregate_effects.py"
 

@@ -27,4 +27,5 @@ aggregate_effects(
     mediation_layers_out=snakemake.output.mediation_layers,
     mediator_top_k=snakemake.params.mediator_top_k,
     estimates_path=snakemake.input.estimates[0] if snakemake.input.estimates else None,
+    census=snakemake.params.census,
 )

@@ -25,4 +25,5 @@ render_report(
     atp_candidates=snakemake.input.atp_candidates[0]
     if snakemake.input.atp_candidates
     else None,
+    census_table_top=snakemake.params.census_table_top,
 )
