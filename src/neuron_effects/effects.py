@@ -195,6 +195,7 @@ def compute_effects(
         target_column, distractor_column = 0, (1 if distractor_id is not None else None)
         frozen_columns = None
     means = mean_activations.to(device) if mean_activations is not None else None
+    clean_unnormalized = readout.unnormalized(clean.final_hidden.to(readout.dtype)[None])  # A
     vocab_rows = settings.vocab_rows or auto_vocab_rows(device)
     batch_rows = settings.batch_rows or auto_batch_rows(
         model, clean.n_tokens, settings.full_vocab, settings.positions, vocab_rows)
@@ -243,12 +244,12 @@ def compute_effects(
         final_logits = readout.logits(final_hidden)
         for part in range(0, len(layers), vocab_rows):
             chunk = slice(part, part + vocab_rows)
-            total = final_logits[treated[chunk]] - final_logits[baseline[chunk]]
+            total = final_logits[treated[chunk]].sub_(final_logits[baseline[chunk]])
             unembedded = (block.unembedded[rows][chunk] if block.unembedded is not None
                           else readout.unnormalized(directions[chunk]))
             direct, frozen, clean_logits = direct_effects(
                 readout, clean.final_hidden, scale[chunk], directions[chunk], unembedded,
-                frozen_columns)
+                frozen_columns, clean_unnormalized)
             columns = effect_metrics(direct, frozen, total, clean_logits, target_column,
                                      distractor_column, settings.full_vocab, settings.top_k,
                                      settings.noise_floor)

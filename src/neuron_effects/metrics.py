@@ -92,7 +92,8 @@ def effect_metrics(
             if bool(unsafe.any()):  # |E| large enough to over/underflow: the careful way
                 log_norm[unsafe] = torch.logsumexp(vector[unsafe] + clean_shifted, dim=-1)
             on_device[f"prob_change_{name}"] = (at_target - log_norm).exp() - clean_prob
-            values, tokens = vector.abs().topk(min(top_k, vector.shape[1]), dim=-1)
+            magnitude = torch.abs(vector, out=shifted)  # reuses shifted's memory, now dead
+            values, tokens = magnitude.topk(min(top_k, vector.shape[1]), dim=-1)
             on_device[f"top_k_{name}_mean"] = values.mean(dim=-1)
             on_device[f"top_k_{name}_max"] = values[:, 0]
             on_device[f"top_k_{name}_tokens"] = tokens  # ids < 2^53: exact in float64
