@@ -96,10 +96,11 @@ def test_use_products_keeps_only_bf16_weights_and_the_model_still_reads_them():
     assert readout_before.shape == (3, model.vocab_size)
 
 
-def _effects(model: LlamaFamily, neurons, settings) -> dict[str, torch.Tensor]:
-    clean = run_clean(model, [3, 14, 15, 92, 65, 35, 89, 79], "p")
+def _effects(model: LlamaFamily, neurons, settings, input_ids=(3, 14, 15, 92, 65, 35, 89, 79),
+             target: int = 7, distractor: int | None = 11) -> dict[str, torch.Tensor]:
+    clean = run_clean(model, list(input_ids), "p")
     frame = compute_effects(model, clean, neuron_block(model, neurons, settings.full_vocab),
-                            settings, 7, 11).per_prompt
+                            settings, target, distractor).per_prompt
     return {name: torch.tensor(frame[name].to_numpy()) for name in ("total", "indirect", "direct")}
 
 
@@ -134,3 +135,38 @@ def test_unknown_products_are_rejected():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="float32 model"):
         use_products(LlamaFamily(cast_parameters(model.causal_lm, torch.float64)), "split_bf16")
+
+
+@pytest.mark.slow
+def test_three_parts_are_within_twice_float32_error_on_smollm2(smollm2):
+    """SmolLM2 with its weights rounded to bf16 (as bench_precision.py), 90 neurons x 1 demo
+    prompt, target-only metrics: against float64, split_bf16 with 3 parts has at most twice
+    float32's median and max error on total and indirect (measured on the benchmark's 1,800
+    rows: 0.65x); 2 parts are worse (10x: BENCHMARKS.md section 8)."""
+    from neuron_effects.inputs import PromptRecord
+    from neuron_effects.prompts import prepare_prompt
+
+    model, tokenizer = smollm2
+    base = LlamaFamily(copy.deepcopy(model.causal_lm))
+    round_parameters(base.causal_lm, torch.bfloat16)
+    prepared = prepare_prompt(tokenizer, PromptRecord(
+        "p", "The antibiotic penicillin was discovered by Alexander", " Fleming", None, 1))
+    generator = torch.Generator().manual_seed(0)
+    neurons = [Neuron(f"L{layer}/N{int(n)}", layer, int(n)) for layer in range(base.n_layers)
+               for n in torch.randperm(base.intermediate_size, generator=generator)[:3]]
+    settings = EffectSettings(full_vocab=False, mediators=False)
+    run = {"input_ids": prepared.input_ids, "target": prepared.target_id, "distractor": None}
+    truth = _effects(LlamaFamily(cast_parameters(copy.deepcopy(base.causal_lm), torch.float64)),
+                     neurons, settings, **run)
+    float32 = _effects(base, neurons, settings, **run)
+    errors = {}
+    for parts in (3, 2):
+        split_model = LlamaFamily(copy.deepcopy(base.causal_lm))
+        use_products(split_model, "split_bf16", parts)
+        errors[parts] = _effects(split_model, neurons, settings, **run)
+    for name in ("total", "indirect"):
+        reference = (float32[name] - truth[name]).abs()
+        three = (errors[3][name] - truth[name]).abs()
+        two = (errors[2][name] - truth[name]).abs()
+        assert three.median() <= 2 * reference.median() and three.max() <= 2 * reference.max()
+        assert two.median() > three.median()
