@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from neuron_effects.census import row_flops
 from neuron_effects.clean import run_clean
 from neuron_effects.demo import DEFAULT_PATH, fetch_demo_model
 from neuron_effects.direct import Readout, direct_effects
@@ -109,10 +110,22 @@ def peer_rows(model, clean, clean_logits, readout, neurons: list[Neuron], target
     return rows
 
 
+def matmul_seconds(repeats: int = 20) -> tuple[float, float]:
+    """This machine's float32 matmul rate, measured beside the paths: (seconds, FLOPs) of
+    ``repeats`` products [512 x 576] x [576 x 1536] (a replay layer's MLP shape, 512 rows)."""
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return time.perf_counter() - started, repeats * 2.0 * 512 * 576 * 1536
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default="config/demo/prompts.jsonl")
     parser.add_argument("--min-tokens", type=int, default=20)
+    parser.add_argument("--max-prompts", type=int, default=None,
+                        help="use only the first N prompts of at least --min-tokens tokens")
     parser.add_argument("--chat-template", action="store_true",
                         help="format prompts as chat user turns (as the real job does)")
     parser.add_argument("--per-layer", type=int, default=16, help="neurons per layer (fast)")
@@ -128,7 +141,7 @@ def main() -> None:
     model, tokenizer = load_model(spec), load_tokenizer(spec)
     prepared = [prepare_prompt(tokenizer, record, args.chat_template)
                 for record in read_prompts(args.prompts)]
-    prepared = [p for p in prepared if len(p.input_ids) >= args.min_tokens]
+    prepared = [p for p in prepared if len(p.input_ids) >= args.min_tokens][:args.max_prompts]
     cleans = [run_clean(model, p.input_ids, p.prompt_id) for p in prepared]
     targets = [(p.target_id if p.target_id is not None else int(c.logits.argmax()),
                 p.distractor_id) for p, c in zip(prepared, cleans)]
@@ -146,6 +159,7 @@ def main() -> None:
     peer_subset = [n for i, n in enumerate(neurons) if i % args.per_layer < args.peer_per_layer]
     peer: list[dict] = []
     peer_seconds = 0.0
+    matmul_time = matmul_flops = 0.0
     readout = Readout(model)
     started = time.perf_counter()
     block = neuron_block(model, neurons, settings.full_vocab)
@@ -162,6 +176,8 @@ def main() -> None:
                 tables.append(result.per_prompt.assign(prompt_id=p.prompt_id))
             else:
                 plain_seconds += time.perf_counter() - started
+        seconds, flops = matmul_seconds()
+        matmul_time, matmul_flops = matmul_time + seconds, matmul_flops + flops
         if peer_subset:
             started = time.perf_counter()
             with torch.inference_mode():
@@ -191,6 +207,15 @@ def main() -> None:
     plain_ms = 1e3 * plain_seconds / fast_count
     by_layer = fast.groupby("layer")["total"].apply(lambda s: float(s.abs().median()))
     peer_ms = 1e3 * peer_seconds / max(len(peer), 1)
+    # FLOPs by the cost model of neuron_effects.census (replay + full-vocabulary readout)
+    config = model.config
+    fast_flops = sum(row_flops(config, n.layer, len(p.input_ids)) for n in neurons
+                     for p in prepared)
+    peer_flops = sum(len(p.input_ids) * row_flops(config, -1, len(p.input_ids), False)
+                     + row_flops(config, model.n_layers - 1, 0) for p in prepared)
+    fast_gflops, plain_gflops = fast_flops / fast_seconds / 1e9, fast_flops / plain_seconds / 1e9
+    peer_gflops = (peer_flops * len(peer_subset) / peer_seconds / 1e9) if peer else None
+    matmul_gflops = matmul_flops / matmul_time / 1e9
     peer_joined = pd.DataFrame(peer or [{"prompt_id": None, "neuron_id": None}]).merge(
         fast, on=["prompt_id", "neuron_id"], suffixes=("_peer", ""))
     peer_diff = max((float(np.nanmax(np.abs(peer_joined[f"{name}_peer"] - peer_joined[name])))
@@ -206,6 +231,9 @@ def main() -> None:
         print(f"peer : {len(peer)} perturbations in {peer_seconds:.1f} s = {peer_ms:.2f} ms each "
               f"(x{peer_ms / fast_ms:.1f} the fast path with mediators, x{peer_ms / plain_ms:.1f} "
               f"without); max |fast - peer| {peer_diff:.2g}")
+    print(f"GFLOP/s: fast {fast_gflops:.1f} (mediators on), {plain_gflops:.1f} (off), peer "
+          f"{peer_gflops or float('nan'):.1f}; this machine's float32 matmul "
+          f"{matmul_gflops:.1f} (512 x 576 x 1536, measured between prompts)")
     print("max |fast - naive| by metric: " + ", ".join(f"{k} {v:.2g}"
                                                         for k, v in differences.items()))
     print(f"median |total effect| by layer: min {by_layer.min():.2g}, max {by_layer.max():.2g}")
@@ -219,6 +247,9 @@ def main() -> None:
         "speedup_vs_peer": round(peer_ms / fast_ms, 2) if peer else None,
         "speedup_vs_peer_without_mediators": round(peer_ms / plain_ms, 2) if peer else None,
         "max_abs_diff_peer": peer_diff,
+        "fast_gflops": round(fast_gflops, 1), "fast_gflops_without_mediators":
+        round(plain_gflops, 1), "peer_gflops": round(peer_gflops, 1) if peer else None,
+        "matmul_gflops": round(matmul_gflops, 1),
         "max_abs_diff": max(differences.values()),
         "prompt_tokens_mean": round(float(np.mean([len(p.input_ids) for p in prepared])), 2),
         "n_prompts": len(prepared), "n_neurons_fast": len(neurons),
