@@ -13,6 +13,10 @@ and compute the direct effect algebraically; they differ in the TOTAL effect:
 The fast path runs twice per prompt, with and without the mediation split (``mediators``, on
 by default in the workflow), alternating which goes first, to measure its overhead.
 
+A third path, the batched hook peer (``--peer-per-layer``, :func:`peer_rows`), is what a user
+of hook libraries would write: 64 copies of the prompt per forward, a hook adding each row's V
+after its layer, last-position logits.
+
 The naive path runs on a subset (``--naive-per-layer`` neurons per layer, same prompts); the
 fast path on all neurons. ``max_abs_diff`` is over every compared metric of the shared rows.
 
@@ -32,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from neuron_effects.cost import ModelShape
 from neuron_effects.clean import run_clean
 from neuron_effects.demo import DEFAULT_PATH, fetch_demo_model
 from neuron_effects.direct import Readout, direct_effects
@@ -61,14 +66,73 @@ def naive_row(model, clean, clean_logits, readout, neuron: Neuron, target: int,
     return {name: float(columns[name][0]) for name in COMPARED}
 
 
+def peer_rows(model, clean, clean_logits, readout, neurons: list[Neuron], target: int,
+              distractor: int | None, settings: EffectSettings,
+              batch: int = 64) -> list[dict[str, float]]:
+    """The batched hook peer, as a user of hook libraries would write it: ``batch`` copies of
+    the prompt per forward, a forward hook on each decoder layer adding each row's V at the last
+    position of its own layer's output, last-position logits (``logits_to_keep=1``); the
+    direct effect and the metrics as the fast path computes them."""
+    rows = []
+    input_ids = clean.input_ids.reshape(1, -1)
+    columns = torch.tensor([target] + ([distractor] if distractor is not None else []))
+    for start in range(0, len(neurons), batch):
+        members = neurons[start:start + batch]
+        layers = torch.tensor([n.layer for n in members])
+        indices = torch.tensor([n.neuron for n in members])
+        activation = clean.activations[layers, indices]
+        directions = model.output_directions(layers, indices)
+        vectors = (activation[:, None] * directions).to(model.dtype)
+
+        def adding(rows_of_layer: torch.Tensor):
+            def hook(module, args, output):
+                hidden = output[0] if isinstance(output, tuple) else output
+                hidden[rows_of_layer, -1] += vectors[rows_of_layer]
+                return output
+            return hook
+
+        handles = [model.layers[layer].register_forward_hook(
+            adding((layers == layer).nonzero().squeeze(1)))
+            for layer in torch.unique(layers).tolist()]
+        try:
+            with torch.inference_mode():
+                logits = model.causal_lm(input_ids=input_ids.repeat(len(members), 1),
+                                         logits_to_keep=1).logits[:, -1].float()
+        finally:
+            for handle in handles:
+                handle.remove()
+        direct, frozen, _ = direct_effects(readout, clean.final_hidden, activation, directions,
+                                           readout.unnormalized(directions), columns)
+        metrics = effect_metrics(direct, frozen, logits - clean_logits, clean_logits, target,
+                                 distractor, True, settings.top_k, settings.noise_floor)
+        rows.extend({"neuron_id": neuron.neuron_id,
+                     **{name: float(metrics[name][i]) for name in COMPARED}}
+                    for i, neuron in enumerate(members))
+    return rows
+
+
+def matmul_seconds(repeats: int = 20) -> tuple[float, float]:
+    """This machine's float32 matmul rate, measured beside the paths: (seconds, FLOPs) of
+    ``repeats`` products [512 x 576] x [576 x 1536] (a replay layer's MLP shape, 512 rows)."""
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return time.perf_counter() - started, repeats * 2.0 * 512 * 576 * 1536
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", default="config/demo/prompts.jsonl")
     parser.add_argument("--min-tokens", type=int, default=20)
+    parser.add_argument("--max-prompts", type=int, default=None,
+                        help="use only the first N prompts of at least --min-tokens tokens")
     parser.add_argument("--chat-template", action="store_true",
                         help="format prompts as chat user turns (as the real job does)")
     parser.add_argument("--per-layer", type=int, default=16, help="neurons per layer (fast)")
     parser.add_argument("--naive-per-layer", type=int, default=2)
+    parser.add_argument("--peer-per-layer", type=int, default=0,
+                        help="neurons per layer for the batched hook peer (64 rows a forward)")
     parser.add_argument("--batch-rows", type=int, default=512)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -78,7 +142,7 @@ def main() -> None:
     model, tokenizer = load_model(spec), load_tokenizer(spec)
     prepared = [prepare_prompt(tokenizer, record, args.chat_template)
                 for record in read_prompts(args.prompts)]
-    prepared = [p for p in prepared if len(p.input_ids) >= args.min_tokens]
+    prepared = [p for p in prepared if len(p.input_ids) >= args.min_tokens][:args.max_prompts]
     cleans = [run_clean(model, p.input_ids, p.prompt_id) for p in prepared]
     targets = [(p.target_id if p.target_id is not None else int(c.logits.argmax()),
                 p.distractor_id) for p, c in zip(prepared, cleans)]
@@ -93,6 +157,10 @@ def main() -> None:
     # The two paths alternate prompt by prompt, so that a change in the machine's load during
     # the run (other processes on a shared machine) weighs on both alike.
     subset = [n for i, n in enumerate(neurons) if i % args.per_layer < args.naive_per_layer]
+    peer_subset = [n for i, n in enumerate(neurons) if i % args.per_layer < args.peer_per_layer]
+    peer: list[dict] = []
+    peer_seconds = 0.0
+    matmul_time = matmul_flops = 0.0
     readout = Readout(model)
     started = time.perf_counter()
     block = neuron_block(model, neurons, settings.full_vocab)
@@ -109,6 +177,16 @@ def main() -> None:
                 tables.append(result.per_prompt.assign(prompt_id=p.prompt_id))
             else:
                 plain_seconds += time.perf_counter() - started
+        seconds, flops = matmul_seconds()
+        matmul_time, matmul_flops = matmul_time + seconds, matmul_flops + flops
+        if peer_subset:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                peer_clean = model.causal_lm(input_ids=clean.input_ids.reshape(1, -1),
+                                             logits_to_keep=1).logits[0, -1].float()
+            peer.extend({"prompt_id": p.prompt_id, **row} for row in peer_rows(
+                model, clean, peer_clean, readout, peer_subset, target, distractor, settings))
+            peer_seconds += time.perf_counter() - started
         if not subset:
             continue
         started = time.perf_counter()
@@ -129,12 +207,35 @@ def main() -> None:
     fast_ms = 1e3 * fast_seconds / fast_count
     plain_ms = 1e3 * plain_seconds / fast_count
     by_layer = fast.groupby("layer")["total"].apply(lambda s: float(s.abs().median()))
+    peer_ms = 1e3 * peer_seconds / max(len(peer), 1)
+    # FLOPs by the cost model of neuron_effects.cost (replay + full-vocabulary readout, counted
+    # without the mediation split)
+    shape = ModelShape.from_config(model.config)
+    fast_flops = sum(shape.row_flops(n.layer, len(p.input_ids), mediators=False)
+                     for n in neurons for p in prepared)
+    peer_flops = sum(len(p.input_ids) * shape.row_flops(-1, len(p.input_ids), False, False)
+                     + shape.row_flops(model.n_layers - 1, 0, mediators=False) for p in prepared)
+    fast_gflops, plain_gflops = fast_flops / fast_seconds / 1e9, fast_flops / plain_seconds / 1e9
+    peer_gflops = (peer_flops * len(peer_subset) / peer_seconds / 1e9) if peer else None
+    matmul_gflops = matmul_flops / matmul_time / 1e9
+    peer_joined = pd.DataFrame(peer or [{"prompt_id": None, "neuron_id": None}]).merge(
+        fast, on=["prompt_id", "neuron_id"], suffixes=("_peer", ""))
+    peer_diff = max((float(np.nanmax(np.abs(peer_joined[f"{name}_peer"] - peer_joined[name])))
+                     for name in COMPARED if peer and peer_joined[name].notna().any()),
+                    default=float("nan"))
     print(f"prompts: {len(prepared)} ({np.mean([len(p.input_ids) for p in prepared]):.1f} "
           f"tokens on average); neurons: {len(neurons)} (fast), {len(subset)} (naive)")
     print(f"naive: {len(naive)} perturbations in {naive_seconds:.1f} s = {naive_ms:.2f} ms each")
     print(f"fast : {fast_count} perturbations in {fast_seconds:.1f} s = {fast_ms:.3f} ms each")
     print(f"fast without mediators: {plain_seconds:.1f} s = {plain_ms:.3f} ms each "
           f"(mediation overhead x{fast_ms / plain_ms:.3f})")
+    if peer:
+        print(f"peer : {len(peer)} perturbations in {peer_seconds:.1f} s = {peer_ms:.2f} ms each "
+              f"(x{peer_ms / fast_ms:.1f} the fast path with mediators, x{peer_ms / plain_ms:.1f} "
+              f"without); max |fast - peer| {peer_diff:.2g}")
+    print(f"GFLOP/s: fast {fast_gflops:.1f} (mediators on), {plain_gflops:.1f} (off), peer "
+          f"{peer_gflops or float('nan'):.1f}; this machine's float32 matmul "
+          f"{matmul_gflops:.1f} (512 x 576 x 1536, measured between prompts)")
     print("max |fast - naive| by metric: " + ", ".join(f"{k} {v:.2g}"
                                                         for k, v in differences.items()))
     print(f"median |total effect| by layer: min {by_layer.min():.2g}, max {by_layer.max():.2g}")
@@ -144,6 +245,13 @@ def main() -> None:
         "fast_ms_per_perturbation": round(fast_ms, 4),
         "fast_ms_per_perturbation_without_mediators": round(plain_ms, 4),
         "mediation_overhead_ratio": round(fast_ms / plain_ms, 3),
+        "peer_ms_per_perturbation": round(peer_ms, 3) if peer else None,
+        "speedup_vs_peer": round(peer_ms / fast_ms, 2) if peer else None,
+        "speedup_vs_peer_without_mediators": round(peer_ms / plain_ms, 2) if peer else None,
+        "max_abs_diff_peer": peer_diff,
+        "fast_gflops": round(fast_gflops, 1), "fast_gflops_without_mediators":
+        round(plain_gflops, 1), "peer_gflops": round(peer_gflops, 1) if peer else None,
+        "matmul_gflops": round(matmul_gflops, 1),
         "max_abs_diff": max(differences.values()),
         "prompt_tokens_mean": round(float(np.mean([len(p.input_ids) for p in prepared])), 2),
         "n_prompts": len(prepared), "n_neurons_fast": len(neurons),

@@ -1,11 +1,13 @@
-"""Benchmark: how much of a single neuron's effect survives bfloat16, float16 and float32.
+"""Benchmark: how much of a single neuron's effect survives bfloat16, float16, float32 and split-bf16.
 
 SmolLM2-135M-Instruct with its weights rounded to bfloat16 (so that every dtype below holds
 exactly the same weights), ``--per-layer`` random neurons in each of the 30 layers (seeded),
 the first ``--prompts-used`` demo prompts, treatment ``add``, effects on the target logit (the
 given target, else the float64 clean top token). The effects are computed by the workflow's
 engine (:func:`neuron_effects.effects.compute_effects`, target-only metrics) with the model in
-bfloat16, float16, float32 and float64; float64 is taken as the truth.
+bfloat16, float16, float32 and float64, and with ``compute.products: split_bf16`` (2 or 3 bf16
+parts per float32 activation, :mod:`neuron_effects.products`) on the float32 model; float64 is
+taken as the truth.
 
 Per dtype and per effect (total, indirect, direct), against the truth:
 
@@ -18,6 +20,7 @@ Per dtype and per effect (total, indirect, direct), against the truth:
 
 Usage: .venv/bin/python benchmarks/bench_precision.py [--per-layer 10] [--prompts-used 6]
        [--device cpu|cuda] [--tf32]   (--tf32: allow TF32 for the float32 run, GPU only)
+       [--modes float32 split_bf16_3 split_bf16_2]   (default: every dtype and split mode)
 The last line printed is one JSON object.
 """
 
@@ -39,6 +42,7 @@ from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.inputs import Neuron, read_prompts
 from neuron_effects.model import (LlamaFamily, ModelSpec, cast_parameters, load_model,
                                   load_tokenizer, precision_flags, round_parameters)
+from neuron_effects.products import use_products
 from neuron_effects.prompts import prepare_prompt
 
 # Rows counted in the relative figures: |truth| at least this (the validation's floor at the
@@ -47,6 +51,8 @@ RELATIVE_ERROR_FLOOR = 1e-3
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
           "float64": torch.float64}
+# compute.products: split_bf16 on a float32 model, with 2 or 3 bf16 parts per activation
+SPLIT_MODES = {"split_bf16_2": 2, "split_bf16_3": 3}
 EFFECTS = ("total", "indirect", "direct")
 
 
@@ -82,6 +88,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tf32", action="store_true", help="allow TF32 (GPU float32 only)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--modes", nargs="+", default=[*DTYPES, *SPLIT_MODES],
+                        choices=[*DTYPES, *SPLIT_MODES],
+                        help="dtypes and split_bf16 modes to compute (float64 always runs)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -100,8 +109,13 @@ def main() -> None:
                for index in torch.randperm(base.intermediate_size,
                                            generator=generator)[:args.per_layer]]
     settings = EffectSettings(treatment="add", full_vocab=False)
-    models = {name: LlamaFamily(cast_parameters(copy.deepcopy(base.causal_lm), dtype))
-              for name, dtype in DTYPES.items()}
+    modes = [name for name in [*DTYPES, *SPLIT_MODES] if name in args.modes or name == "float64"]
+    models = {name: LlamaFamily(cast_parameters(copy.deepcopy(base.causal_lm),
+                                                DTYPES.get(name, torch.float32)))
+              for name in modes}
+    for name, parts in SPLIT_MODES.items():
+        if name in models:
+            use_products(models[name], "split_bf16", parts)
     truth_model = models["float64"]
     targets = [prepared.target_id if prepared.target_id is not None
                else int(run_clean(truth_model, prepared.input_ids, "p").logits.argmax())
@@ -115,7 +129,7 @@ def main() -> None:
     truth = tables["float64"]
     results = {name: {effect: errors(tables[name][effect].to_numpy(), truth[effect].to_numpy())
                       for effect in EFFECTS}
-               for name in ("bfloat16", "float16", "float32")}
+               for name in models if name != "float64"}
     for name, per_effect in results.items():
         for effect, figures in per_effect.items():
             print(f"{name:9s} {effect:9s} " + "  ".join(f"{key} {value:.3g}"

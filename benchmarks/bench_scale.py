@@ -13,6 +13,7 @@ projection then also gives the H200 time implied by the FLOP model.
 
 Usage: .venv/bin/python benchmarks/bench_scale.py [--device auto] [--prompt-tokens 128]
        [--dtype float32|bfloat16] [--tf32]   (--tf32: allow TF32, to measure what it would gain)
+       [--products split_bf16 --split-parts 3]   (float32 model, split-bf16 products)
 The last line printed is one JSON object.
 """
 
@@ -30,7 +31,9 @@ from neuron_effects.clean import run_clean
 from neuron_effects.cost import ModelShape
 from neuron_effects.effects import EffectSettings, auto_batch_rows, compute_effects, neuron_block
 from neuron_effects.inputs import Neuron
-from neuron_effects.model import DTYPES, LlamaFamily, precision_flags, set_precision_flags
+from neuron_effects.model import (DTYPES, LlamaFamily, precision_flags, round_parameters,
+                                  set_precision_flags)
+from neuron_effects.products import PRODUCTS, SPLIT_PARTS, use_products
 
 LLAMA_31_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -82,6 +85,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--tf32", action="store_true", help="allow TF32 for float32 products")
+    parser.add_argument("--products", default="float32", choices=PRODUCTS,
+                        help="split_bf16: bf16-exact weights, split-bf16 products (float32 model)")
+    parser.add_argument("--split-parts", type=int, default=3, choices=SPLIT_PARTS)
     args = parser.parse_args()
     set_precision_flags()
     if args.tf32:
@@ -98,7 +104,10 @@ def main() -> None:
         torch.set_default_dtype(DTYPES[args.dtype])
         causal_lm = LlamaForCausalLM(config)
         torch.set_default_dtype(torch.float32)
+    if args.products == "split_bf16":  # published Llama weights are exactly bf16
+        round_parameters(causal_lm, torch.bfloat16)
     model = LlamaFamily(causal_lm)
+    use_products(model, args.products, args.split_parts)
     build_seconds = time.perf_counter() - started
     ids = torch.randint(0, config.vocab_size, (args.prompt_tokens,)).tolist()
     clean_seconds = timed(lambda: run_clean(model, ids, "bench"), device, args.repeats)
@@ -159,7 +168,8 @@ def main() -> None:
     print(json.dumps({
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "model_shape": "Llama-3.1-8B" if shape is LLAMA_31_8B else "Llama-3.1-8B scaled down",
-        "dtype": args.dtype, "precision_flags": precision_flags(),
+        "dtype": args.dtype, "products": args.products, "split_parts": args.split_parts,
+        "precision_flags": precision_flags(),
         "prompt_tokens": args.prompt_tokens,
         "build_seconds": round(build_seconds, 1), "clean_forward_ms": round(1e3 * clean_seconds, 2),
         **{f"{mode}_{key}": value for mode, values in results.items()

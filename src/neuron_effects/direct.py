@@ -24,11 +24,14 @@ from __future__ import annotations
 import torch
 
 from .model import LlamaFamily
+from .products import SplitWeight
 
 
 class Readout:
     """Final norm and unembedding in the model's readout dtype (max(float32, model dtype)), over
-    all vocabulary rows or the given ones."""
+    all vocabulary rows or the given ones. With ``compute.products: split_bf16``
+    (``model.split_unembedding``) the product with ``W`` is a split-bf16 product
+    (:mod:`neuron_effects.products`)."""
 
     def __init__(self, model: LlamaFamily, token_ids: torch.Tensor | None = None):
         norm_weight, unembedding, eps = model.readout()
@@ -37,6 +40,10 @@ class Readout:
         self.eps = eps
         self.token_ids = token_ids
         self.unembedding = unembedding if token_ids is None else unembedding[token_ids]
+        split = model.split_unembedding
+        if split is not None and token_ids is not None:
+            split = SplitWeight(self.unembedding, split.parts)
+        self.split = split
 
     def inverse_rms(self, hidden: torch.Tensor) -> torch.Tensor:
         """``1 / r(h)`` for rows h [B, hidden] (readout dtype) -> [B, 1]."""
@@ -44,24 +51,28 @@ class Readout:
 
     def unnormalized(self, hidden: torch.Tensor) -> torch.Tensor:
         """``W (g * h)`` for rows h [B, hidden] -> [B, vocab rows]."""
+        if self.split is not None:
+            return self.split.product_t(hidden * self.norm_weight)
         return (hidden * self.norm_weight) @ self.unembedding.T
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``W (g * h) / r(h)`` for rows h [B, hidden] (any dtype; computed in the readout
         dtype)."""
         hidden = hidden.to(self.dtype)
-        return self.unnormalized(hidden) * self.inverse_rms(hidden)
+        return self.unnormalized(hidden).mul_(self.inverse_rms(hidden))
 
 
 def direct_effects(
     readout: Readout, clean_hidden: torch.Tensor, scales: torch.Tensor,
     directions: torch.Tensor, unembedded_directions: torch.Tensor,
-    frozen_columns: torch.Tensor | None = None,
+    frozen_columns: torch.Tensor | None = None, clean_unnormalized: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Direct effects of ``V_b = scales[b] * directions[b]`` on the logits.
 
     clean_hidden: h_c [hidden]; directions: w_n [B, hidden]; unembedded_directions: B_n = W (g*w_n)
-    [B, vocab rows] (from :meth:`Readout.unnormalized`). Returns ``(direct, direct_frozen_norm,
+    [B, vocab rows] (from :meth:`Readout.unnormalized`); ``clean_unnormalized``: A = W (g*h_c)
+    [1, vocab rows], computed here when not given (a caller with many batches of one prompt
+    computes it once: it reads the whole unembedding). Returns ``(direct, direct_frozen_norm,
     clean_logits)``: [B, vocab rows], [B, vocab rows or len(frozen_columns)] and [vocab rows],
     in the readout dtype. A zero V gives exactly zero (the clean row is normalized in the same
     batch as the treated rows).
@@ -70,7 +81,8 @@ def direct_effects(
     scales = scales.to(readout.dtype)[:, None]
     rows = torch.cat([clean_hidden[None], clean_hidden + scales * directions.to(readout.dtype)])
     inverse = readout.inverse_rms(rows)
-    clean_unnormalized = readout.unnormalized(clean_hidden[None])  # A
+    if clean_unnormalized is None:
+        clean_unnormalized = readout.unnormalized(clean_hidden[None])  # A
     clean_logits = clean_unnormalized * inverse[0]
     # (A + s B) / r(h_c + V) - A / r(h_c), in three passes over [B, vocab]
     direct = torch.addcmul(clean_unnormalized, scales, unembedded_directions)

@@ -40,6 +40,7 @@ from .mediation import (MEDIATION_COLUMNS, MEDIATION_COMPONENTS, MEDIATOR_COLUMN
                         mediator_rows)
 from .metrics import effect_metrics
 from .model import LlamaFamily
+from .products import PRODUCTS, SPLIT_PARTS
 from .total import LayerCollector, perturbed_final_hidden, perturbed_final_hidden_all_positions
 from .treatments import POSITIONS, TREATMENTS, treatment_scales
 
@@ -59,12 +60,18 @@ class EffectSettings:
     vocab_rows: int | None = None  # rows per vocabulary-wide metric chunk; None: per device
     mediators: bool = True  # split the indirect effect over downstream layers, heads, neurons
     mediator_top_k: int = 10  # top neurons and top heads kept per (prompt, neuron)
+    products: str = "float32"  # or split_bf16 (neuron_effects.products), set up at model load
+    split_parts: int = 3
+
 
     def __post_init__(self) -> None:
         if self.treatment not in TREATMENTS:
             raise ValueError(f"unknown treatment {self.treatment!r} (use {', '.join(TREATMENTS)})")
         if self.positions not in POSITIONS:
             raise ValueError(f"unknown positions {self.positions!r} (use {', '.join(POSITIONS)})")
+        if self.products not in PRODUCTS or self.split_parts not in SPLIT_PARTS:
+            raise ValueError(f"products must be one of {PRODUCTS} with split_parts in "
+                             f"{SPLIT_PARTS}, got {self.products!r}, {self.split_parts!r}")
         if min(self.batch_rows or 1, self.vocab_rows or 1, self.top_k, self.mediator_top_k) < 1:
             raise ValueError("batch_rows, vocab_rows, top_k and mediator_top_k must be >= 1")
 
@@ -206,6 +213,7 @@ def compute_effects(
         frozen_columns = None
     means = mean_activations.to(device) if mean_activations is not None else None
     noise_floor = ratio_noise_floor(settings.noise_floor, clean.logits)
+    clean_unnormalized = readout.unnormalized(clean.final_hidden.to(readout.dtype)[None])  # A
     vocab_rows = settings.vocab_rows or auto_vocab_rows(device)
     batch_rows = settings.batch_rows or auto_batch_rows(
         model, clean.n_tokens, settings.full_vocab, settings.positions, vocab_rows)
@@ -267,12 +275,12 @@ def compute_effects(
         final_logits = readout.logits(final_hidden)
         for part in range(0, len(layers), vocab_rows):
             chunk = slice(part, part + vocab_rows)
-            total = final_logits[treated[chunk]] - final_logits[baseline[chunk]]
+            total = final_logits[treated[chunk]].sub_(final_logits[baseline[chunk]])
             unembedded = (block.unembedded[rows][chunk] if block.unembedded is not None
                           else readout.unnormalized(directions[chunk]))
             direct, frozen, clean_logits = direct_effects(
                 readout, clean.final_hidden, scale[chunk], directions[chunk], unembedded,
-                frozen_columns)
+                frozen_columns, clean_unnormalized)
             columns = effect_metrics(direct, frozen, total, clean_logits, target_column,
                                      distractor_column, settings.full_vocab, settings.top_k,
                                      noise_floor)

@@ -43,6 +43,26 @@ def ratio_columns(
     }
 
 
+TOP_K_BLOCK = 64  # columns per block in top_k_columns
+
+
+def top_k_columns(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values.topk(k, dim=-1)`` of rows [B, n] (values, column indices), ranking only k blocks
+    of 64 columns per row: the k largest entries of a row lie in the k blocks of largest
+    maximum (a block holding one of them has a maximum at least the k-th largest value, and at
+    most k blocks do). The values are exactly topk's; on exact ties the columns may be other
+    tied ones. A plain topk when n is not a multiple of 64 or has fewer than 4k blocks."""
+    rows, width = values.shape
+    if width % TOP_K_BLOCK or width // TOP_K_BLOCK < 4 * k:
+        return values.topk(k, dim=-1)
+    blocks = values.view(rows, -1, TOP_K_BLOCK)
+    chosen = blocks.amax(dim=-1).topk(k, dim=-1).indices  # [B, k] block numbers
+    candidates = blocks.gather(1, chosen[:, :, None].expand(-1, -1, TOP_K_BLOCK))
+    top, position = candidates.reshape(rows, -1).topk(k, dim=-1)
+    columns = chosen.gather(1, position // TOP_K_BLOCK) * TOP_K_BLOCK + position % TOP_K_BLOCK
+    return top, columns
+
+
 def _to_host(tensors: dict[str, torch.Tensor], rows: int) -> dict[str, np.ndarray]:
     """Copy [rows] and [rows, k] device tensors to the host as float64 arrays in one transfer
     (one stacked tensor, one ``.cpu()``): on CUDA each copy is a blocking synchronisation."""
@@ -83,16 +103,19 @@ def effect_metrics(
         clean_max = clean_logits.max()
         clean_shifted = clean_logits - clean_max
         clean_prob = (clean_shifted[target_column] - torch.logsumexp(clean_shifted, -1)).exp()
+        work = torch.empty_like(total)  # one [B, vocab] buffer for every effect's passes
         for name in FULL_VOCAB_EFFECTS:
             vector = vectors[name]
-            shifted = vector + clean_shifted  # c + E - max(c): log-sum-exp without a max pass
+            # c + E - max(c): log-sum-exp without a max pass
+            shifted = torch.add(vector, clean_shifted, out=work)
             at_target = shifted[:, target_column].clone()
             log_norm = shifted.exp_().sum(dim=-1).log()
             unsafe = ~torch.isfinite(log_norm) | (log_norm < -80)
             if bool(unsafe.any()):  # |E| large enough to over/underflow: the careful way
                 log_norm[unsafe] = torch.logsumexp(vector[unsafe] + clean_shifted, dim=-1)
             on_device[f"prob_change_{name}"] = (at_target - log_norm).exp() - clean_prob
-            values, tokens = vector.abs().topk(min(top_k, vector.shape[1]), dim=-1)
+            magnitude = torch.abs(vector, out=work)  # shifted is dead
+            values, tokens = top_k_columns(magnitude, min(top_k, vector.shape[1]))
             on_device[f"top_k_{name}_mean"] = values.mean(dim=-1)
             on_device[f"top_k_{name}_max"] = values[:, 0]
             on_device[f"top_k_{name}_tokens"] = tokens  # ids < 2^53: exact in float64

@@ -345,6 +345,8 @@ class LlamaFamily:
         self.n_kv_heads = int(attention.k_proj.out_features) // self.head_dim
         self.apply_rotary: Callable = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         self._readout: tuple[torch.Tensor, torch.Tensor, float] | None = None
+        # compute.products: split_bf16 sets the unembedding's bf16 parts (products.use_products)
+        self.split_unembedding: Any = None
 
     @property
     def name(self) -> str:

@@ -424,9 +424,16 @@ def render_report(
     mediation_layers: pd.DataFrame | None = None,
     atp_candidates: pd.DataFrame | None = None,
     edges: pd.DataFrame | None = None, edge_min_relative_delta: float = 0.01,
+    census_table_top: int = 200,
 ) -> str:
     """The report page as one HTML string (``figures``: from :func:`report_figures`, made here
-    when not given; ``edges``: results/summary/edges.parquet)."""
+    when not given; ``edges``: results/summary/edges.parquet). A census run (``neurons`` with
+    ``in_profile``) adds the census section and keeps in the searchable table the profile's
+    neurons and the ``census_table_top`` others with the largest mean |total|."""
+    from .census import table_neurons
+    from .report_census import census_section
+
+    census = "in_profile" in neurons
     figures = figures or report_figures(per_prompt, layers)
     passed = validation["passed"]
     largest = ("NaN or inf" if validation["max_abs_diff"] is None  # a non-finite value
@@ -506,7 +513,9 @@ def render_report(
         if edges is not None else "",
         *(attribution_section(per_prompt, layers, atp_candidates, top_n)
           if atp_candidates is not None and estimate_methods(per_prompt.columns) else []),
-        neuron_table_section(neurons, per_prompt),
+        *(census_section(neurons, per_prompt, layers, census_table_top) if census else []),
+        neuron_table_section(table_neurons(neurons, census_table_top) if census else neurons,
+                             per_prompt),
         f"<h2>Prompts and targets</h2>{_table(prompts, prompt_columns)}",
     ]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from . import aggregate, attribution, mediation, store
+from .census import census_columns, layer_ranking_agreement
 from .clean import run_clean
 from .edges import (EDGE_COLUMNS, edge_agreement, edge_table, measurable_targets,
                     neuron_target_weights, read_edges, real_edges)
@@ -38,6 +39,7 @@ from .error_scale import (ERROR_FACTOR, RELATIVE_FLOOR_FACTOR, float32_error_bou
 from .model import (ModelSpec, load_config, load_model, load_tokenizer, parameter_sizes,
                     precision_flags, resolve_device, resolve_dtype)
 from .precision import low_precision_warning
+from .products import use_products
 from .reference import reference_clean_logits
 from .targets import check_target_ranks, is_low_rank
 from .targets import describe as describe_target
@@ -335,6 +337,7 @@ def compute_shard(
              len(neurons), len(runs), len(units), len(units) - len(todo))
     if todo:
         model = _load_model(spec)
+        use_products(model, settings.products, settings.split_parts)
         means = None
         if settings.treatment == "mean_ablate":
             if neuron_stats is None:
@@ -503,16 +506,19 @@ def aggregate_effects(
     mediation_out: str | None = None, mediators_out: str | None = None,
     mediation_layers_out: str | None = None, mediator_top_k: int = 10,
     estimates_path: str | None = None, max_rank: int = 100, edge_shards: Sequence[str] = (),
-    edges_out: str | None = None, edge_min_relative_delta: float = 0.01,
+    edges_out: str | None = None, edge_min_relative_delta: float = 0.01, census: bool = False,
 ) -> None:
     """Merge the shards into the long table and write the neuron, layer, prompt and label
     summaries (the prompts' ``target_low_rank``: a given target ranked below the top
-    ``max_rank`` by the clean model); with the mediation outputs, also the mediation tables, the layer flow and the
-    per-neuron mediators and edge agreement (:func:`aggregate_mediation`); with
+    ``max_rank`` by the clean model); with the mediation outputs, also the mediation tables, the
+    layer flow and the per-neuron mediators and edge agreement (:func:`aggregate_mediation`); with
     ``estimates_path`` (attribution patching), also the estimates (``total_atp``,
     ``indirect_atp``, ``total_relp``...) and their agreement with the exact effects; with
     ``edges_out``, the exact measurement of the profiles' neuron edges
-    (:func:`aggregate_edges`)."""
+    (:func:`aggregate_edges`). With ``census``, the neurons gain :func:`census_columns`, the
+    layers the ranking agreement of each estimate over all their neurons
+    (:func:`layer_ranking_agreement`), and ``neurons.json`` holds the profile's neurons only
+    (every neuron stays in ``neurons.parquet``)."""
     per_prompt = pd.concat([pd.read_parquet(path) for path in shard_paths], ignore_index=True)
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
@@ -556,9 +562,15 @@ def aggregate_effects(
             neurons = neurons.merge(attribution.neuron_agreement(per_prompt, method),
                                     on="neuron_id")
             layers = layers.merge(attribution.layer_agreement(per_prompt, method), on="layer")
+            if census:
+                layers = layers.merge(layer_ranking_agreement(per_prompt, method), on="layer")
+    if census:
+        neurons = census_columns(neurons, per_prompt,
+                                 [neuron.neuron_id for neuron in read_neurons(profile_path)])
     store.write_parquet(per_prompt_out, per_prompt)
     store.write_parquet(neurons_out, neurons)
-    documents = aggregate.neuron_documents(neurons, per_prompt)
+    documents = aggregate.neuron_documents(neurons[neurons["in_profile"]] if census else neurons,
+                                           per_prompt)
     document = aggregate.enrich_profiles(load_profile_document(profile_path), neurons)
     if split is not None:
         _with_mediation(documents, *split, listed=mediator_top_k)
@@ -727,7 +739,7 @@ def render_report(
     figures_dir: str | None = None,
     mediation_layers_path: str | None = None,
     atp_candidates: str | None = None, edges_path: str | None = None,
-    plan_estimate: Mapping[str, Any] | None = None,
+    plan_estimate: Mapping[str, Any] | None = None, census_table_top: int = 200,
 ) -> None:
     """Write the self-contained HTML report (with the attribution-patching section when
     ``atp_candidates`` is given) and, into ``figures_dir``, its figures as ``<name>.png`` (for
@@ -759,7 +771,8 @@ def render_report(
                           else None),
         atp_candidates=None if atp_candidates is None else pd.read_parquet(atp_candidates),
         edges=None if edges_path is None else pd.read_parquet(edges_path),
-        edge_min_relative_delta=settings.get("edge_min_relative_delta", 0.01))
+        edge_min_relative_delta=settings.get("edge_min_relative_delta", 0.01),
+        census_table_top=census_table_top)
     if figures_dir is not None:
         for name, uri in figures.items():
             with store.atomic_path(Path(figures_dir) / f"{name}.png") as temporary:

@@ -6,6 +6,7 @@ from pathlib import Path
 from snakemake.logging import logger
 from snakemake.utils import validate
 
+from neuron_effects.census import census_layers, census_neurons
 from neuron_effects.cost import ModelShape, device_rates, planning_device
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.demo import fetch_demo_model
@@ -59,13 +60,20 @@ if not workflow.remote_exec:
         for warning in row["warnings"]:
             logger.warning(f"{config['prompts']}: prompt {row['prompt_id']!r}: {warning}")
 TOKENS = {row["prompt_id"]: row["n_tokens"] for row in CHECKED.prepared}
-# The shard plan: sizes from the config, or (auto) from the cost model. The layout is chosen by
-# the top-level run and saved, so that the parse inside each cluster job finds the same shards.
 # Attribution patching (workflow/rules/atp.smk) runs unless the config turns it off.
 ATP = config["atp"]["enabled"]
 # The estimates it computes: name -> RelP rules (atp: none, the plain gradient).
 ATP_METHODS = method_rules(config["atp"]["methods"], config["atp"]["relp_rules"])
 SHAPE = ModelShape(**CHECKED.shape)
+# A census adds every neuron of its layers.
+CENSUS = config["census"]["layers"] is not None
+NEURONS = CHECKED.neurons
+if CENSUS:
+    NEURONS = census_neurons(
+        CHECKED.neurons,
+        census_layers(config["census"]["layers"], SHAPE.n_layers),
+        SHAPE.intermediate,
+    )
 WORK = Workload(
     full_vocab=config["metrics"]["full_vocab"],
     mediators=config["mediators"]["enabled"],
@@ -74,13 +82,15 @@ WORK = Workload(
     validation_pairs=config["validation"]["pairs"],
     neurons_per_block=config["compute"]["neurons_per_block"],
 )
+# The shard plan: sizes from the config, or (auto) from the cost model. The layout is chosen by
+# the top-level run and saved, so that the parse inside each cluster job finds the same shards.
 RATES = device_rates(
     planning_device(config["device"], config["sharding"]["gpu"]),
     config["sharding"]["rates"],
 )
 LAYOUT = resolve_layout(
     config["sharding"],
-    CHECKED.neurons,
+    NEURONS,
     CHECKED.records,
     TOKENS,
     SHAPE,
@@ -90,7 +100,7 @@ LAYOUT = resolve_layout(
     saved=".snakemake/plans",
     reuse_only=workflow.remote_exec,
 )
-PLAN = make_plan(CHECKED.neurons, CHECKED.records, *LAYOUT)
+PLAN = make_plan(NEURONS, CHECKED.records, *LAYOUT)
 ESTIMATE = estimate(PLAN, TOKENS, SHAPE, RATES, WORK)
 if not workflow.remote_exec:
     logger.info(f"The plan and its estimated cost:\n{ESTIMATE.table()}")
@@ -115,6 +125,8 @@ EFFECT_SETTINGS = {
         if config["compute"]["vocab_rows"] == "auto"
         else config["compute"]["vocab_rows"]
     ),
+    "products": config["compute"]["products"],
+    "split_parts": config["compute"]["split_parts"],
     "mediators": config["mediators"]["enabled"],
     "mediator_top_k": config["mediators"]["top_k"],
 }

@@ -54,10 +54,12 @@ rule render_report:
             "attribution_patching": ATP,
             "estimates": ", ".join(ATP_METHODS) if ATP else "none",
             "edge_min_relative_delta": config["mediators"]["edge_min_relative_delta"],
+            "census_layers": config["census"]["layers"],
             **config["classification"],
             "shards": len(PLAN.shards),
         },
         top_n=config["report"]["top_n"],
+        census_table_top=config["census"]["table_top"],
         jobs=benchmarked_jobs(),
         estimate=ESTIMATE.as_dict(),
     script:

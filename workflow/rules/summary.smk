@@ -46,6 +46,7 @@ rule aggregate_effects:
         mediator_top_k=config["mediators"]["top_k"],
         max_rank=config["targets"]["max_rank"],
         edge_min_relative_delta=config["mediators"]["edge_min_relative_delta"],
+        census=CENSUS,
     script:
         "../scripts/aggregate_effects.py"
 

@@ -31,4 +31,5 @@ aggregate_effects(
     edge_shards=list(snakemake.input.edge_shards),
     edges_out=snakemake.output.edges,
     edge_min_relative_delta=snakemake.params.edge_min_relative_delta,
+    census=snakemake.params.census,
 )

@@ -27,4 +27,5 @@ render_report(
     if snakemake.input.atp_candidates
     else None,
     plan_estimate=snakemake.params.estimate,
+    census_table_top=snakemake.params.census_table_top,
 )
