@@ -58,7 +58,9 @@ PREPARED_PROMPTS = {row["prompt_id"]: row for row in CHECKED.prepared}
 if not workflow.remote_exec:
     for row in CHECKED.prepared:  # e.g. a target with a leading space in chat mode
         for warning in row["warnings"]:
-            logger.warning(f"{config['prompts']}: prompt {row['prompt_id']!r}: {warning}")
+            logger.warning(
+                f"{config['prompts']}: prompt {row['prompt_id']!r}: {warning}"
+            )
 TOKENS = {row["prompt_id"]: row["n_tokens"] for row in CHECKED.prepared}
 # Attribution patching (workflow/rules/atp.smk) runs unless the config turns it off.
 ATP = config["atp"]["enabled"]
