@@ -48,8 +48,15 @@ def _logits(
         model.causal_lm(input_ids=input_ids.reshape(1, -1).to(model.device), logits_to_keep=1)
     finally:
         handle.remove()
+    return _readout(model, captured[0], inverse_rms)
+
+
+def _readout(model: LlamaFamily, hidden: torch.Tensor,
+             inverse_rms: torch.Tensor | None = None) -> torch.Tensor:
+    """``W_U (g * h) / r(h)`` [vocab] of a final-norm input ``h`` [hidden] in the readout dtype
+    (with ``inverse_rms`` in place of ``1 / r(h)`` when given)."""
     norm_weight, unembedding, eps = model.readout()
-    hidden = captured[0]
+    hidden = hidden.to(model.readout_dtype)
     if inverse_rms is None:
         inverse_rms = torch.rsqrt(hidden.pow(2).mean() + eps)
     return unembedding @ (norm_weight * hidden) * inverse_rms
@@ -107,27 +114,16 @@ def reference_direct(
     freeze_norm: bool = False, clean_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Direct effect [vocab] of a last-position ``vector`` [hidden] added after layer ``layer``,
-    with every downstream layer output frozen at its clean value (+ V). ``freeze_norm`` also
-    freezes the final norm's scale at its clean value. ``clean_logits``: as in
+    with every downstream layer output frozen at its clean value (+ V): the final norm then
+    reads the last layer's clean output + V, read out here in the readout dtype (a forward
+    with the downstream layers frozen by hooks computes exactly this, at the cost of a whole
+    forward; ``layer``, where V enters, therefore does not matter). ``freeze_norm`` also freezes
+    the final norm's scale at its clean value. ``clean_logits``: as in
     :func:`reference_total`."""
-
-    def freeze(downstream: int):
-        def hook(module, args, output):
-            hidden = (output[0] if isinstance(output, tuple) else output).clone()
-            hidden[:, -1] = add_to_residual(clean.layer_outputs[downstream][None], vector)
-            return _replace_output(output, hidden)
-
-        return hook
-
-    handles = [model.layers[downstream].register_forward_hook(freeze(downstream))
-               for downstream in range(layer, model.n_layers)]
     _, _, eps = model.readout()
     clean_inverse_rms = torch.rsqrt(clean.final_hidden.to(model.readout_dtype).pow(2).mean() + eps)
-    try:
-        direct_logits = _logits(model, clean.input_ids, clean_inverse_rms if freeze_norm else None)
-    finally:
-        for handle in handles:
-            handle.remove()
+    frozen_final = add_to_residual(clean.layer_outputs[model.n_layers - 1], vector.to(model.device))
+    direct_logits = _readout(model, frozen_final, clean_inverse_rms if freeze_norm else None)
     if clean_logits is None:
         clean_logits = _logits(model, clean.input_ids)
     return direct_logits - clean_logits
