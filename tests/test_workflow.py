@@ -835,3 +835,25 @@ def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_mode
     others = [c for c in reference.columns if c not in numeric]
     for column in others:
         assert resumed[column].map(repr).equals(reference[column].map(repr)), column
+
+
+def test_a_cluster_jobs_parse_finds_the_layout_of_the_run_that_submitted_it(tmp_path,
+                                                                            tiny_model_dir):
+    """sharding: auto under --jobs 4 (cheap jobs: 4 layer blocks). A cluster job's own parse
+    (--mode remote, which does not know the job limit) plans the same shards from the layout
+    the submitting run saved, and prints no plan; without that layout it stops, saying why."""
+    workdir = write_workdir(tmp_path / "run", str(tiny_model_dir), device="cpu",
+                            sharding={"layers_per_shard": "auto", "prompts_per_chunk": "auto",
+                                      "rates": {"startup_s": 0.0, "read_bytes_per_s": 1e15}})
+    submitted = snakemake(workdir, "-n", "--jobs", "4").stdout
+    shards = jobs_of(submitted, "compute_effects")
+    assert len(shards) == 4
+    target = f"results/effects/shards/{sorted(shards)[-1]}.parquet"
+    remote = snakemake(workdir, "--mode", "remote", "-n", target)
+    assert jobs_of(remote.stdout, "compute_effects") == {sorted(shards)[-1]}
+    assert "The plan and its estimated cost" not in remote.stdout + remote.stderr
+    shutil.rmtree(workdir / ".snakemake/plans")
+    missing = snakemake(workdir, "--mode", "remote", "-n", target, check=False)
+    assert missing.returncode != 0
+    assert "shard layout chosen by the run that submitted this job is missing" in \
+        missing.stdout + missing.stderr
