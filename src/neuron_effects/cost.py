@@ -139,11 +139,11 @@ class DeviceRates:
 # on the CPU (BENCHMARKS.md, "Fixed cost"), the same on any device.
 DEVICES: dict[str, DeviceRates] = {
     "cpu": DeviceRates("cpu", flops_per_s=60e9, float64_factor=2.0, startup_s=4.0,
-                       read_bytes_per_s=1.0e9, unit_host_s=0.015, row_host_s=60e-6),
+                       read_bytes_per_s=1.0e9, unit_host_s=0.015, row_host_s=11e-6),
     "h200": DeviceRates("h200", flops_per_s=44.9e12, float64_factor=2.0, startup_s=12.0,
-                        read_bytes_per_s=2.0e9, unit_host_s=0.015, row_host_s=60e-6),
+                        read_bytes_per_s=2.0e9, unit_host_s=0.015, row_host_s=11e-6),
     "h100": DeviceRates("h100", flops_per_s=38.2e12, float64_factor=2.0, startup_s=12.0,
-                        read_bytes_per_s=2.0e9, unit_host_s=0.015, row_host_s=60e-6),
+                        read_bytes_per_s=2.0e9, unit_host_s=0.015, row_host_s=11e-6),
 }
 
 

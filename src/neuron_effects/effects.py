@@ -23,7 +23,8 @@ neuron. Final norm, unembedding and all differences are float32.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from functools import cached_property, partial
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -86,10 +87,20 @@ class EffectTables:
     ``edge_targets``."""
 
     per_prompt: pd.DataFrame
-    mediation: pd.DataFrame
-    mediators: pd.DataFrame
+    # the long tables' batches, built when first read: a shard reads them on its writer
+    # thread, off the device's critical path (steps.compute_shard)
+    mediation_batches: list[Callable[[], pd.DataFrame]] = field(default_factory=list)
+    mediator_batches: list[Callable[[], pd.DataFrame]] = field(default_factory=list)
     edges: pd.DataFrame = field(
         default_factory=lambda: pd.DataFrame(columns=list(EDGE_DELTA_COLUMNS)))
+
+    @cached_property
+    def mediation(self) -> pd.DataFrame:
+        return _concat_batches([build() for build in self.mediation_batches], MEDIATION_COLUMNS)
+
+    @cached_property
+    def mediators(self) -> pd.DataFrame:
+        return _concat_batches([build() for build in self.mediator_batches], MEDIATOR_COLUMNS)
 
 
 @dataclass
@@ -220,8 +231,8 @@ def compute_effects(
     mediation = (mediation_readout(model, clean.final_hidden, target_id, distractor_id)
                  if settings.mediators else None)
     parts: list[dict[str, np.ndarray]] = []
-    mediation_parts: list[pd.DataFrame] = []
-    mediator_parts: list[pd.DataFrame] = []
+    mediation_parts: list[Callable[[], pd.DataFrame]] = []
+    mediator_parts: list[Callable[[], pd.DataFrame]] = []
     edge_parts: list[pd.DataFrame] = []
     for start in range(0, len(block), batch_rows):
         rows = slice(start, start + batch_rows)
@@ -266,10 +277,11 @@ def compute_effects(
                                          edge_collector.deltas, clean.activations))
         if split is not None:
             ids = block.neuron_ids[rows]
-            mediation_parts.append(mediation_rows(
-                ids, layers.cpu().numpy(), split.attn[0].cpu().numpy(),
+            mediation_parts.append(partial(
+                mediation_rows, ids, layers.cpu().numpy(), split.attn[0].cpu().numpy(),
                 split.mlp[0].cpu().numpy(), split.norm[0].cpu().numpy()))
-            mediator_parts.append(mediator_rows(ids, split.neurons, split.heads))
+            mediator_parts.append(partial(mediator_rows, ids, split.neurons.to_host(),
+                                          split.heads.to_host()))
         # One unembedding GEMM for the whole batch (W_U is read once), then the memory-bound
         # vocabulary-wide work in small row chunks that stay in cache.
         final_logits = readout.logits(final_hidden)
@@ -297,8 +309,7 @@ def compute_effects(
     for name in parts[0]:
         if name.startswith("top_k_") and name.endswith("_tokens"):
             frame[name] = [list(map(int, tokens)) for part in parts for tokens in part[name]]
-    return EffectTables(frame, _concat_batches(mediation_parts, MEDIATION_COLUMNS),
-                        _concat_batches(mediator_parts, MEDIATOR_COLUMNS),
+    return EffectTables(frame, mediation_parts, mediator_parts,
                         *([pd.concat(edge_parts, ignore_index=True)] if edge_parts else []))
 
 

@@ -88,6 +88,10 @@ class TopK:
     layers: torch.Tensor
     indices: torch.Tensor
 
+    def to_host(self) -> "TopK":
+        """A copy on the CPU."""
+        return TopK(self.values.cpu(), self.layers.cpu(), self.indices.cpu())
+
     @classmethod
     def empty(cls, rows: int, k: int, device: torch.device, dtype: torch.dtype) -> "TopK":
         return cls(torch.zeros(rows, k, device=device, dtype=dtype),
