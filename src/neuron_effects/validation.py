@@ -217,8 +217,8 @@ def absolute_differences(row: pd.Series, reference: ReferenceRow,
     for name in TOKEN_LISTS:
         expected_tokens = values[name]
         if len(expected_tokens) or len(row[name]):
-            differences[name] = _token_list_gap(row[name], reference.effects[name.split("_")[2]],
-                                                len(expected_tokens))
+            effect = reference.effects[name[len("top_k_"):-len("_tokens")]]
+            differences[name] = _token_list_gap(row[name], effect, len(expected_tokens))
     return differences
 
 
