@@ -119,7 +119,8 @@ def test_nan_on_either_side_fails_and_tied_tokens_pass():
     run = np.array([0.1, np.nan, 0.2, 1e-9])
     errors = relative_errors(run, np.array([0.1, 0.1, np.inf, 1e-9]), 1e-3)
     assert errors[0] == 0 and np.isinf(errors[1]) and np.isinf(errors[2]) and np.isnan(errors[3])
-    pairs = pd.DataFrame({"max_abs_diff": [0.0, np.nan], "diff_total": [0.0, np.nan],
+    pairs = pd.DataFrame({"max_abs_diff": [0.0, np.nan], "diff_total": [0.0, np.inf],
+                          "diff_total_logit_diff": [0.0, np.nan],  # no distractor: undefined
                           **{f"relative_error_{name}": [0.0, 0.0]
                              for name in ("direct", "indirect", "total")}})
     verdict = summarize(pairs, "float32", "float64", 1e-4, 0.05, 1e-3)

@@ -12,8 +12,8 @@
 #       the wheels of tools/gpu-check-requirements.txt for the GPU machine's Python (default
 #       3.12, manylinux x86_64; at most 60 MB) and the demo tokenizer.
 #
-# Python environment: .venv/ when it exists; otherwise .gpu-check-venv/ is made with the
-# machine's own packages visible (torch, transformers, numpy, pandas, pyarrow) and the wheels of
+# Python environment: .venv/ when it exists; otherwise .gpu-check-venv/ is made from $PYTHON
+# (default python3: the one with torch) with the machine's own packages visible (torch, transformers, numpy, pandas, pyarrow) and the wheels of
 # tools/gpu-check-wheels/ installed into it without any index.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +42,7 @@ if [ -x .venv/bin/python ]; then
 else
   python=.gpu-check-venv/bin/python
   if [ ! -x "$python" ]; then
-    python3 -m venv --system-site-packages .gpu-check-venv
+    "${PYTHON:-python3}" -m venv --system-site-packages .gpu-check-venv
     "$python" -m pip install --quiet --no-index --find-links "$wheels" \
       -r tools/gpu-check-requirements.txt
   fi

@@ -11,8 +11,9 @@ bound on the error of an effect (a difference of two logits) is
 taken per prompt from its clean run. ``ERROR_FACTOR`` is measured, not derived: the largest
 ``|float32 fast path - float64 reference| / (eps * logit_scale)`` over every metric was 2.7-9.6 on
 tiny random Llama/Qwen3 models with logits and residuals scaled by 1 and by 100 (the same
-ratio at every scale) and 14 on SmolLM2-135M (30 layers; max error 3.3e-5, max |logit| ~20,
-BENCHMARKS.md "Precision"). 64 leaves a margin of 4.5x over the worst of these. bfloat16's eps
+ratio at every scale) and at most 13.5 on SmolLM2-135M (30 layers; max error 3.3e-5 over 6
+prompts whose max |logit| is 20.5-31.2, BENCHMARKS.md "Precision"). 64 leaves a margin of 4.7x
+over the worst of these. bfloat16's eps
 is 2^16 times float32's, so a bf16 run is off by many bounds and fails at every scale.
 
 The same bound is the default noise floor of ``direct_ratio`` (``|d| + |i|`` below it is float

@@ -217,8 +217,8 @@ def absolute_differences(row: pd.Series, reference: ReferenceRow,
     for name in TOKEN_LISTS:
         expected_tokens = values[name]
         if len(expected_tokens) or len(row[name]):
-            differences[name] = _token_list_gap(row[name], reference.effects[name.split("_")[2]],
-                                                len(expected_tokens))
+            effect = reference.effects[name[len("top_k_"):-len("_tokens")]]
+            differences[name] = _token_list_gap(row[name], effect, len(expected_tokens))
     return differences
 
 
@@ -268,8 +268,10 @@ def summarize(
     checked = pairs[["relative_error_total", "relative_error_indirect"]]
     measured = checked.notna().any(axis=1)
     off = (checked > OFF_BY).any(axis=1)[measured]
-    by_column = {column: float(pairs[column].fillna(np.inf).max()) for column in pairs.columns
-                 if column.startswith("diff_")}
+    # a diff_ column is NaN only where the column is undefined on both sides of that pair (no
+    # distractor...): absolute_differences turns every NaN or infinite value into inf
+    by_column = {column: float(pairs[column].max()) for column in pairs.columns
+                 if column.startswith("diff_") and pairs[column].notna().any()}
     differences = pairs["max_abs_diff"].to_numpy(dtype=float)
     max_abs = float(np.max(np.where(np.isnan(differences), np.inf, differences), initial=0.0))
     too_far = {name: relative[name] for name in ("total", "indirect")
