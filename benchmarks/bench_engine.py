@@ -111,14 +111,14 @@ def peer_rows(model, clean, clean_logits, readout, neurons: list[Neuron], target
     return rows
 
 
-def matmul_seconds(repeats: int = 20) -> tuple[float, float]:
+def matmul_seconds(clock, repeats: int = 20) -> tuple[float, float]:
     """This machine's float32 matmul rate, measured beside the paths: (seconds, FLOPs) of
     ``repeats`` products [512 x 576] x [576 x 1536] (a replay layer's MLP shape, 512 rows)."""
     a, b = torch.randn(512, 576), torch.randn(576, 1536)
-    started = time.perf_counter()
+    started = clock()
     for _ in range(repeats):
         a @ b
-    return time.perf_counter() - started, repeats * 2.0 * 512 * 576 * 1536
+    return clock() - started, repeats * 2.0 * 512 * 576 * 1536
 
 
 def main() -> None:
@@ -135,8 +135,12 @@ def main() -> None:
                         help="neurons per layer for the batched hook peer (64 rows a forward)")
     parser.add_argument("--batch-rows", type=int, default=512)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time by the process's CPU time, not the wall clock: robust to "
+                             "other processes on a shared machine (use with --threads 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
 
     spec = ModelSpec(str(fetch_demo_model(DEFAULT_PATH)), dtype="float32", device="cpu")
     model, tokenizer = load_model(spec), load_tokenizer(spec)
@@ -162,40 +166,40 @@ def main() -> None:
     peer_seconds = 0.0
     matmul_time = matmul_flops = 0.0
     readout = Readout(model)
-    started = time.perf_counter()
+    started = clock()
     block = neuron_block(model, neurons, settings.full_vocab)
-    fast_seconds, naive_seconds = time.perf_counter() - started, 0.0
+    fast_seconds, naive_seconds = clock() - started, 0.0
     plain_seconds = fast_seconds
     tables, rows = [], []
     for index, (p, clean, (target, distractor)) in enumerate(zip(prepared, cleans, targets)):
         for mediators in ((True, False) if index % 2 == 0 else (False, True)):
-            started = time.perf_counter()
+            started = clock()
             result = compute_effects(model, clean, block, settings if mediators else plain,
                                      target, distractor)
             if mediators:
-                fast_seconds += time.perf_counter() - started
+                fast_seconds += clock() - started
                 tables.append(result.per_prompt.assign(prompt_id=p.prompt_id))
             else:
-                plain_seconds += time.perf_counter() - started
-        seconds, flops = matmul_seconds()
+                plain_seconds += clock() - started
+        seconds, flops = matmul_seconds(clock)
         matmul_time, matmul_flops = matmul_time + seconds, matmul_flops + flops
         if peer_subset:
-            started = time.perf_counter()
+            started = clock()
             with torch.inference_mode():
                 peer_clean = model.causal_lm(input_ids=clean.input_ids.reshape(1, -1),
                                              logits_to_keep=1).logits[0, -1].float()
             peer.extend({"prompt_id": p.prompt_id, **row} for row in peer_rows(
                 model, clean, peer_clean, readout, peer_subset, target, distractor, settings))
-            peer_seconds += time.perf_counter() - started
+            peer_seconds += clock() - started
         if not subset:
             continue
-        started = time.perf_counter()
+        started = clock()
         clean_logits = reference_clean_logits(model, clean.input_ids)  # once per prompt
         for neuron in subset:
             rows.append({"prompt_id": p.prompt_id, "neuron_id": neuron.neuron_id,
                          **naive_row(model, clean, clean_logits, readout, neuron, target,
                                      distractor, settings)})
-        naive_seconds += time.perf_counter() - started
+        naive_seconds += clock() - started
     fast = pd.concat(tables)
     naive = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["prompt_id", "neuron_id"])
     fast_count = len(neurons) * len(prepared)
@@ -256,7 +260,7 @@ def main() -> None:
         "prompt_tokens_mean": round(float(np.mean([len(p.input_ids) for p in prepared])), 2),
         "n_prompts": len(prepared), "n_neurons_fast": len(neurons),
         "n_perturbations_naive": len(naive), "n_perturbations_fast": fast_count,
-        "chat_template": args.chat_template, "threads": args.threads,
+        "chat_template": args.chat_template, "threads": args.threads, "cpu_time": args.cpu_time,
         "batch_rows": args.batch_rows,
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
     }))

@@ -64,7 +64,6 @@ class EffectSettings:
     products: str = "float32"  # or split_bf16 (neuron_effects.products), set up at model load
     split_parts: int = 3
 
-
     def __post_init__(self) -> None:
         if self.treatment not in TREATMENTS:
             raise ValueError(f"unknown treatment {self.treatment!r} (use {', '.join(TREATMENTS)})")
