@@ -130,15 +130,16 @@ class DeviceRates:
 # Documented defaults (rates in this model's FLOP count, mediation included). cpu: this
 # project's 2-core machines: the fast path with every metric and the mediation split ran
 # 2.70 ms per SmolLM2 row of ~187 MFLOP (~69 GFLOP/s) on a quiet machine, 60 with other load;
-# start-up and loading of the prepared demo model as measured in BENCHMARKS.md, "Fixed cost".
+# start-up and loading of the prepared demo model, and float64 at a third of float32's rate, as
+# measured in BENCHMARKS.md section 13.
 # h200: 4,904 rows/s measured with the mediation split on (section 0: 38.5 TFLOP/s counted
 # without it, x1.167); loading assumes 2 GB/s from a cluster file system (the bf16 checkpoint,
 # upcast on the GPU); start-up: Python, torch and transformers, the job's parse of the workflow,
 # CUDA initialisation. h100: the same FP32 peak (67 TFLOP/s); not measured, assumed 85 % of the
 # H200's achieved rate (less memory for batches). The host work per unit and per row: measured
-# on the CPU (BENCHMARKS.md, "Fixed cost"), the same on any device.
+# on the CPU (BENCHMARKS.md section 13), the same on any device.
 DEVICES: dict[str, DeviceRates] = {
-    "cpu": DeviceRates("cpu", flops_per_s=60e9, float64_factor=2.0, startup_s=4.0,
+    "cpu": DeviceRates("cpu", flops_per_s=60e9, float64_factor=3.0, startup_s=4.0,
                        read_bytes_per_s=1.0e9, unit_host_s=0.015, row_host_s=11e-6),
     "h200": DeviceRates("h200", flops_per_s=44.9e12, float64_factor=2.0, startup_s=12.0,
                         read_bytes_per_s=2.0e9, unit_host_s=0.015, row_host_s=11e-6),
