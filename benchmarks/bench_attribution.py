@@ -32,7 +32,7 @@ import torch
 
 from neuron_effects.attribution import first_order_estimates, method_gradients, neuron_gradients
 from neuron_effects.clean import run_clean
-from neuron_effects.demo import DEFAULT_PATH, fetch_demo_model
+from neuron_effects.demo import prepared_demo_model
 from neuron_effects.inputs import read_prompts
 from neuron_effects.model import ModelSpec, load_model, load_tokenizer
 from neuron_effects.prompts import prepare_prompt
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    spec = ModelSpec(str(fetch_demo_model(DEFAULT_PATH)), dtype="float32", device="cpu")
+    spec = ModelSpec(str(prepared_demo_model()), dtype="float32", device="cpu")
     model, tokenizer = load_model(spec), load_tokenizer(spec)
     prepared = [prepare_prompt(tokenizer, record, args.chat_template)
                 for record in read_prompts(args.prompts)]

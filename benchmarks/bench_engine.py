@@ -38,7 +38,7 @@ import torch
 
 from neuron_effects.cost import ModelShape
 from neuron_effects.clean import run_clean
-from neuron_effects.demo import DEFAULT_PATH, fetch_demo_model
+from neuron_effects.demo import prepared_demo_model
 from neuron_effects.direct import Readout, direct_effects
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.error_scale import ratio_noise_floor
@@ -142,7 +142,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
 
-    spec = ModelSpec(str(fetch_demo_model(DEFAULT_PATH)), dtype="float32", device="cpu")
+    spec = ModelSpec(str(prepared_demo_model()), dtype="float32", device="cpu")
     model, tokenizer = load_model(spec), load_tokenizer(spec)
     prepared = [prepare_prompt(tokenizer, record, args.chat_template)
                 for record in read_prompts(args.prompts)]

@@ -46,17 +46,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from neuron_effects.demo import fetch_demo_model
-    from neuron_effects.prepare import prepare_model, prepared_location
+    from neuron_effects.demo import DEFAULT_PATH, prepared_demo_model
 
-    gguf = fetch_demo_model(REPO / "resources/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    prepared = prepared_location(str(gguf), root=REPO / "resources/prepared")
-    if not Path(prepared.manifest).exists():
-        prepare_model(prepared)
+    prepared = prepared_demo_model(REPO / "resources/prepared", REPO / DEFAULT_PATH)
+    gguf = REPO / DEFAULT_PATH
     runs: dict[str, list[dict[str, float]]] = {"gguf": [], "prepared": []}
     for _ in range(args.repeats):
         runs["gguf"].append(measure(str(gguf)))
-        runs["prepared"].append(measure(prepared.folder))
+        runs["prepared"].append(measure(str(prepared)))
     medians = {source: {key: round(statistics.median(run[key] for run in values), 2)
                         for key in values[0]} for source, values in runs.items()}
     print(json.dumps({**medians, "load_ratio": round(medians["gguf"]["load_s"]

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from neuron_effects.clean import run_clean
-from neuron_effects.demo import DEFAULT_PATH, fetch_demo_model
+from neuron_effects.demo import prepared_demo_model
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.inputs import Neuron, read_prompts
 from neuron_effects.model import (LlamaFamily, ModelSpec, cast_parameters, load_model,
@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    spec = ModelSpec(str(fetch_demo_model(DEFAULT_PATH)), dtype="float32", device=args.device)
+    spec = ModelSpec(str(prepared_demo_model()), dtype="float32", device=args.device)
     base, tokenizer = load_model(spec), load_tokenizer(spec)
     round_parameters(base.causal_lm, torch.bfloat16)  # the same bf16 weights for every dtype
     if args.tf32:

@@ -34,7 +34,7 @@ import torch
 
 from neuron_effects.attribution import agreement, first_order_estimates, method_gradients
 from neuron_effects.clean import run_clean
-from neuron_effects.demo import DEFAULT_PATH, fetch_demo_model
+from neuron_effects.demo import prepared_demo_model
 from neuron_effects.edges import measurable_targets, neuron_target_weights, read_edges
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.inputs import read_neurons, read_prompts
@@ -61,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    spec = ModelSpec(str(fetch_demo_model(DEFAULT_PATH)), dtype="float32", device="cpu")
+    spec = ModelSpec(str(prepared_demo_model()), dtype="float32", device="cpu")
     model, tokenizer = load_model(spec), load_tokenizer(spec)
     prepared = [prepare_prompt(tokenizer, record) for record in read_prompts(args.prompts)]
     prepared = prepared[:args.n_prompts]

