@@ -236,3 +236,26 @@ def test_compute_shard_ignores_progress_of_other_settings(clean_chunk, tmp_path,
     assert "0 already done (resuming)" in caplog.text
     frame = pd.read_parquet(tmp_path / "o.parquet")
     assert "bogus" not in frame.columns and len(frame) == 2 * 3
+
+
+def test_concatenated_tables_may_differ_in_their_categoricals_index_width(tmp_path):
+    """A unit of fewer than 128 neurons writes its categorical ids with int8 codes, a larger one
+    with int16: streamed into one file they are one categorical column."""
+    import pandas as pd
+
+    from neuron_effects.store import concat_parquet, write_parquet
+
+    small = pd.DataFrame({"neuron_id": pd.Categorical([f"L0/N{i}" for i in range(3)]),
+                          "x": [1.0, 2.0, 3.0]})
+    large = pd.DataFrame({"neuron_id": pd.Categorical([f"L1/N{i}" for i in range(300)]),
+                          "x": [float(i) for i in range(300)]})
+    write_parquet(tmp_path / "large.parquet", large)
+    write_parquet(tmp_path / "small.parquet", small)
+    for order in (("small", "large"), ("large", "small")):
+        out = tmp_path / f"{order[0]}-first.parquet"
+        assert concat_parquet([tmp_path / f"{name}.parquet" for name in order], out) == 303
+        merged = pd.read_parquet(out)
+        expected = pd.concat([{"small": small, "large": large}[name] for name in order],
+                             ignore_index=True)
+        assert list(merged["neuron_id"].astype(str)) == list(expected["neuron_id"].astype(str))
+        assert list(merged["x"]) == list(expected["x"])

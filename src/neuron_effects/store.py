@@ -82,7 +82,8 @@ def concat_parquet(paths: Sequence[str | Path], output: str | Path) -> int:
                     if table.num_rows == 0:
                         continue
                     if writer is None:
-                        writer = pq.ParquetWriter(temporary, table.schema, compression="zstd")
+                        writer = pq.ParquetWriter(temporary, _wide_dictionaries(table.schema),
+                                                  compression="zstd")
                     writer.write_table(table.cast(writer.schema))
                     rows += table.num_rows
             if writer is None:
@@ -92,6 +93,14 @@ def concat_parquet(paths: Sequence[str | Path], output: str | Path) -> int:
             if writer is not None:
                 writer.close()
     return rows
+
+
+def _wide_dictionaries(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with every dictionary column's indices int32: pandas writes a categorical's
+    codes as int8 below 128 categories and int16 above, so the files of one table differ."""
+    return pa.schema([field.with_type(pa.dictionary(pa.int32(), field.type.value_type))
+                      if pa.types.is_dictionary(field.type) else field for field in schema],
+                     metadata=schema.metadata)
 
 
 _RUN_TENSORS = [f.name for f in fields(CleanRun) if f.name not in
