@@ -21,7 +21,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 SECTIONS = ["Run", "Definitions", "Validation against the reference path",
             "Effect types by layer", "Most logit-dominant neurons", "Most routing-dominant neurons",
             "Most cancelling neurons (self-repair)",
-            "Attribution patching: first-order estimates beside the exact effects",
+            "Attribution patching and RelP: first-order estimates beside the exact effects",
             "All neurons", "Prompts and targets"]
 ROWS = "#neuron-table tr.neuron"
 
@@ -138,7 +138,8 @@ def test_neuron_table_search_sort_and_per_prompt_values(browser, tiny_workflow):
     headers = page.locator("#neuron-table th").all_inner_texts()
     assert headers == ["neuron", "layer", "class", "class (frozen norm)", "mean direct ratio",
                        "consistency", "sign alignment", "mean total", "top mediator",
-                       "indirect share via attention", "AtP Spearman"]
+                       "indirect share via attention", "AtP Spearman", "RelP Spearman",
+                       "real edges"]
     assert page.locator(ROWS).count() == 18  # every neuron
     page.fill("#neuron-search", "L3/N10")
     assert page.locator(ROWS).count() == 1 and _cells(page)[0] == "L3/N10"
@@ -156,12 +157,12 @@ def test_neuron_table_search_sort_and_per_prompt_values(browser, tiny_workflow):
     page.fill("#neuron-search", "L3/N10")
     page.locator(ROWS).first.click()
     detail = page.locator("#neuron-table tr.neuron-detail")
-    # direct, indirect, total and the AtP estimate of the total x 6 prompts
-    assert detail.locator("svg circle").count() == 4 * 6
+    # direct, indirect, total and the AtP and RelP estimates of the total x 6 prompts
+    assert detail.locator("svg circle").count() == 5 * 6
     values = detail.locator("tbody tr")
     assert values.count() == 6
     assert detail.locator("th").all_inner_texts() == ["prompt", "direct", "indirect", "total",
-                                                      "total_atp"]
+                                                      "total_atp", "total_relp"]
     cells = values.first.locator("td").all_inner_texts()
     direct, indirect, total = (float(v) for v in cells[1:4])
     assert abs(direct + indirect - total) <= 1e-3 * max(abs(total), abs(direct), 1e-6)
