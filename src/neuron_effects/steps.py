@@ -679,10 +679,11 @@ def validate_sample(
     }
     store.write_json(summary_out, summary)
     relative = summary["relative_error"]
+    largest = summary["max_abs_diff"]  # None when a value was NaN or infinite
     log.info("median relative error: total %s, indirect %s, direct %s; rows off by > 10 %%: %s; "
-             "max |run - reference| %.3g (tolerance %.3g)", relative["total"],
+             "max |run - reference| %s (tolerance %.3g)", relative["total"],
              relative["indirect"], relative["direct"], summary["rows_off_10pct"],
-             summary["max_abs_diff"], tolerance)
+             "non-finite" if largest is None else f"{largest:.3g}", tolerance)
     if summary["passed"]:
         log.info("validation PASSED")
     else:
