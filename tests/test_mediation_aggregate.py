@@ -14,7 +14,8 @@ import pytest
 from neuron_effects import store
 from neuron_effects.edges import Edge, edge_agreement, parse_edge, read_edges
 from neuron_effects.inputs import InputError
-from neuron_effects.mediation import mediator_summary, mediator_sums, neuron_mediation
+from neuron_effects.mediation import (combined_mediator_sums, indirect_part_sums,
+                                      mediator_summary, mediator_sums, neuron_mediation)
 
 
 def write_profiles(path, edges):
@@ -90,7 +91,7 @@ def test_mediator_summary_over_prompts():
     assert head["mediator"] == "L2/H1" and head["frac_in_top_k"] == 0.5
     per_prompt = pd.DataFrame({"neuron_id": ["n", "n"], "indirect_attn": [0.1, -0.1],
                                "indirect_mlp": [0.5, 0.1], "indirect_norm": [0.0, -0.2]})
-    columns = neuron_mediation(per_prompt, summary).iloc[0]
+    columns = neuron_mediation(indirect_part_sums(per_prompt), summary).iloc[0]
     assert columns["top_mediator"] == "L3/N7"
     assert columns["indirect_share_mlp"] == pytest.approx(0.6 / 1.0)
     assert columns["indirect_share_attn"] == pytest.approx(0.2)
@@ -148,3 +149,21 @@ def test_report_section_shows_heatmaps_mediators_and_edges():
     assert "L1/N7 +0.2 (100%)" in page and "1 profiles list" in page
     assert "is off" in indirect_routes_section(neurons.drop(columns="top_mediator"),
                                                flow.iloc[:0], 5)
+
+
+def test_mediator_sums_added_up_in_stages_give_the_same_summary():
+    """The aggregation adds the pieces' sums up whenever they pile up (to bound its memory):
+    any staging gives the summary of all pieces at once."""
+    rng = np.random.default_rng(3)
+    rows = pd.DataFrame({
+        "prompt_id": np.repeat([f"p{i}" for i in range(40)], 30),
+        "neuron_id": rng.choice(["a", "b", "c"], 1200),
+        "kind": rng.choice(["neuron", "head"], 1200),
+        "rank": 1, "layer": rng.integers(0, 4, 1200), "index": rng.integers(0, 5, 1200),
+        "contribution": rng.normal(size=1200)})
+    pieces = [mediator_sums(rows[i:i + 100]) for i in range(0, 1200, 100)]
+    n_prompts = pd.Series({"a": 40, "b": 40, "c": 40})
+    staged = [combined_mediator_sums(pieces[:5]),
+              combined_mediator_sums([combined_mediator_sums(pieces[5:9]), *pieces[9:]])]
+    pd.testing.assert_frame_equal(mediator_summary(staged, n_prompts, keep=4),
+                                  mediator_summary(pieces, n_prompts, keep=4))

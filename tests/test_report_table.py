@@ -76,6 +76,17 @@ def test_missing_pairs_are_nan():
     assert np.isfinite(matrix).sum() == matrix.size - 1
 
 
+def test_rows_of_neurons_outside_the_table_are_left_out():
+    """A census keeps only some neurons in the table, while the long table has them all: the
+    other neurons' rows must not land in any row of the matrix (an index of -1 would write
+    them into the last one)."""
+    neurons, per_prompt = frames(False)
+    others = per_prompt.assign(neuron_id="L5/N0", direct=1e6, total=-1e6)
+    data = neuron_table_data(neurons, pd.concat([per_prompt, others]))
+    np.testing.assert_array_equal(decoded(data, "direct"),
+                                  decoded(neuron_table_data(neurons, per_prompt), "direct"))
+
+
 def test_section_is_self_contained_and_escaped():
     neurons, per_prompt = frames(True)
     section = neuron_table_section(neurons, per_prompt)

@@ -8,7 +8,9 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pyarrow as pa
 import pytest
 import torch
@@ -18,7 +20,7 @@ from neuron_effects import steps, store
 from neuron_effects.clean import run_clean
 from neuron_effects.effects import EffectSettings
 from neuron_effects.model import ModelSpec
-from neuron_effects.store import ShardProgress, atomic_path
+from neuron_effects.store import ShardProgress, atomic_path, read_rows
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -128,10 +130,11 @@ def test_assemble_in_order_then_clean_up(tmp_path):
     for unit, rows in (("n000_p00002", 1), ("n000_p00000", 2), ("n000_p00001", 3)):
         progress.save(unit, unit_frame(unit, rows))
     output = tmp_path / "shards" / "shard.parquet"
-    frame = progress.assemble(["n000_p00000", "n000_p00001", "n000_p00002"], output)
+    rows = progress.assemble(["n000_p00000", "n000_p00001", "n000_p00002"], output)
     expected = ["n000_p00000"] * 2 + ["n000_p00001"] * 3 + ["n000_p00002"]
-    assert frame["unit"].tolist() == expected
+    assert rows == len(expected)
     assert pd.read_parquet(output)["unit"].tolist() == expected
+    assert pq.ParquetFile(output).num_row_groups == 3  # a row group per unit
     assert not root.exists()
 
 
@@ -259,3 +262,39 @@ def test_concatenated_tables_may_differ_in_their_categoricals_index_width(tmp_pa
                              ignore_index=True)
         assert list(merged["neuron_id"].astype(str)) == list(expected["neuron_id"].astype(str))
         assert list(merged["x"]) == list(expected["x"])
+
+
+def test_read_rows_reads_positions_across_row_groups(tmp_path):
+    frame = pd.DataFrame({"x": np.arange(50), "y": [f"r{i}" for i in range(50)]})
+    path = tmp_path / "t.parquet"
+    frame.to_parquet(path, index=False, row_group_size=7)  # 8 row groups
+    rows = [49, 0, 13, 14, 7, 6, 30]
+    pd.testing.assert_frame_equal(read_rows(path, rows), frame.loc[rows])
+    assert read_rows(path, []).columns.tolist() == ["x", "y"]
+
+
+@pytest.mark.parametrize("statistics", [True, False])
+def test_layer_rows_read_every_row_of_a_layer(tmp_path, statistics):
+    """The aggregation's per-layer reading: the layers come from the row groups' statistics (or
+    the column, when a file has none; a range may include a layer without rows), and a layer's rows from every file, ordered by neuron
+    then by the prompts' order, whatever the files' order."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for index, (layers, prompts) in enumerate([((0, 1), ("b", "a")), ((3,), ("b", "a")),
+                                               ((0, 1), ("c",))]):
+        rows = pd.DataFrame([{"prompt_id": p, "neuron_id": f"L{layer}/N{n}", "layer": layer,
+                              "neuron": n, "total": rng.normal()}
+                             for p in prompts for layer in layers for n in (2, 0)])
+        path = tmp_path / f"shard{index}.parquet"
+        rows.to_parquet(path, index=False, row_group_size=3, write_statistics=statistics)
+        paths.append(str(path))
+    assert {0, 1, 3} <= set(steps._shard_layers(paths)) <= {0, 1, 2, 3}
+    whole = pd.concat([pd.read_parquet(path) for path in paths])
+    for layer in (0, 1, 3):
+        got = steps.layer_rows(paths, layer, {"a": 0, "b": 1, "c": 2})
+        assert list(zip(got["neuron"], got["prompt_id"])) == [
+            (n, p) for n in (0, 2) for p in ("a", "b", "c") if (p != "c" or layer < 3)]
+        expected = whole[whole["layer"] == layer].set_index(["neuron_id", "prompt_id"])
+        assert got.set_index(["neuron_id", "prompt_id"])["total"].equals(
+            expected.loc[got.set_index(["neuron_id", "prompt_id"]).index, "total"])
+    assert len(steps.layer_rows(paths, 2, {"a": 0, "b": 1, "c": 2})) == 0

@@ -2,7 +2,9 @@
 # Quickstart, command 2: set up .venv/ (with the test tools) and run the whole test suite.
 # As root on Debian it also installs what the browser and Slurm tests need (chromium, slurm);
 # elsewhere those tests skip, unless REQUIRE_ALL_TESTS=1 (CI) makes a missing piece a failure.
-# Extra arguments go to pytest (e.g. -k engine, -x).
+# Extra arguments go to pytest (e.g. -k engine, -x). The suite runs on TEST_WORKERS (2) pytest-xdist
+# workers, a test file per worker at a time (module fixtures are built once): the Slurm file,
+# mostly waiting on the cluster, on one while the other runs the rest. TEST_WORKERS=0: in-process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup-venv.sh requirements-dev.txt
@@ -22,4 +24,4 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     fi
   fi
 fi
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

@@ -267,6 +267,13 @@ def mediator_sums(mediators: pd.DataFrame) -> pd.DataFrame:
             ["contribution"].agg(sum="sum", count="size").reset_index())
 
 
+def combined_mediator_sums(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Partial sums of :func:`mediator_sums` added up: one row per (neuron_id, kind, layer,
+    index)."""
+    return (pd.concat(parts).groupby(["neuron_id", "kind", "layer", "index"], observed=True)
+            .sum().reset_index())
+
+
 def mediator_summary(parts: Sequence[pd.DataFrame], n_prompts: pd.Series,
                      keep: int) -> pd.DataFrame:
     """Per neuron, its ``keep`` top mediators of each kind over prompts: ``mean_contribution``
@@ -277,8 +284,7 @@ def mediator_summary(parts: Sequence[pd.DataFrame], n_prompts: pd.Series,
                "frac_in_top_k"]
     if not parts:
         return pd.DataFrame(columns=columns)
-    total = (pd.concat(parts).groupby(["neuron_id", "kind", "layer", "index"]).sum()
-             .reset_index())
+    total = combined_mediator_sums(parts)
     prompts = total["neuron_id"].map(n_prompts).to_numpy(dtype=float)
     total = total.assign(mean_contribution=total["sum"] / prompts,
                          frac_in_top_k=total["count"] / prompts,
@@ -291,14 +297,20 @@ def mediator_summary(parts: Sequence[pd.DataFrame], n_prompts: pd.Series,
     return total[total["rank"] <= keep][columns].reset_index(drop=True)
 
 
-def neuron_mediation(per_prompt: pd.DataFrame, summary: pd.DataFrame,
+def indirect_part_sums(per_prompt: pd.DataFrame) -> pd.DataFrame:
+    """Per neuron id (the index): Σ_prompts |indirect_attn|, |indirect_mlp|, |indirect_norm| of
+    the target-logit split (NaN without the split); additive over pieces of distinct neurons."""
+    parts = per_prompt[["neuron_id", "indirect_attn", "indirect_mlp", "indirect_norm"]]
+    return parts.set_index("neuron_id").abs().groupby(level=0, sort=False).sum(min_count=1)
+
+
+def neuron_mediation(part_sums: pd.DataFrame, summary: pd.DataFrame,
                      listed: int = 5) -> pd.DataFrame:
     """Per neuron: ``top_mediator`` (neurons and heads together, by |mean contribution|),
     ``top_mediators`` (the first ``listed`` as text: mediator, mean contribution, fraction of
     prompts in the top k) and ``indirect_share_{attn,mlp,norm}`` = Σ_prompts |part| /
-    Σ_prompts (|attn| + |mlp| + |norm|) of the target-logit split (NaN without the split)."""
-    parts = per_prompt[["neuron_id", "indirect_attn", "indirect_mlp", "indirect_norm"]]
-    sizes = parts.set_index("neuron_id").abs().groupby(level=0).sum(min_count=1)
+    Σ_prompts (|attn| + |mlp| + |norm|) (``part_sums``: :func:`indirect_part_sums`)."""
+    sizes = part_sums.sort_index()
     whole = sizes.sum(axis=1, min_count=1).replace(0.0, np.nan)
     shares = pd.DataFrame({f"indirect_share_{part}": sizes[f"indirect_{part}"] / whole
                            for part in ("attn", "mlp", "norm")})

@@ -109,11 +109,18 @@ def _ratio_distributions(per_prompt: pd.DataFrame) -> str:
     return _figure_uri(figure)
 
 
+SCATTER_POINTS = 200_000  # points drawn at most in a scatter plot
+
+
 def _layer_scatter(per_prompt: pd.DataFrame, x: str, y: str, *, diagonal: float, line: str,
                    xlabel: str, ylabel: str, legend: str) -> str:
     """Per-prompt points ``y`` against ``x`` coloured by layer, symlog axes, with the line
     y = ``diagonal`` · x."""
     figure, axis = plt.subplots(figsize=(6.5, 5.2))
+    if len(per_prompt) > SCATTER_POINTS:  # a census: a seeded random sample of the rows
+        axis.set_title(f"a random {SCATTER_POINTS:,} of the {len(per_prompt):,} rows",
+                       fontsize=9)
+        per_prompt = per_prompt.sample(SCATTER_POINTS, random_state=0)
     points = axis.scatter(per_prompt[x], per_prompt[y], c=per_prompt["layer"],
                           cmap="viridis", s=6, alpha=0.6, linewidths=0)
     limit = float(np.nanmax(np.abs(per_prompt[[x, y]].to_numpy()))) or 1.0
@@ -514,8 +521,10 @@ def render_report(
         *(attribution_section(per_prompt, layers, atp_candidates, top_n)
           if atp_candidates is not None and estimate_methods(per_prompt.columns) else []),
         *(census_section(neurons, per_prompt, layers, census_table_top) if census else []),
-        neuron_table_section(table_neurons(neurons, census_table_top) if census else neurons,
-                             per_prompt),
+        neuron_table_section(table_neurons(neurons, census_table_top), per_prompt,
+                             f": the profile's and the {census_table_top:,} other census "
+                             "neurons with the largest mean |total|") if census else
+        neuron_table_section(neurons, per_prompt),
         f"<h2>Prompts and targets</h2>{_table(prompts, prompt_columns)}",
     ]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"

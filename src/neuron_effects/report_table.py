@@ -69,10 +69,13 @@ def _rounded(value: Any) -> Any:
 def _matrix(per_prompt: pd.DataFrame, neuron_ids: pd.Index, prompt_ids: pd.Index,
             column: str) -> str:
     """``per_prompt[column]`` as a [neurons x prompts] float32 matrix (NaN where a pair is
-    missing), row-major, base64 of its little-endian bytes."""
+    missing; rows of other neurons are left out), row-major, base64 of its little-endian
+    bytes."""
     matrix = np.full((len(neuron_ids), len(prompt_ids)), np.nan, dtype="<f4")
-    matrix[neuron_ids.get_indexer(per_prompt["neuron_id"]),
-           prompt_ids.get_indexer(per_prompt["prompt_id"])] = per_prompt[column].to_numpy()
+    rows = neuron_ids.get_indexer(per_prompt["neuron_id"])
+    listed = rows >= 0
+    matrix[rows[listed], prompt_ids.get_indexer(per_prompt["prompt_id"][listed])] = \
+        per_prompt[column].to_numpy()[listed]
     return base64.b64encode(matrix.tobytes()).decode("ascii")
 
 
@@ -222,15 +225,16 @@ def _json_for_script(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
 
 
-def neuron_table_section(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> str:
+def neuron_table_section(neurons: pd.DataFrame, per_prompt: pd.DataFrame,
+                         table_scope: str = ": every neuron of the run") -> str:
     """The section "All neurons": a search box, the table (its own scroll box) and its data and
-    script, all inline."""
+    script, all inline (``table_scope``: which neurons the table holds, after their number)."""
     data = neuron_table_data(neurons, per_prompt)
     head = "".join(f'<th scope="col" aria-sort="none">{html.escape(c["label"])}</th>'
                    for c in data["columns"])
     return (
         f"<style>{STYLE}</style>"
-        f"<h2>All neurons</h2><p>Every neuron of the run ({len(neurons):,}). Type in the box to "
+        f"<h2>All neurons</h2><p>{len(neurons):,} neurons{table_scope}. Type in the box to "
         "filter by neuron id or any text of a row (space-separated terms must all match), click "
         "a column header to sort, click a neuron to see its per-prompt direct, indirect and "
         "total effects on the target logit (indirect = total − direct).</p>"

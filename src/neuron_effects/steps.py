@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
@@ -54,6 +56,12 @@ PROGRESS = {"mininterval": 5.0, "dynamic_ncols": False, "ncols": 100}
 # The columns of the prepared prompt table, in order; the user's own prompt fields follow them.
 PREPARED_COLUMNS = ("prompt_id", "prompt", "text", "n_tokens", "input_ids", "target",
                     "target_id", "distractor", "distractor_id", "warnings")
+# The long table's columns that the report reads (with every estimate's total_<method>).
+REPORT_COLUMNS = ("prompt_id", "neuron_id", "layer", "direct", "indirect", "total",
+                  "direct_ratio", "ratio_defined")
+# Rows of partial mediator sums held before they are added up (the aggregation's memory for the
+# top-k table stays about three times the size of its per-neuron sums).
+MEDIATOR_ROWS_HELD = 1_000_000
 # Prompt-level columns copied from the clean cache into every per-prompt row.
 PROMPT_COLUMNS = ("prompt_id", "target_id", "target_token", "target_source", "distractor_id",
                   "distractor_token")
@@ -422,31 +430,69 @@ def _row_groups(path: str) -> Any:
         yield source.read_row_group(group).to_pandas()
 
 
+def _shard_layers(shard_paths: Sequence[str]) -> list[int]:
+    """The layers that may have rows in the shards: every layer between the smallest and the
+    largest of each row group, from its statistics of the ``layer`` column (the column is read
+    only for a file written without statistics)."""
+    layers: set[int] = set()
+    for path in shard_paths:
+        metadata = pq.ParquetFile(path).metadata
+        column = metadata.schema.to_arrow_schema().get_field_index("layer")
+        groups = [metadata.row_group(g) for g in range(metadata.num_row_groups)]
+        groups = [group.column(column).statistics for group in groups if group.num_rows]
+        if all(statistics is not None and statistics.has_min_max for statistics in groups):
+            layers.update(layer for statistics in groups
+                          for layer in range(int(statistics.min), int(statistics.max) + 1))
+        else:
+            layers.update(pc.unique(pq.read_table(path, columns=["layer"])["layer"]).to_pylist())
+    return sorted(layers)
+
+
+def layer_rows(shard_paths: Sequence[str], layer: int, prompt_order: Mapping[str, int]
+               ) -> pd.DataFrame:
+    """Every per-prompt row of ``layer`` in the shards (only the row groups whose statistics
+    allow that layer are read), ordered by neuron index then prompt (``prompt_order``)."""
+    parts = [pq.read_table(path, filters=[("layer", "==", layer)]).to_pandas()
+             for path in shard_paths]
+    frame = pd.concat([part for part in parts if len(part)] or parts[:1], ignore_index=True)
+    order = frame["prompt_id"].map(prompt_order)
+    return frame.assign(_order=order).sort_values(["neuron", "_order"], ignore_index=True
+                                                  ).drop(columns="_order")
+
+
 def aggregate_mediation(
-    mediation_shards: Sequence[str], mediator_shards: Sequence[str], per_prompt: pd.DataFrame,
-    profile_path: str, top_k: int, mediation_out: str, mediators_out: str,
-    mediation_layers_out: str,
+    mediation_shards: Sequence[str], mediator_shards: Sequence[str], neurons: pd.DataFrame,
+    part_sums: pd.DataFrame, direct_tokens: Mapping[str, list], profile_path: str, top_k: int,
+    mediation_out: str, mediators_out: str, mediation_layers_out: str,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stream the shards' mediation and top-k tables into one file each, write the layer flow
     (source layer x mediator layer), and return per neuron the mediation and edge-agreement
-    columns and the top mediators over prompts (:func:`mediation.mediator_summary`)."""
+    columns and the top mediators over prompts (:func:`mediation.mediator_summary`).
+    ``neurons``: ``neuron_id``, ``layer``, ``n_prompts`` of every studied neuron;
+    ``part_sums``: :func:`mediation.indirect_part_sums` of every row; ``direct_tokens``: per
+    neuron with profile edges, its per-prompt ``top_k_direct_tokens``."""
     store.concat_parquet(mediation_shards, mediation_out)
     store.concat_parquet(mediator_shards, mediators_out)
-    source_layers = per_prompt.groupby("neuron_id")["layer"].first()
-    flow = [mediation.layer_flow_sums(part, source_layers) for part in _row_groups(mediation_out)]
+    by_id = neurons.set_index("neuron_id")
+    flow = [mediation.layer_flow_sums(part, by_id["layer"])
+            for part in _row_groups(mediation_out)]
     store.write_parquet(mediation_layers_out, mediation.layer_flow(flow))
-    sums = [mediation.mediator_sums(part) for part in _row_groups(mediators_out)]
-    summary = mediation.mediator_summary(sums, per_prompt.groupby("neuron_id").size(),
-                                         keep=top_k)
-    columns = mediation.neuron_mediation(per_prompt, summary)
+    sums, held = [], 0  # added up whenever the pieces outgrow twice the running total
+    for part in _row_groups(mediators_out):
+        sums.append(mediation.mediator_sums(part))
+        held += len(sums[-1])
+        if held > max(2 * len(sums[0]), MEDIATOR_ROWS_HELD):
+            sums = [mediation.combined_mediator_sums(sums)]
+            held = len(sums[0])
+    summary = mediation.mediator_summary(sums, by_id["n_prompts"], keep=top_k)
+    columns = mediation.neuron_mediation(part_sums, summary)
     edges = read_edges(profile_path)
     mediator_neurons = summary[summary["kind"] == "neuron"]
     by_neuron = {neuron_id: group for neuron_id, group in mediator_neurons.groupby("neuron_id")}
-    tokens = per_prompt.groupby("neuron_id")["top_k_direct_tokens"].apply(list)
     agreement = pd.DataFrame([
         {"neuron_id": neuron_id,
          **edge_agreement(edges[neuron_id], by_neuron.get(neuron_id, mediator_neurons.iloc[:0]),
-                          tokens[neuron_id], top_k)}
+                          direct_tokens[neuron_id], top_k)}
         for neuron_id in columns["neuron_id"] if neuron_id in edges
     ], columns=["neuron_id", *EDGE_COLUMNS[:EDGE_COLUMNS.index("edge_n_measured")]])
     return columns.merge(agreement, on="neuron_id", how="left"), summary
@@ -498,6 +544,15 @@ def _with_mediation(records: list[dict[str, Any]], columns: pd.DataFrame,
                                     else edges)
 
 
+def _written_with(rows_out: Any, table: pa.Table, temporary: Path) -> Any:
+    """``rows_out`` (a ParquetWriter or None) after writing ``table``: the first table fixes
+    the schema (and the pandas metadata), later ones are cast to it."""
+    if rows_out is None:
+        rows_out = pq.ParquetWriter(temporary, table.schema)
+    rows_out.write_table(table.cast(rows_out.schema))
+    return rows_out
+
+
 def aggregate_effects(
     shard_paths: Sequence[str], prompts_table: str, clean_paths: Sequence[str],
     profile_path: str, thresholds: aggregate.Thresholds, per_prompt_out: str, neurons_out: str,
@@ -518,8 +573,12 @@ def aggregate_effects(
     (:func:`aggregate_edges`). With ``census``, the neurons gain :func:`census_columns`, the
     layers the ranking agreement of each estimate over all their neurons
     (:func:`layer_ranking_agreement`), and ``neurons.json`` holds the profile's neurons only
-    (every neuron stays in ``neurons.parquet``)."""
-    per_prompt = pd.concat([pd.read_parquet(path) for path in shard_paths], ignore_index=True)
+    (every neuron stays in ``neurons.parquet``).
+
+    Streamed one layer at a time (:func:`layer_rows`): every summary is per neuron or per layer,
+    so only one layer's rows are in memory, and the long table is written one layer (row
+    group) at a time; what is kept across layers is per neuron, plus the per-prompt breakdown
+    of the neurons that get a JSON document (the profile's, in a census)."""
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
                           for record in store.load_clean_records(path)])
@@ -531,17 +590,63 @@ def aggregate_effects(
     store.write_parquet(prompts_out, prompts.merge(clean.drop(columns="n_tokens"),  # in both
                                                    on="prompt_id", how="inner"))
     order = {prompt_id: index for index, prompt_id in enumerate(prompts["prompt_id"])}
-    per_prompt = _ordered_columns(per_prompt.assign(_order=per_prompt["prompt_id"].map(order))
-                                  .sort_values(["layer", "neuron", "_order"], ignore_index=True)
-                                  .drop(columns="_order"))
-    duplicated = per_prompt.duplicated(["prompt_id", "neuron_id"])
-    if duplicated.any():
-        raise RuntimeError(f"{int(duplicated.sum())} duplicated (prompt, neuron) rows in shards")
-    neurons = aggregate.summarize_neurons(per_prompt, thresholds)
     estimates = _load_estimates(estimates_path) if estimates_path is not None else None
+    profile_ids = {neuron.neuron_id for neuron in read_neurons(profile_path)}
+    with_edges = set(read_edges(profile_path)) if mediation_out is not None else set()
+    neuron_parts, layer_parts, breakdowns, part_sums, direct_tokens = [], [], [], [], {}
+    with store.atomic_path(per_prompt_out) as temporary:
+        rows_out = None
+        try:
+            for layer in tqdm(_shard_layers(shard_paths), desc="layers", unit="layer",
+                              **PROGRESS):
+                frame = _ordered_columns(layer_rows(shard_paths, layer, order))
+                if not len(frame):
+                    continue
+                duplicated = frame.duplicated(["prompt_id", "neuron_id"])
+                if duplicated.any():
+                    raise RuntimeError(f"{int(duplicated.sum())} duplicated (prompt, neuron) "
+                                       f"rows in the shards of layer {layer}")
+                neurons = aggregate.summarize_neurons(frame, thresholds)
+                layers = aggregate.summarize_layers(neurons, frame)
+                if estimates is not None:
+                    frame = _with_estimates(frame, *estimates)
+                    for method in aggregate.estimate_methods(frame.columns):
+                        neurons = neurons.merge(attribution.neuron_agreement(frame, method),
+                                                on="neuron_id")
+                        layers = layers.merge(attribution.layer_agreement(frame, method),
+                                              on="layer")
+                        if census:
+                            layers = layers.merge(layer_ranking_agreement(frame, method),
+                                                  on="layer")
+                if census:
+                    neurons = census_columns(neurons, frame, profile_ids)
+                if mediation_out is not None:
+                    part_sums.append(mediation.indirect_part_sums(frame))
+                    listed = frame[frame["neuron_id"].isin(with_edges)]
+                    direct_tokens.update(listed.groupby("neuron_id")["top_k_direct_tokens"]
+                                         .apply(list).to_dict())
+                documented = frame["neuron_id"].isin(profile_ids) if census else \
+                    np.ones(len(frame), dtype=bool)
+                breakdowns.append(frame.loc[documented, ["neuron_id", *aggregate.BREAKDOWN_COLUMNS,
+                                                         *(f"total_{method}" for method in
+                                                           aggregate.estimate_methods(
+                                                               frame.columns))]])
+                neuron_parts.append(neurons)
+                layer_parts.append(layers)
+                rows_out = _written_with(rows_out, pa.Table.from_pandas(
+                    frame, preserve_index=False), temporary)
+            if rows_out is None:
+                raise RuntimeError(f"the shards hold no rows: {list(shard_paths)}")
+        finally:
+            if rows_out is not None:
+                rows_out.close()
+    neurons = pd.concat(neuron_parts, ignore_index=True)
+    layers = pd.concat(layer_parts, ignore_index=True)
     split = None
     if mediation_out is not None:
-        split = aggregate_mediation(mediation_shards, mediator_shards, per_prompt, profile_path,
+        split = aggregate_mediation(mediation_shards, mediator_shards,
+                                    neurons[["neuron_id", "layer", "n_prompts"]],
+                                    pd.concat(part_sums), direct_tokens, profile_path,
                                     mediator_top_k, mediation_out, mediators_out,
                                     mediation_layers_out)
         if edges_out is not None:
@@ -554,23 +659,16 @@ def aggregate_effects(
             split = (split[0].merge(measured, on="neuron_id", how="left"), split[1])
         else:
             split[0][["edge_n_measured", "edge_real_fraction"]] = np.nan
+        # the mediation columns follow the summary's, before the estimates' and the census's
+        summary_columns = list(neurons.columns[:neurons.columns.get_loc("mean_norm_mediated")
+                                               + 1])
         neurons = neurons.merge(split[0], on="neuron_id", how="left")
-    layers = aggregate.summarize_layers(neurons, per_prompt)
-    if estimates is not None:
-        per_prompt = _with_estimates(per_prompt, *estimates)
-        for method in aggregate.estimate_methods(per_prompt.columns):
-            neurons = neurons.merge(attribution.neuron_agreement(per_prompt, method),
-                                    on="neuron_id")
-            layers = layers.merge(attribution.layer_agreement(per_prompt, method), on="layer")
-            if census:
-                layers = layers.merge(layer_ranking_agreement(per_prompt, method), on="layer")
-    if census:
-        neurons = census_columns(neurons, per_prompt,
-                                 [neuron.neuron_id for neuron in read_neurons(profile_path)])
-    store.write_parquet(per_prompt_out, per_prompt)
+        neurons = neurons[summary_columns + list(split[0].columns[1:])
+                          + [c for c in neurons.columns if c not in summary_columns
+                             and c not in split[0].columns]]
     store.write_parquet(neurons_out, neurons)
     documents = aggregate.neuron_documents(neurons[neurons["in_profile"]] if census else neurons,
-                                           per_prompt)
+                                           pd.concat(breakdowns, ignore_index=True))
     document = aggregate.enrich_profiles(load_profile_document(profile_path), neurons)
     if split is not None:
         _with_mediation(documents, *split, listed=mediator_top_k)
@@ -613,7 +711,8 @@ def validate_sample(
     run_dtype_name = str(run_dtype).replace("torch.", "")
     device = resolve_device(spec.device)
     runs = {run.prompt_id: run for path in clean_paths for run in store.load_clean_runs(path)[0]}
-    pairs = sample_pairs(pd.read_parquet(per_prompt_path), n_pairs, seed)
+    chosen = sample_pairs(pd.read_parquet(per_prompt_path, columns=["layer"]), n_pairs, seed)
+    pairs = store.read_rows(per_prompt_path, chosen.index)  # only their row groups are read
     scales = {prompt_id: logit_scale(runs[prompt_id].logits)
               for prompt_id in pairs["prompt_id"].unique()}
     floors = {prompt_id: ratio_noise_floor(settings.noise_floor, runs[prompt_id].logits)
@@ -763,7 +862,10 @@ def render_report(
     }
     stats = pd.read_parquet(activation_stats_path, columns=["layer", "neuron", "frac_active"])
     neurons = pd.read_parquet(neurons_path).merge(stats, on=["layer", "neuron"], how="left")
-    per_prompt, layers = pd.read_parquet(per_prompt_path), pd.read_parquet(layers_path)
+    names = pq.read_schema(per_prompt_path).names
+    per_prompt = pd.read_parquet(per_prompt_path, columns=[  # what the report shows, no more
+        name for name in names if name in REPORT_COLUMNS or name.startswith("total_")])
+    layers = pd.read_parquet(layers_path)
     figures = report_figures(per_prompt, layers)
     page = render(
         metadata, per_prompt, neurons, layers, pd.read_parquet(prompts_path), validation,

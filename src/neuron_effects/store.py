@@ -18,6 +18,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -69,30 +70,43 @@ def write_parquet(path: str | Path, frame: pd.DataFrame) -> None:
 
 def concat_parquet(paths: Sequence[str | Path], output: str | Path) -> int:
     """Stream parquet files with the same columns into one (zstd; parquet's dictionary encoding
-    of repeated ids), one row group at a time, atomically. Empty files only give the schema
-    when every file is empty. Returns the number of rows written."""
+    of repeated ids), one row group at a time, atomically: the output keeps the inputs' row
+    groups. The schemas are unified first (a column that is all null in one file takes the type
+    it has in the others). Empty files only give the schema when every file is empty. Returns
+    the number of rows written."""
+    filled = [path for path in paths if pq.ParquetFile(path).metadata.num_rows]
+    if filled:
+        schema = pa.unify_schemas([_wide_dictionaries(pq.read_schema(path)) for path in filled],
+                                  promote_options="permissive")
+    else:
+        schema = pq.read_schema(paths[0]) if paths else pa.schema([])
     rows = 0
     with atomic_path(output) as temporary:
-        writer = None
-        try:
-            for path in paths:
+        with pq.ParquetWriter(temporary, schema, compression="zstd") as writer:
+            for path in filled:
                 source = pq.ParquetFile(path)
                 for group in range(source.num_row_groups):
                     table = source.read_row_group(group)
-                    if table.num_rows == 0:
-                        continue
-                    if writer is None:
-                        writer = pq.ParquetWriter(temporary, _wide_dictionaries(table.schema),
-                                                  compression="zstd")
-                    writer.write_table(table.cast(writer.schema))
-                    rows += table.num_rows
-            if writer is None:
-                schema = pq.read_schema(paths[0]) if paths else pa.schema([])
-                writer = pq.ParquetWriter(temporary, schema, compression="zstd")
-        finally:
-            if writer is not None:
-                writer.close()
+                    if table.num_rows:
+                        writer.write_table(table.select(schema.names).cast(schema))
+                        rows += table.num_rows
     return rows
+
+
+def read_rows(path: str | Path, rows: Sequence[int]) -> pd.DataFrame:
+    """Rows ``rows`` (0-based positions in the file, in this order, indexed by them) of a
+    parquet file, reading only the row groups that hold them."""
+    source = pq.ParquetFile(path)
+    wanted = pd.Series(np.asarray(rows, dtype=np.int64))
+    starts = np.cumsum([0] + [source.metadata.row_group(g).num_rows
+                              for g in range(source.num_row_groups)])
+    groups = np.searchsorted(starts, wanted.to_numpy(), side="right") - 1
+    parts = [source.read_row_group(int(group)).to_pandas().iloc[
+        wanted[groups == group].to_numpy() - starts[group]].set_axis(
+            wanted[groups == group].to_numpy()) for group in np.unique(groups)]
+    if not parts:
+        return source.schema_arrow.empty_table().to_pandas()
+    return pd.concat(parts).loc[wanted.to_numpy()]
 
 
 def _wide_dictionaries(schema: pa.Schema) -> pa.Schema:
@@ -167,17 +181,15 @@ class ShardProgress:
         write_parquet(self.path(unit), frame)
 
     def assemble(self, units: list[str], output: str | Path,
-                 table_outputs: Mapping[str, str | Path] | None = None) -> pd.DataFrame:
+                 table_outputs: Mapping[str, str | Path] | None = None) -> int:
         """Concatenate the units in the given order into ``output`` and each named table into
-        its ``table_outputs`` file (streamed; all atomically), then remove the partial folder.
-        Returns the main table."""
+        its ``table_outputs`` file (streamed, a row group per unit: :func:`concat_parquet`; all
+        atomically), then remove the partial folder. Returns the main table's number of rows."""
         missing = [unit for unit in units if not self.is_done(unit)]
         if missing:
             raise RuntimeError(f"cannot assemble {output}: units not done: {missing}")
         for name, path in (table_outputs or {}).items():
             concat_parquet([self.path(unit, name) for unit in units], path)
-        frame = pd.concat([pd.read_parquet(self.path(unit)) for unit in units],
-                          ignore_index=True)
-        write_parquet(output, frame)
+        rows = concat_parquet([self.path(unit) for unit in units], output)
         shutil.rmtree(self.root, ignore_errors=True)
-        return frame
+        return rows
