@@ -104,7 +104,8 @@ def peer_rows(model, clean, clean_logits, readout, neurons: list[Neuron], target
         direct, frozen, _ = direct_effects(readout, clean.final_hidden, activation, directions,
                                            readout.unnormalized(directions), columns)
         metrics = effect_metrics(direct, frozen, logits - clean_logits, clean_logits, target,
-                                 distractor, True, settings.top_k, settings.noise_floor)
+                                 distractor, True, settings.top_k,
+                                 ratio_noise_floor(settings.noise_floor, clean.logits))
         rows.extend({"neuron_id": neuron.neuron_id,
                      **{name: float(metrics[name][i]) for name in COMPARED}}
                     for i, neuron in enumerate(members))

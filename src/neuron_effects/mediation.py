@@ -262,8 +262,11 @@ def layer_flow(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 def mediator_sums(mediators: pd.DataFrame) -> pd.DataFrame:
     """Partial sums over a piece of the top-k table, per (neuron_id, kind, layer, index): the
-    ``sum`` of contributions and the ``count`` of prompts in the top k."""
-    return (mediators.groupby(["neuron_id", "kind", "layer", "index"], observed=True)
+    ``sum`` of contributions (in float64: whatever the order in which pieces are added, the
+    sums' rounding stays far below that of the table's float32 values) and the ``count`` of
+    prompts in the top k."""
+    contributions = mediators.assign(contribution=mediators["contribution"].astype(np.float64))
+    return (contributions.groupby(["neuron_id", "kind", "layer", "index"], observed=True)
             ["contribution"].agg(sum="sum", count="size").reset_index())
 
 
