@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +17,11 @@ from neuron_effects.model import LlamaFamily, ModelSpec, load_model, load_tokeni
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "resources" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = REPO / "tests" / ".cache"
+# Under pytest-xdist, each worker's own torch work gets its share of the cores (no
+# oversubscription; the workflow runs the tests start still set their jobs' threads).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)
+                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 # CI sets this: a test whose prerequisites (root, apt, chromium) are missing fails, not skips.
 REQUIRE_ALL = os.environ.get("REQUIRE_ALL_TESTS") == "1"
 
@@ -137,17 +143,26 @@ def tiny_model_dir(demo_model_path) -> Path:
 def tiny_workflow(tiny_model_dir, tmp_path_factory):
     """One complete run of the real workflow on the tiny model (CPU): 18 neurons in 6 layers
     (3 layer blocks of 2) x 6 prompts (chunks of 4 and 2), i.e. 6 effect shards. Shared,
-    read-only, by the workflow, input and browser tests; copy it to change anything.
+    read-only, by the workflow, input, browser and Slurm tests, and under pytest-xdist by the
+    workers of the session too (the first one to need it runs it); copy it to change anything.
 
     Returns ``(workdir, input_bytes)``, ``input_bytes`` the input files' bytes before the run."""
     from workflow_helpers import snakemake, write_workdir
 
-    workdir = write_workdir(tmp_path_factory.mktemp("tiny-run") / "run", str(tiny_model_dir),
-                            device="cpu", sharding={"layers_per_shard": 2,
-                                                    "prompts_per_chunk": 4})
-    before = {name: (workdir / name).read_bytes() for name in ("neurons.json", "prompts.jsonl")}
-    snakemake(workdir, "--cores", "2")
-    return workdir, before
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above the workers' own
+    folder, names = root / "tiny-run", ("neurons.json", "prompts.jsonl")
+    with FileLock(str(root / "tiny-run.lock")):
+        if not (folder / "inputs-before.json").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            workdir = write_workdir(folder / "run", str(tiny_model_dir), device="cpu",
+                                    sharding={"layers_per_shard": 2, "prompts_per_chunk": 4})
+            before = {name: (workdir / name).read_text() for name in names}
+            snakemake(workdir, "--cores", "2")
+            (folder / "inputs-before.json").write_text(json.dumps(before))
+    before = json.loads((folder / "inputs-before.json").read_text())
+    return folder / "run", {name: text.encode() for name, text in before.items()}
 
 
 # Llama-3.1-8B's config.json (meta-llama/Llama-3.1-8B-Instruct), without weights or tokenizer.
