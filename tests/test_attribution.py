@@ -192,6 +192,29 @@ def test_estimates_agree_with_exact_totals_on_smollm2(smollm2, treatment, thresh
 
 # --- the pure functions -------------------------------------------------------------------------
 
+def test_grouped_neuron_agreement_equals_agreement_per_neuron():
+    """neuron_agreement (grouped columns) against :func:`attribution.agreement` applied to each
+    neuron's rows: 200 neurons of 1-15 prompts, with tied values, constant estimates and exact
+    zeros among them."""
+    rng = np.random.default_rng(4)
+    frames = []
+    for index in range(200):
+        n = int(rng.integers(1, 16))
+        exact = np.round(rng.normal(size=n), 1 if index % 5 == 0 else 6)  # ties in some
+        exact[rng.random(n) < 0.1] = 0.0
+        estimate = (np.full(n, 0.5) if index % 17 == 0 else exact + rng.normal(0, 0.5, n))
+        frames.append(pd.DataFrame({"neuron_id": f"n{index}", "total": exact,
+                                    "total_atp": estimate}))
+    table = pd.concat(frames, ignore_index=True).sample(frac=1.0, random_state=1)
+    got = attribution.neuron_agreement(table)
+    expected = pd.DataFrame([
+        {"neuron_id": neuron_id, **attribution.agreement(group["total_atp"], group["total"]),
+         "mean_total_atp": float(group["total_atp"].mean())}
+        for neuron_id, group in table.groupby("neuron_id", sort=False)])
+    assert got["atp_spearman"].isna().sum() >= 12  # below 3 prompts or constant
+    pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=0, atol=1e-12)
+
+
 def test_spearman_and_agreement():
     assert attribution.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert attribution.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)

@@ -40,52 +40,63 @@ class Thresholds:
         return np.where(np.isnan(ratio), UNDETERMINED, labels)
 
 
-def _neuron_summary(group: pd.DataFrame, thresholds: Thresholds, suffix: str) -> dict[str, Any]:
-    defined = group[f"ratio_defined{suffix}"] if f"ratio_defined{suffix}" in group else \
-        group[f"direct_ratio{suffix}"].notna()
-    ratios = group.loc[defined, f"direct_ratio{suffix}"].to_numpy(dtype=float)
-    if len(ratios) == 0:
-        return {f"mean_direct_ratio{suffix}": math.nan, f"std_direct_ratio{suffix}": math.nan,
-                f"median_direct_ratio{suffix}": math.nan,
-                f"classification{suffix}": UNDETERMINED, f"consistency{suffix}": math.nan}
-    mean = float(ratios.mean())
-    label = str(thresholds.classify(mean))
-    return {
+def _ratio_summary(per_prompt: pd.DataFrame, neurons: pd.Index, thresholds: Thresholds,
+                   suffix: str) -> pd.DataFrame:
+    """Per neuron (index ``neurons``), over its prompts with a defined ``direct_ratio{suffix}``:
+    mean, std (ddof 0), median, the class of the mean and the consistency (the fraction of those
+    prompts whose own ratio falls in that class); NaN and ``undetermined`` without any."""
+    defined = (per_prompt[f"ratio_defined{suffix}"].to_numpy(dtype=bool)
+               if f"ratio_defined{suffix}" in per_prompt
+               else per_prompt[f"direct_ratio{suffix}"].notna().to_numpy())
+    rows = per_prompt.loc[defined, ["neuron_id", f"direct_ratio{suffix}"]]
+    ratios = rows[f"direct_ratio{suffix}"].astype(float)
+    grouped = ratios.groupby(rows["neuron_id"].to_numpy(), sort=False)
+    mean = grouped.mean().reindex(neurons)
+    label = pd.Series(thresholds.classify(mean.to_numpy()), index=neurons)
+    agrees = pd.Series(thresholds.classify(ratios.to_numpy())
+                       == label.reindex(rows["neuron_id"]).to_numpy(), index=rows.index)
+    return pd.DataFrame({
         f"mean_direct_ratio{suffix}": mean,
-        f"std_direct_ratio{suffix}": float(ratios.std(ddof=0)),
-        f"median_direct_ratio{suffix}": float(np.median(ratios)),
+        f"std_direct_ratio{suffix}": grouped.std(ddof=0).reindex(neurons),
+        f"median_direct_ratio{suffix}": grouped.median().reindex(neurons),
         f"classification{suffix}": label,
-        f"consistency{suffix}": float((thresholds.classify(ratios) == label).mean()),
-    }
+        f"consistency{suffix}": agrees.groupby(rows["neuron_id"].to_numpy(), sort=False)
+        .mean().reindex(neurons),
+    })
 
 
 def summarize_neurons(per_prompt: pd.DataFrame, thresholds: Thresholds) -> pd.DataFrame:
-    """One row per neuron (see the module docstring), ordered by layer and neuron index."""
-    rows = []
-    for neuron_id, group in per_prompt.groupby("neuron_id", sort=False):
-        defined = group["ratio_defined"].to_numpy(dtype=bool)
-        aligned = group.loc[defined, "sign_aligned"].to_numpy(dtype=bool)
-        aligned_fraction = float(aligned.mean()) if len(aligned) else math.nan
-        row = {
-            "neuron_id": neuron_id, "layer": int(group["layer"].iloc[0]),
-            "neuron": int(group["neuron"].iloc[0]), "n_prompts": len(group),
-            "n_ratio_defined": int(defined.sum()),
-            **_neuron_summary(group, thresholds, ""),
-            "aligned_fraction": aligned_fraction,
-            "interpretation": (UNDETERMINED if math.isnan(aligned_fraction) else
-                               "reinforcing" if aligned_fraction >= 0.5 else "opposing"),
-            "mean_cancellation": float(group.loc[defined, "cancellation"].mean())
-            if defined.any() else math.nan,
-            **_neuron_summary(group, thresholds, "_frozen_norm"),
-            "mean_activation": float(group["activation"].mean()),
-            "mean_direct": float(group["direct"].mean()),
-            "mean_indirect": float(group["indirect"].mean()),
-            "mean_total": float(group["total"].mean()),
-            "mean_abs_total": float(group["total"].abs().mean()),
-            "mean_norm_mediated": float(group["norm_mediated"].mean()),
-        }
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values(["layer", "neuron"], ignore_index=True)
+    """One row per neuron (see the module docstring), ordered by layer and neuron index;
+    grouped column operations, no loop over neurons."""
+    ids = per_prompt["neuron_id"].to_numpy()
+    by_neuron = per_prompt.groupby(ids, sort=False)
+    neurons = pd.Index(pd.unique(ids))
+    defined = per_prompt["ratio_defined"].to_numpy(dtype=bool)
+    over_defined = per_prompt.loc[defined].groupby(ids[defined], sort=False)
+    aligned = over_defined["sign_aligned"].mean().astype(float).reindex(neurons)
+    effects = per_prompt[["activation", "direct", "indirect", "total", "norm_mediated"]].astype(
+        float).assign(abs_total=per_prompt["total"].abs().astype(float))
+    means = effects.groupby(ids, sort=False).mean().reindex(neurons)
+    result = pd.DataFrame({
+        "neuron_id": neurons,
+        "layer": by_neuron["layer"].first().reindex(neurons).astype(int).to_numpy(),
+        "neuron": by_neuron["neuron"].first().reindex(neurons).astype(int).to_numpy(),
+        "n_prompts": by_neuron.size().reindex(neurons).to_numpy(),
+        "n_ratio_defined": pd.Series(defined).groupby(ids, sort=False).sum()
+        .reindex(neurons).astype(int).to_numpy(),
+    })
+    result = pd.concat([result, _ratio_summary(per_prompt, neurons, thresholds, "")
+                        .reset_index(drop=True)], axis=1)
+    result["aligned_fraction"] = aligned.to_numpy()
+    result["interpretation"] = np.where(aligned.isna(), UNDETERMINED, np.where(
+        aligned >= 0.5, "reinforcing", "opposing"))
+    result["mean_cancellation"] = over_defined["cancellation"].mean().astype(float).reindex(
+        neurons).to_numpy()
+    result = pd.concat([result, _ratio_summary(per_prompt, neurons, thresholds, "_frozen_norm")
+                        .reset_index(drop=True)], axis=1)
+    for name in ("activation", "direct", "indirect", "total", "abs_total", "norm_mediated"):
+        result[f"mean_{name}"] = means[name].to_numpy()
+    return result.sort_values(["layer", "neuron"], ignore_index=True)
 
 
 def summarize_layers(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> pd.DataFrame:

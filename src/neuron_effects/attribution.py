@@ -159,12 +159,38 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, method: str = "atp") -> d
 
 def neuron_agreement(per_prompt: pd.DataFrame, method: str = "atp") -> pd.DataFrame:
     """Per neuron over its prompts (columns ``total``, ``total_<method>``): :func:`agreement`
-    and ``mean_total_<method>``; one row per ``neuron_id``."""
+    and ``mean_total_<method>``; one row per ``neuron_id`` in order of first appearance.
+    Computed with grouped columns (no loop over neurons): Spearman as the Pearson correlation
+    of the within-neuron average ranks, NaN below 3 prompts or for constant ranks."""
     column = f"total_{method}"
-    rows = [{"neuron_id": neuron_id, **agreement(group[column], group["total"], method),
-             f"mean_{column}": float(group[column].mean())}
-            for neuron_id, group in per_prompt.groupby("neuron_id", sort=False)]
-    return pd.DataFrame(rows)
+    ids = per_prompt["neuron_id"].to_numpy()
+    neurons = pd.Index(pd.unique(ids))
+    estimate = per_prompt[column].astype(float).to_numpy()
+    exact = per_prompt["total"].astype(float).to_numpy()
+    frame = pd.DataFrame({"estimate": estimate, "exact": exact})
+    ranks = frame.groupby(ids, sort=False).rank()
+    centred = ranks - ranks.groupby(ids, sort=False).transform("mean")
+    sums = pd.DataFrame({"xy": centred["estimate"] * centred["exact"],
+                         "xx": centred["estimate"] ** 2, "yy": centred["exact"] ** 2}
+                        ).groupby(ids, sort=False).sum().reindex(neurons)
+    counts = frame.groupby(ids, sort=False).size().reindex(neurons)
+    spearman_values = sums["xy"] / np.sqrt(sums["xx"] * sums["yy"])
+    spearman_values[(counts < 3) | (sums["xx"] == 0) | (sums["yy"] == 0)] = np.nan
+    nonzero = exact != 0
+    over_nonzero = pd.DataFrame({
+        "signs": np.sign(estimate[nonzero]) == np.sign(exact[nonzero]),
+        "relative": np.abs(estimate[nonzero] - exact[nonzero]) / np.abs(exact[nonzero]),
+    }).groupby(ids[nonzero], sort=False)
+    return pd.DataFrame({
+        "neuron_id": neurons,
+        f"{method}_spearman": spearman_values.clip(-1.0, 1.0).to_numpy(),
+        f"{method}_sign_agreement": over_nonzero["signs"].mean().astype(float)
+        .reindex(neurons).to_numpy(),
+        f"{method}_median_relative_error": over_nonzero["relative"].median()
+        .reindex(neurons).to_numpy(),
+        f"mean_{column}": frame["estimate"].groupby(ids, sort=False).mean().reindex(neurons)
+        .to_numpy(),
+    })
 
 
 def precision_at_k(estimate: pd.Series, exact: pd.Series, k: int) -> float:
