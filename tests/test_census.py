@@ -75,6 +75,12 @@ def test_census_estimate_of_llama_8b():
     fixed = h200.fixed_s(shape.weight_bytes)
     assert whole.compute_hours * 3600 / whole.jobs >= 3 * fixed  # compute >= 3x fixed per job
     assert 15e9 < whole.disk_bytes < 40e9
+    # the aggregation's one CPU core: 45.9 M rows and 2.39 G rows of mediation tables
+    assert whole.aggregate_hours == pytest.approx(
+        (6 + 45_875_200 * 22e-6 + 14_336 * 100 * sum(63 - 2 * l + 20 for l in range(32))
+         * 1.2e-6) / 3600)
+    assert census_estimate(shape, h200, range(32), 100, mediators=False).aggregate_hours == \
+        pytest.approx((6 + 45_875_200 * 22e-6) / 3600)
     assert census_estimate(shape, device_rates("h100"), range(32), 100).gpu_hours > \
         whole.gpu_hours
     late = census_estimate(shape, h200, [30, 31], 100)

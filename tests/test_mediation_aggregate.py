@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -167,3 +168,46 @@ def test_mediator_sums_added_up_in_stages_give_the_same_summary():
               combined_mediator_sums([combined_mediator_sums(pieces[5:9]), *pieces[9:]])]
     pd.testing.assert_frame_equal(mediator_summary(staged, n_prompts, keep=4),
                                   mediator_summary(pieces, n_prompts, keep=4))
+
+
+def test_mediators_summarised_layer_by_layer_equal_the_whole_table_at_once(tmp_path):
+    """The aggregation sums the top-k table one source layer at a time, reading only the row
+    groups that hold the layer's neurons; row groups that mix layers (a unit spanning two layers)
+    must count each row once, under its own layer."""
+    from neuron_effects.steps import layer_mediator_summaries
+
+    rng = np.random.default_rng(5)
+    neurons = pd.DataFrame({"neuron_id": [f"L{layer}/N{n}" for layer in (0, 1, 2) for n in range(4)],
+                            "layer": np.repeat([0, 1, 2], 4), "n_prompts": 6})
+    groups = []
+    for _ in range(6):  # one row group per (prompt, neuron block); blocks mix layers
+        for block in (neurons["neuron_id"][:6], neurons["neuron_id"][6:]):
+            n = 40
+            groups.append(pd.DataFrame({
+                "neuron_id": pd.Categorical(rng.choice(list(block), n)),
+                "kind": rng.choice(["neuron", "head"], n), "rank": np.int16(1),
+                "layer": rng.integers(3, 6, n).astype(np.int16),
+                "index": rng.integers(0, 3, n).astype(np.int32),
+                "contribution": rng.normal(size=n).astype(np.float32)}))
+    path = tmp_path / "mediators.parquet"
+    with pq.ParquetWriter(path, pa.Table.from_pandas(groups[0], preserve_index=False).schema) as out:
+        for group in groups:
+            out.write_table(pa.Table.from_pandas(group, preserve_index=False))
+    by_layer = dict(layer_mediator_summaries(str(path), neurons, top_k=3))
+    assert sorted(by_layer) == [0, 1, 2]
+    whole = mediator_summary([mediator_sums(pd.concat(groups))],
+                             neurons.set_index("neuron_id")["n_prompts"], keep=3)
+    layered = pd.concat(by_layer.values(), ignore_index=True)
+    key = ["neuron_id", "kind", "rank"]
+    pd.testing.assert_frame_equal(
+        layered.astype({"neuron_id": str}).sort_values(key, ignore_index=True),
+        whole.astype({"neuron_id": str}).sort_values(key, ignore_index=True))
+
+
+def test_neurons_without_mediators_get_shares_and_no_top_mediator():
+    per_prompt = pd.DataFrame({"neuron_id": ["n", "m"], "indirect_attn": [0.1, 0.2],
+                               "indirect_mlp": [0.3, 0.0], "indirect_norm": [0.0, 0.2]})
+    empty = mediator_summary([], pd.Series({"n": 1, "m": 1}), keep=5)
+    columns = neuron_mediation(indirect_part_sums(per_prompt), empty).set_index("neuron_id")
+    assert columns["top_mediator"].isna().all() and columns["top_mediators"].isna().all()
+    assert columns.loc["m", "indirect_share_norm"] == pytest.approx(0.5)

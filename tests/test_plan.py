@@ -125,7 +125,8 @@ from itertools import combinations  # noqa: E402
 from conftest import LLAMA_8B_CONFIG  # noqa: E402
 
 from neuron_effects.cost import DEVICES, ModelShape, device_rates  # noqa: E402
-from neuron_effects.plan import (Workload, auto_layout, balanced_blocks, estimate,  # noqa: E402
+from neuron_effects.plan import (Workload, aggregate_runtime_minutes,  # noqa: E402
+                                 aggregate_seconds, auto_layout, balanced_blocks, estimate,
                                  resolve_layout, shard_seconds)
 
 LLAMA_8B = ModelShape.from_config(LLAMA_8B_CONFIG)
@@ -299,6 +300,25 @@ def test_the_plan_table_names_every_model_rule_and_the_fixed_share():
                  "validate_sample"):
         assert rule in text
     assert "estimated GPU-minutes on h200" in text and "fixed cost" in text
+    assert "then aggregate_effects, 1 CPU job" in text
+
+
+def test_aggregation_estimate_counts_rows_and_mediation_table_rows():
+    """Per (prompt, neuron) row of layer l: 22 us, and 1.2 us for each of its 2 (31 - l) + 1
+    mediation rows and 2 x top_k mediator rows (Llama: 32 layers); plus 6 s. The cluster's time
+    limit is 3x that, at least 15 minutes."""
+    records = prompts(4)
+    tokens = {record.prompt_id: 50 for record in records}
+    picked = [Neuron("L0/N1", 0, 1), Neuron("L31/N2", 31, 2), Neuron("L31/N3", 31, 3)]
+    plan = make_plan(picked, records, 8, 3)  # blocks L0-7 and L24-31, chunks of 3 and 1
+    rows, table_rows = 3 * 4, 4 * ((63 + 20) + 2 * (1 + 20))
+    assert aggregate_seconds(plan, 32, Workload(mediator_top_k=10)) == pytest.approx(
+        6 + rows * 22e-6 + table_rows * 1.2e-6)
+    assert aggregate_seconds(plan, 32, Workload(mediators=False)) == pytest.approx(
+        6 + rows * 22e-6)
+    assert estimate(plan, tokens, LLAMA_8B, device_rates("h200"), Workload()).aggregate_s == \
+        aggregate_seconds(plan, 32, Workload())
+    assert aggregate_runtime_minutes(60.0) == 15 and aggregate_runtime_minutes(3_890) == 195
 
 
 def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypatch):
@@ -320,9 +340,13 @@ def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypat
         log_path.write_text("".join(f"2026 INFO fixed cost: {value:.2f} s since the job's "
                                     "process started\n" for value in fixed))
         jobs.append((f"benchmarks/cache_clean_runs/{name}.tsv", str(log_path)))
-    estimate = {"device": "cpu", "fixed_share": 0.5,
+    estimate = {"device": "cpu", "fixed_share": 0.5, "aggregate_s": 7.5,
                 "rules": [{"rule": "cache_clean_runs", "jobs": 3, "compute_s": 20.0,
                            "fixed_s": 12.0}]}
+    benchmark = tmp_path / "benchmarks/aggregate_effects/all.tsv"
+    benchmark.parent.mkdir(parents=True)
+    benchmark.write_text(header + "9.0\t0:00:09\t700\t-\t-\t-\t-\t-\t-\t-\n")
+    jobs.append(("benchmarks/aggregate_effects/all.tsv", str(tmp_path / "logs/none.log")))
     table, _ = job_timings(jobs, estimate)
     row = table.set_index("rule").loc["cache_clean_runs"]
     assert row["jobs"] == 3 and row["total_s"] == 30.0
@@ -330,3 +354,5 @@ def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypat
     assert row["median_fixed_s"] == 4.0 and row["peak_rss_mb"] == 500
     assert (row["planned_jobs"], row["estimated_compute_s"], row["estimated_fixed_s"]) == \
         (3, 20.0, 12.0)
+    aggregation = table.set_index("rule").loc["aggregate_effects"]
+    assert aggregation["total_s"] == 9.0 and aggregation["estimated_compute_s"] == 7.5

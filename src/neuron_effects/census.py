@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from .cost import DeviceRates, ModelShape
+from .cost import DeviceRates, ModelShape, aggregation_seconds, mediation_table_rows
 from .inputs import InputError, Neuron
 
 
@@ -155,7 +155,8 @@ class CensusEstimate:
     """What a census costs: ``neurons``, ``rows`` (= neurons x prompts), ``pflop``,
     ``compute_hours`` at the device's rate, ``jobs`` (model jobs of at least
     ``min_compute_ratio`` x the fixed cost each), ``gpu_hours`` (compute + every job's fixed
-    cost) and ``disk_bytes`` of the per-prompt and mediation tables."""
+    cost), ``disk_bytes`` of the per-prompt and mediation tables and ``aggregate_hours`` of the
+    one CPU job that summarises them."""
 
     neurons: int
     rows: int
@@ -164,11 +165,13 @@ class CensusEstimate:
     jobs: int
     gpu_hours: float
     disk_bytes: int
+    aggregate_hours: float
 
 
 def census_estimate(shape: ModelShape, rates: DeviceRates, layers: Sequence[int],
                     n_prompts: int, *, n_tokens: int = 128, full_vocab: bool = True,
-                    mediators: bool = True, min_compute_ratio: float = 3.0) -> CensusEstimate:
+                    mediators: bool = True, min_compute_ratio: float = 3.0,
+                    mediator_top_k: int = 10) -> CensusEstimate:
     """The cost of a census of ``layers`` over ``n_prompts`` prompts of ``n_tokens`` tokens from
     the model's dimensions alone, by the workflow's cost model (:mod:`neuron_effects.cost`: FLOPs
     per row by start layer, so that a census of late layers runs faster per row; the fixed cost
@@ -178,7 +181,7 @@ def census_estimate(shape: ModelShape, rates: DeviceRates, layers: Sequence[int]
     """
     layers = list(layers)
     if not layers or n_prompts < 1:
-        return CensusEstimate(0, 0, 0.0, 0.0, 0, 0.0, 0)
+        return CensusEstimate(0, 0, 0.0, 0.0, 0, 0.0, 0, 0.0)
     width = shape.intermediate
     rows = len(layers) * width * n_prompts
     flops = width * n_prompts * sum(shape.row_flops(layer, n_tokens, full_vocab, mediators)
@@ -189,7 +192,11 @@ def census_estimate(shape: ModelShape, rates: DeviceRates, layers: Sequence[int]
     downstream = float(np.mean([shape.n_layers - 1 - layer for layer in layers]))
     per_row = PER_PROMPT_BYTES + (MEDIATORS_BYTES + MEDIATION_BYTES_PER_ROW
                                   * (2 * downstream + 1) if mediators else 0)
+    table_rows = (width * n_prompts * sum(mediation_table_rows(shape.n_layers, layer,
+                                                                mediator_top_k)
+                                           for layer in layers) if mediators else 0)
     return CensusEstimate(
         neurons=len(layers) * width, rows=rows, pflop=flops / 1e15,
         compute_hours=compute_seconds / 3600, jobs=jobs,
-        gpu_hours=(compute_seconds + jobs * fixed) / 3600, disk_bytes=int(rows * per_row))
+        gpu_hours=(compute_seconds + jobs * fixed) / 3600, disk_bytes=int(rows * per_row),
+        aggregate_hours=aggregation_seconds(rows, table_rows) / 3600)

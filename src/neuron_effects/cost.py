@@ -27,6 +27,12 @@ MEDIATION_FACTOR = 1.167
 # RelP rule set); a backward is ~2x a forward in FLOPs (AtP alone measured 1.80x a clean forward
 # on SmolLM2, BENCHMARKS.md section 7).
 BACKWARD_FACTOR = 2.0
+# The aggregation, on one CPU core (measured on the demo census and a 3-layer census of it,
+# BENCHMARKS.md section 12): a fixed part, a cost per (prompt, neuron) row and one per row of the
+# mediation tables (:func:`mediation_table_rows`).
+AGGREGATE_FIXED_S = 6.0
+AGGREGATE_ROW_S = 22e-6
+AGGREGATE_TABLE_ROW_S = 1.2e-6
 # Bytes per parameter of a checkpoint by its config's torch_dtype (a prepared GGUF: float32).
 STORAGE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -146,6 +152,18 @@ DEVICES: dict[str, DeviceRates] = {
     "h100": DeviceRates("h100", flops_per_s=38.2e12, float64_factor=2.0, startup_s=12.0,
                         read_bytes_per_s=2.0e9, unit_host_s=0.015, row_host_s=11e-6),
 }
+
+
+def mediation_table_rows(n_layers: int, layer: int, top_k: int) -> int:
+    """Rows that one (prompt, neuron) of ``layer`` adds to the mediation tables: 2 per
+    downstream layer + 1 in the split, and up to ``top_k`` neurons + ``top_k`` heads."""
+    return 2 * (n_layers - 1 - layer) + 1 + 2 * top_k
+
+
+def aggregation_seconds(rows: int, table_rows: int) -> float:
+    """The aggregation's time on one CPU core for ``rows`` (prompt, neuron) rows and
+    ``table_rows`` rows of the mediation tables."""
+    return AGGREGATE_FIXED_S + rows * AGGREGATE_ROW_S + table_rows * AGGREGATE_TABLE_ROW_S
 
 
 def device_rates(device: str, overrides: Mapping[str, float] | None = None) -> DeviceRates:

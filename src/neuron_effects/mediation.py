@@ -319,11 +319,12 @@ def neuron_mediation(part_sums: pd.DataFrame, summary: pd.DataFrame,
                            for part in ("attn", "mlp", "norm")})
     ranked = summary.assign(_size=-summary["mean_contribution"].abs()).sort_values(
         ["neuron_id", "_size", "kind"])
-    text = ranked.groupby("neuron_id").head(listed).groupby("neuron_id").apply(
-        lambda group: "; ".join(f"{m} {c:+.3g} ({f:.0%})" for m, c, f in zip(
-            group["mediator"], group["mean_contribution"], group["frac_in_top_k"])),
-        include_groups=False)
-    top = ranked.groupby("neuron_id")["mediator"].first()
+    listed_rows = ranked.groupby("neuron_id", observed=True).head(listed)
+    entries = (listed_rows["mediator"].astype(str) + " "
+               + listed_rows["mean_contribution"].map("{:+.3g}".format) + " ("
+               + listed_rows["frac_in_top_k"].map("{:.0%}".format) + ")")
+    text = entries.groupby(listed_rows["neuron_id"], observed=True).agg("; ".join)
+    top = ranked.groupby("neuron_id", observed=True)["mediator"].first()
     result = shares.assign(top_mediator=top.reindex(shares.index),
                            top_mediators=text.reindex(shares.index))
     return result.rename_axis("neuron_id").reset_index()

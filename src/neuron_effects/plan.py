@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .cost import BACKWARD_FACTOR, DeviceRates, ModelShape
+from .cost import (BACKWARD_FACTOR, DeviceRates, ModelShape, aggregation_seconds,
+                   mediation_table_rows)
 from .inputs import InputError, Neuron, PromptRecord, chunk, digest, prompt_fields
 
 
@@ -112,6 +113,7 @@ class Workload:
     backward_passes: int = 2  # attribution patching: one per estimate method (0: off)
     validation_pairs: int = 32
     neurons_per_block: int = 2048
+    mediator_top_k: int = 10
 
 
 @dataclass(frozen=True)
@@ -130,10 +132,12 @@ class RuleEstimate:
 
 @dataclass(frozen=True)
 class PlanEstimate:
-    """The estimate of every model job of a plan on one device."""
+    """The estimate of every model job of a plan on one device, and of the aggregation's one
+    CPU job (``aggregate_s``, :func:`aggregate_seconds`)."""
 
     device: str
     rules: tuple[RuleEstimate, ...]
+    aggregate_s: float = 0.0
 
     @property
     def jobs(self) -> int:
@@ -150,6 +154,7 @@ class PlanEstimate:
     def as_dict(self) -> dict[str, Any]:
         """JSON-able: the report's params."""
         return {"device": self.device, "fixed_share": self.fixed_share,
+                "aggregate_s": self.aggregate_s,
                 "rules": [{"rule": r.rule, "jobs": r.jobs, "compute_s": r.compute_s,
                            "fixed_s": r.fixed_s} for r in self.rules]}
 
@@ -163,6 +168,7 @@ class PlanEstimate:
         lines.append(f"{'model jobs':<22}{self.jobs:>5}{'':>22}{_duration(self.total_s):>11}")
         lines.append(f"estimated {unit}-minutes on {self.device}: {self.total_s / 60:.1f}, of "
                      f"which fixed cost (start-up and model loading) {100 * self.fixed_share:.0f} %")
+        lines.append(f"then aggregate_effects, 1 CPU job (one core): {_duration(self.aggregate_s)}")
         return "\n".join(lines)
 
 
@@ -192,10 +198,30 @@ def shard_seconds(shape: ModelShape, rates: DeviceRates, work: Workload,
     return rows + units * rates.unit_host_s + directions
 
 
+def aggregate_seconds(plan: ShardPlan, n_layers: int, work: Workload) -> float:
+    """The estimated time of ``aggregate_effects`` (one CPU core) for the plan's rows
+    (:func:`neuron_effects.cost.aggregation_seconds`)."""
+    rows = table_rows = 0
+    for shard in plan.shards:
+        prompts = len(shard.chunk.records)
+        rows += len(shard.neurons) * prompts
+        if work.mediators:
+            table_rows += prompts * sum(mediation_table_rows(n_layers, neuron.layer,
+                                                             work.mediator_top_k)
+                                        for neuron in shard.neurons)
+    return aggregation_seconds(rows, table_rows)
+
+
+def aggregate_runtime_minutes(aggregate_s: float, floor: int = 15) -> int:
+    """The aggregation job's time limit on a cluster (first attempt): three times the estimate,
+    at least ``floor`` minutes (a cluster core may be slower than the one measured)."""
+    return max(floor, -(-int(3 * aggregate_s) // 60))
+
+
 def estimate(plan: ShardPlan, tokens: Mapping[str, int], shape: ModelShape, rates: DeviceRates,
-             work: Workload) -> PlanEstimate:
+             work: Workload, aggregate: bool = True) -> PlanEstimate:
     """Per model rule: jobs, estimated compute and fixed seconds (``tokens``: each prompt's
-    token count by prompt id)."""
+    token count by prompt id); with ``aggregate``, also the aggregation's time."""
     fixed = rates.fixed_s(shape.weight_bytes)
     forwards = sum(shape.forward_flops(n) for n in tokens.values()) / rates.flops_per_s
     n_chunks = len(plan.chunks)
@@ -214,7 +240,8 @@ def estimate(plan: ShardPlan, tokens: Mapping[str, int], shape: ModelShape, rate
                                            for s in plan.shards))
     reference = (pairs + min(pairs, len(tokens))) * mean_forward * rates.float64_factor
     rules.append(RuleEstimate("validate_sample", 1, reference, fixed))
-    return PlanEstimate(rates.name, tuple(rules))
+    return PlanEstimate(rates.name, tuple(rules),
+                        aggregate_seconds(plan, shape.n_layers, work) if aggregate else 0.0)
 
 
 def balanced_blocks(costs: Sequence[float], n_blocks: int) -> list[int]:
@@ -286,7 +313,8 @@ def auto_layout(
                                      [tokens[p] for p in shard.chunk.prompt_ids])
                        for shard in plan.shards)
         if (cheapest >= min_compute_ratio * fixed
-                and estimate(plan, tokens, shape, rates, work).fixed_share <= max_fixed_share):
+                and estimate(plan, tokens, shape, rates, work, aggregate=False).fixed_share
+                <= max_fixed_share):
             return blocks, per_chunk
     return _layer_blocks(layers, costs, 1, shape.n_layers), len(prompts)
 

@@ -460,14 +460,61 @@ def layer_rows(shard_paths: Sequence[str], layer: int, prompt_order: Mapping[str
                                                   ).drop(columns="_order")
 
 
+def _source_layers_by_row_group(source: pq.ParquetFile, source_layers: Mapping[str, int]
+                                ) -> list[set[int]]:
+    """The source layers of the neurons in each row group of a top-k mediator table
+    (``source_layers``: each neuron id's layer), read from the ``neuron_id`` column only."""
+    layers = []
+    for group in range(source.num_row_groups):
+        ids = pc.unique(source.read_row_group(group, columns=["neuron_id"])["neuron_id"])
+        if isinstance(ids, pa.DictionaryArray):
+            ids = ids.dictionary.take(pc.unique(ids.indices))
+        layers.append({source_layers[neuron_id] for neuron_id in ids.to_pylist()})
+    return layers
+
+
+def layer_mediator_summaries(mediators_path: str, neurons: pd.DataFrame, top_k: int) -> Any:
+    """:func:`mediation.mediator_summary` of each source layer, as ``(layer, summary)`` pairs,
+    in one pass over the top-k table: a layer is summarised and let go after the last row group
+    that holds its neurons, so the running sums (added up whenever a layer's pieces outgrow
+    twice its running total) hold the (neuron, mediator) pairs of the layers still open, one
+    layer block of the shard plan at most. ``neurons``: ``neuron_id``, ``layer``,
+    ``n_prompts``."""
+    by_id = neurons.set_index("neuron_id")
+    source_layers = by_id["layer"].to_dict()
+    source = pq.ParquetFile(mediators_path)
+    groups = _source_layers_by_row_group(source, source_layers)
+    last_group = {layer: group for group, layers in enumerate(groups) for layer in layers}
+    sums: dict[int, list[pd.DataFrame]] = {}
+    for group, layers in enumerate(tqdm(groups, desc="mediator row groups", unit="group",
+                                        **PROGRESS)):
+        if not layers:
+            continue
+        part = source.read_row_group(group).to_pandas()
+        if len(layers) > 1:
+            rows_layer = part["neuron_id"].map(source_layers).to_numpy()
+        for layer in sorted(layers):
+            piece = part if len(layers) == 1 else part[rows_layer == layer]
+            pieces = sums.setdefault(layer, [])
+            pieces.append(mediation.mediator_sums(piece))
+            if sum(map(len, pieces)) > max(2 * len(pieces[0]), MEDIATOR_ROWS_HELD):
+                sums[layer] = [mediation.combined_mediator_sums(pieces)]
+            if last_group[layer] == group:
+                yield layer, mediation.mediator_summary(sums.pop(layer), by_id["n_prompts"],
+                                                        keep=top_k)
+
+
 def aggregate_mediation(
     mediation_shards: Sequence[str], mediator_shards: Sequence[str], neurons: pd.DataFrame,
     part_sums: pd.DataFrame, direct_tokens: Mapping[str, list], profile_path: str, top_k: int,
     mediation_out: str, mediators_out: str, mediation_layers_out: str,
+    documented: set[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Stream the shards' mediation and top-k tables into one file each, write the layer flow
     (source layer x mediator layer), and return per neuron the mediation and edge-agreement
-    columns and the top mediators over prompts (:func:`mediation.mediator_summary`).
+    columns, and the top mediators over prompts (:func:`mediation.mediator_summary`) of the
+    ``documented`` neurons (None: all). The mediators are summarised one source layer at a
+    time (:func:`layer_mediator_summaries`).
     ``neurons``: ``neuron_id``, ``layer``, ``n_prompts`` of every studied neuron;
     ``part_sums``: :func:`mediation.indirect_part_sums` of every row; ``direct_tokens``: per
     neuron with profile edges, its per-prompt ``top_k_direct_tokens``."""
@@ -477,15 +524,23 @@ def aggregate_mediation(
     flow = [mediation.layer_flow_sums(part, by_id["layer"])
             for part in _row_groups(mediation_out)]
     store.write_parquet(mediation_layers_out, mediation.layer_flow(flow))
-    sums, held = [], 0  # added up whenever the pieces outgrow twice the running total
-    for part in _row_groups(mediators_out):
-        sums.append(mediation.mediator_sums(part))
-        held += len(sums[-1])
-        if held > max(2 * len(sums[0]), MEDIATOR_ROWS_HELD):
-            sums = [mediation.combined_mediator_sums(sums)]
-            held = len(sums[0])
-    summary = mediation.mediator_summary(sums, by_id["n_prompts"], keep=top_k)
-    columns = mediation.neuron_mediation(part_sums, summary)
+    layer_ids = {layer: list(ids) for layer, ids in neurons.groupby("layer")["neuron_id"]}
+    empty = mediation.mediator_summary([], by_id["n_prompts"], keep=top_k)
+    column_parts, kept = [], []
+
+    def reduce(layer: int, summary: pd.DataFrame) -> None:
+        """A layer's columns (every neuron), and its mediator lists (documented neurons)."""
+        column_parts.append(mediation.neuron_mediation(part_sums.loc[layer_ids.pop(layer)],
+                                                       summary))
+        kept.append(summary if documented is None
+                    else summary[summary["neuron_id"].isin(documented)])
+
+    for layer, summary in layer_mediator_summaries(mediators_out, neurons, top_k):
+        reduce(layer, summary)
+    for layer in list(layer_ids):  # no mediators (the last layer)
+        reduce(layer, empty)
+    columns = pd.concat(column_parts, ignore_index=True)
+    summary = pd.concat(kept, ignore_index=True)
     edges = read_edges(profile_path)
     mediator_neurons = summary[summary["kind"] == "neuron"]
     by_neuron = {neuron_id: group for neuron_id, group in mediator_neurons.groupby("neuron_id")}
@@ -648,7 +703,8 @@ def aggregate_effects(
                                     neurons[["neuron_id", "layer", "n_prompts"]],
                                     pd.concat(part_sums), direct_tokens, profile_path,
                                     mediator_top_k, mediation_out, mediators_out,
-                                    mediation_layers_out)
+                                    mediation_layers_out,
+                                    documented=profile_ids if census else None)
         if edges_out is not None:
             gradients = None
             if estimates is not None and "gradient" in estimates[0]:
@@ -825,7 +881,10 @@ def job_timings(jobs: Sequence[tuple[str, str]],
         peak_rss_mb=("max_rss_mb", "max")).reset_index()
     table.insert(4, "work_s", table["total_s"] - table["fixed_s"])
     if estimate is not None:
-        planned = pd.DataFrame(estimate["rules"]).rename(columns={
+        aggregation = ([{"rule": "aggregate_effects", "jobs": 1,
+                         "compute_s": estimate["aggregate_s"], "fixed_s": None}]
+                       if "aggregate_s" in estimate else [])
+        planned = pd.DataFrame([*estimate["rules"], *aggregation]).rename(columns={
             "jobs": "planned_jobs", "compute_s": "estimated_compute_s",
             "fixed_s": "estimated_fixed_s"})
         table = table.merge(planned, on="rule", how="left")

@@ -13,7 +13,13 @@ from neuron_effects.demo import fetch_demo_model
 from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest
-from neuron_effects.plan import Workload, estimate, make_plan, resolve_layout
+from neuron_effects.plan import (
+    Workload,
+    aggregate_runtime_minutes,
+    estimate,
+    make_plan,
+    resolve_layout,
+)
 from neuron_effects.precision import low_precision_warning
 from neuron_effects.prepare import prepared_location
 from neuron_effects.relp import method_rules
@@ -83,6 +89,7 @@ WORK = Workload(
     backward_passes=len(ATP_METHODS) if ATP else 0,
     validation_pairs=config["validation"]["pairs"],
     neurons_per_block=config["compute"]["neurons_per_block"],
+    mediator_top_k=config["mediators"]["top_k"],
 )
 # The shard plan: sizes from the config, or (auto) from the cost model. The layout is chosen by
 # the top-level run and saved, so that the parse inside each cluster job finds the same shards.
@@ -106,6 +113,14 @@ PLAN = make_plan(NEURONS, CHECKED.records, *LAYOUT)
 ESTIMATE = estimate(PLAN, TOKENS, SHAPE, RATES, WORK)
 if not workflow.remote_exec:
     logger.info(f"The plan and its estimated cost:\n{ESTIMATE.table()}")
+AGGREGATE_MINUTES = aggregate_runtime_minutes(ESTIMATE.aggregate_s)
+
+
+def aggregate_runtime(wildcards, attempt):
+    """The aggregation's time limit on a cluster, in minutes: from the plan's estimate, and
+    longer on each retry."""
+    return AGGREGATE_MINUTES * attempt
+
 
 EFFECT_SETTINGS = {
     "treatment": config["treatment"],

@@ -41,6 +41,8 @@ rule aggregate_effects:
         "benchmarks/aggregate_effects/all.tsv"
     conda:
         "../../envs/neuron-effects.yaml"
+    resources:
+        runtime=aggregate_runtime,
     params:
         thresholds=config["classification"],
         mediator_top_k=config["mediators"]["top_k"],
