@@ -290,14 +290,15 @@ def mediator_summary(parts: Sequence[pd.DataFrame], n_prompts: pd.Series,
     total = combined_mediator_sums(parts)
     prompts = total["neuron_id"].map(n_prompts).to_numpy(dtype=float)
     total = total.assign(mean_contribution=total["sum"] / prompts,
-                         frac_in_top_k=total["count"] / prompts,
-                         mediator=[f"L{layer}/{'N' if kind == 'neuron' else 'H'}{index}"
-                                   for kind, layer, index in
-                                   zip(total["kind"], total["layer"], total["index"])])
+                         frac_in_top_k=total["count"] / prompts)
     total = total.assign(_size=-total["mean_contribution"].abs()).sort_values(
         ["neuron_id", "kind", "_size", "layer", "index"])
     total["rank"] = total.groupby(["neuron_id", "kind"]).cumcount() + 1
-    return total[total["rank"] <= keep][columns].reset_index(drop=True)
+    total = total[total["rank"] <= keep]
+    total["mediator"] = [f"L{layer}/{'N' if kind == 'neuron' else 'H'}{index}"
+                         for kind, layer, index in
+                         zip(total["kind"], total["layer"], total["index"])]
+    return total[columns].reset_index(drop=True)
 
 
 def indirect_part_sums(per_prompt: pd.DataFrame) -> pd.DataFrame:

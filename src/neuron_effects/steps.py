@@ -490,13 +490,12 @@ def layer_mediator_summaries(mediators_path: str, neurons: pd.DataFrame, top_k: 
                                         **PROGRESS)):
         if not layers:
             continue
-        part = source.read_row_group(group).to_pandas()
+        part = mediation.mediator_sums(source.read_row_group(group).to_pandas())
         if len(layers) > 1:
-            rows_layer = part["neuron_id"].map(source_layers).to_numpy()
+            part_layers = part["neuron_id"].map(source_layers).to_numpy()
         for layer in sorted(layers):
-            piece = part if len(layers) == 1 else part[rows_layer == layer]
             pieces = sums.setdefault(layer, [])
-            pieces.append(mediation.mediator_sums(piece))
+            pieces.append(part if len(layers) == 1 else part[part_layers == layer])
             if sum(map(len, pieces)) > max(2 * len(pieces[0]), MEDIATOR_ROWS_HELD):
                 sums[layer] = [mediation.combined_mediator_sums(pieces)]
             if last_group[layer] == group:
