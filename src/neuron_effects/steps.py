@@ -880,10 +880,9 @@ def job_timings(jobs: Sequence[tuple[str, str]],
         peak_rss_mb=("max_rss_mb", "max")).reset_index()
     table.insert(4, "work_s", table["total_s"] - table["fixed_s"])
     if estimate is not None:
-        aggregation = ([{"rule": "aggregate_effects", "jobs": 1,
-                         "compute_s": estimate["aggregate_s"], "fixed_s": None}]
-                       if "aggregate_s" in estimate else [])
-        planned = pd.DataFrame([*estimate["rules"], *aggregation]).rename(columns={
+        aggregation = {"rule": "aggregate_effects", "jobs": 1,
+                       "compute_s": estimate["aggregate_s"], "fixed_s": None}
+        planned = pd.DataFrame([*estimate["rules"], aggregation]).rename(columns={
             "jobs": "planned_jobs", "compute_s": "estimated_compute_s",
             "fixed_s": "estimated_fixed_s"})
         table = table.merge(planned, on="rule", how="left")
