@@ -32,14 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from conftest import LLAMA_8B_CONFIG, tiny_model  # noqa: E402
 
-from neuron_effects import effects, store  # noqa: E402
+from neuron_effects import cache, effects  # noqa: E402
 from neuron_effects.clean import run_clean  # noqa: E402
 from neuron_effects.cost import ModelShape, device_rates  # noqa: E402
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block  # noqa: E402
 from neuron_effects.inputs import Neuron  # noqa: E402
-from neuron_effects.steps import PROMPT_COLUMNS, _save_unit  # noqa: E402
-
-RECORD = {key: None for key in PROMPT_COLUMNS} | {"prompt_id": "p", "target_id": 5}
+from neuron_effects.steps import _save_unit  # noqa: E402
 
 
 def main() -> None:
@@ -74,7 +72,8 @@ def main() -> None:
     compute_effects(model, clean, block, settings, 5, 7)  # warm-up
     seconds: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
-        progress = store.ShardProgress(folder, "bench")
+        rows = [cache.row_key(n.layer, n.neuron) for n in sorted(
+            neurons, key=lambda n: (n.layer, n.neuron))]
         for repeat in range(args.repeats):
             builders.update(mediation_rows=0.0, mediator_rows=0.0, _split_columns=0.0)
             tables = compute_effects(model, clean, block, settings, 5, 7)
@@ -87,7 +86,7 @@ def main() -> None:
                 if name.endswith("_tokens"):
                     frame[name] = [list(map(int, tokens)) for tokens in tables.per_prompt[name]]
             built = time.perf_counter()
-            _save_unit(progress, f"u{repeat}", tables, RECORD)
+            _save_unit(cache.RowCache(folder, f"u{repeat}"), {}, rows, tables, "bench")
             for name, value in {**builders, "per_prompt_frame": built - started,
                                 "save_unit": time.perf_counter() - built}.items():
                 seconds.setdefault(name, []).append(value)

@@ -99,29 +99,6 @@ def test_mediator_summary_over_prompts():
     assert columns["top_mediators"].startswith("L3/N7 +0.3 (100%)")
 
 
-def test_shard_progress_named_tables_and_streamed_assembly(tmp_path):
-    progress = store.ShardProgress(tmp_path / "partial", "fp")
-    frames = {}
-    for unit in ("u0", "u1", "u2"):
-        main = pd.DataFrame({"x": [len(unit)]})
-        extra = pd.DataFrame({"neuron_id": [f"{unit}/a", f"{unit}/b"] if unit != "u1" else [],
-                              "value": np.array([1.0, 2.0] if unit != "u1" else [],
-                                                dtype=np.float32)})
-        frames[unit] = extra
-        progress.save(unit, main, {"extra": extra})
-    assert progress.done_units() == ["u0", "u1", "u2"]
-    # a unit whose named table was saved but not its main table is not done
-    store.write_parquet(progress.path("u3", "extra"), frames["u0"])
-    assert not progress.is_done("u3")
-    progress.assemble(["u0", "u1", "u2"], tmp_path / "out.parquet",
-                      {"extra": tmp_path / "out.extra.parquet"})
-    combined = pd.read_parquet(tmp_path / "out.extra.parquet")
-    assert combined["neuron_id"].tolist() == ["u0/a", "u0/b", "u2/a", "u2/b"]
-    assert pq.ParquetFile(tmp_path / "out.extra.parquet").metadata.row_group(0).column(0) \
-        .compression == "ZSTD"
-    assert not (tmp_path / "partial").exists()
-
-
 def test_concat_of_empty_files_keeps_the_columns(tmp_path):
     empty = tmp_path / "e.parquet"
     store.write_parquet(empty, pd.DataFrame({"a": pd.Series([], dtype=float)}))

@@ -1,16 +1,14 @@
-"""Files (neuron_effects.store): atomic writes, the clean-run cache, resumable shard progress,
-and resumption of the shard step itself (steps.compute_shard) after an interruption."""
+"""Files (neuron_effects.store): atomic writes, the clean-run file format, streamed parquet
+concatenation and row reading."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pyarrow as pa
 import pytest
 import torch
@@ -18,9 +16,7 @@ import torch
 from conftest import tiny_model
 from neuron_effects import steps, store
 from neuron_effects.clean import run_clean
-from neuron_effects.effects import EffectSettings
-from neuron_effects.model import ModelSpec
-from neuron_effects.store import ShardProgress, atomic_path, read_rows
+from neuron_effects.store import atomic_path, read_rows
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -93,152 +89,6 @@ def test_clean_runs_round_trip(tmp_path):
                      "activation_sums", "prefix_keys", "prefix_values"):
             assert torch.equal(getattr(run, name), getattr(back, name)), name
     assert loaded[1].prefix_keys.shape[2] == 2  # T - 1 positions of prompt b
-
-
-# --- shard progress -------------------------------------------------------------------------
-
-def unit_frame(unit: str, rows: int = 2) -> pd.DataFrame:
-    return pd.DataFrame({"unit": [unit] * rows, "value": range(rows)})
-
-
-def test_progress_records_done_units_and_survives_a_restart(tmp_path):
-    root = tmp_path / "partial" / "L00-09_c000"
-    progress = ShardProgress(root, "fp1")
-    assert progress.done_units() == []
-    progress.save("n000_p00001", unit_frame("b"))
-    progress.save("n000_p00000", unit_frame("a"))
-    (progress.folder / ".n000_p00002.parquet.x1y2.tmp").write_bytes(b"half")  # a killed write
-    assert progress.done_units() == ["n000_p00000", "n000_p00001"]
-    assert not progress.is_done("n000_p00002")
-    restarted = ShardProgress(root, "fp1")  # same fingerprint: the units are reused
-    assert restarted.done_units() == ["n000_p00000", "n000_p00001"]
-    assert restarted.is_done("n000_p00000") and not restarted.is_done("n000_p00002")
-
-
-def test_progress_of_another_fingerprint_is_discarded(tmp_path):
-    root = tmp_path / "partial" / "shard"
-    ShardProgress(root, "old").save("n000_p00000", unit_frame("a"))
-    ShardProgress(root, "other-old").save("n000_p00001", unit_frame("b"))
-    fresh = ShardProgress(root, "new")
-    assert fresh.done_units() == []
-    assert leftovers(root) == ["new"]
-
-
-def test_assemble_in_order_then_clean_up(tmp_path):
-    root = tmp_path / "partial" / "shard"
-    progress = ShardProgress(root, "fp")
-    for unit, rows in (("n000_p00002", 1), ("n000_p00000", 2), ("n000_p00001", 3)):
-        progress.save(unit, unit_frame(unit, rows))
-    output = tmp_path / "shards" / "shard.parquet"
-    rows = progress.assemble(["n000_p00000", "n000_p00001", "n000_p00002"], output)
-    expected = ["n000_p00000"] * 2 + ["n000_p00001"] * 3 + ["n000_p00002"]
-    assert rows == len(expected)
-    assert pd.read_parquet(output)["unit"].tolist() == expected
-    assert pq.ParquetFile(output).num_row_groups == 3  # a row group per unit
-    assert not root.exists()
-
-
-def test_assemble_refuses_missing_units(tmp_path):
-    root = tmp_path / "partial" / "shard"
-    progress = ShardProgress(root, "fp")
-    progress.save("n000_p00000", unit_frame("a"))
-    output = tmp_path / "shard.parquet"
-    with pytest.raises(RuntimeError, match=r"units not done: \['n000_p00001', 'n001_p00000'\]"):
-        progress.assemble(["n000_p00000", "n000_p00001", "n001_p00000"], output)
-    assert not output.exists()
-    assert progress.done_units() == ["n000_p00000"]  # the progress is kept
-
-
-# --- resumption of compute_shard ------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def clean_chunk(tiny_model_dir, tmp_path_factory):
-    """A clean-run file of 3 prompts of the tiny model, as cache_clean_runs writes it."""
-    folder = tmp_path_factory.mktemp("clean")
-    prompts = [{"prompt_id": "a", "input_ids": [5, 17, 2, 99, 43], "target_id": 7,
-                "distractor_id": 13},
-               {"prompt_id": "b", "input_ids": [8, 61, 30, 12], "target_id": None,
-                "distractor_id": None},
-               {"prompt_id": "c", "input_ids": [77, 3, 9, 14, 15, 16], "target_id": 11,
-                "distractor_id": None}]
-    spec = ModelSpec(str(tiny_model_dir), device="cpu")
-    steps.cache_clean_runs(spec, prompts, str(folder / "c000.safetensors"))
-    return spec, folder / "c000.safetensors"
-
-
-NEURONS = [["L0/N1", 0, 1], ["L0/N50", 0, 50], ["L1/N7", 1, 7], ["L1/N95", 1, 95],
-           ["L1/N20", 1, 20]]
-SETTINGS = EffectSettings(batch_rows=4, vocab_rows=16, top_k=5)
-
-
-def test_compute_shard_resumes_only_the_missing_units(clean_chunk, tmp_path, monkeypatch,
-                                                      caplog):
-    spec, clean = clean_chunk
-    arguments = dict(spec=spec, clean_path=str(clean), neuron_table=NEURONS, settings=SETTINGS,
-                     neurons_per_block=2)
-    # uninterrupted
-    steps.compute_shard(output=str(tmp_path / "full.parquet"),
-                        partial_root=str(tmp_path / "p-full"), fingerprint="f",
-                        mediation_output=str(tmp_path / "full.mediation.parquet"), **arguments)
-    full = pd.read_parquet(tmp_path / "full.parquet")
-    full_mediation = pd.read_parquet(tmp_path / "full.mediation.parquet")
-    assert full_mediation.groupby(["prompt_id", "neuron_id"]).ngroups == 5 * 3
-    assert len(full) == 5 * 3 and not full.duplicated(["prompt_id", "neuron_id"]).any()
-
-    # interrupted after 4 of the 9 units (3 neuron blocks x 3 prompts)
-    saved = []
-    original_save = ShardProgress.save
-
-    def failing_save(self, unit, frame, tables=None):
-        if len(saved) == 4:
-            raise KeyboardInterrupt("killed")
-        saved.append(unit)
-        original_save(self, unit, frame, tables)
-
-    monkeypatch.setattr(ShardProgress, "save", failing_save)
-    partial = tmp_path / "p-resumed"
-    output = tmp_path / "resumed.parquet"
-    with pytest.raises(KeyboardInterrupt):
-        steps.compute_shard(output=str(output), partial_root=str(partial), fingerprint="f",
-                            **arguments)
-    monkeypatch.undo()
-    assert not output.exists()
-    assert ShardProgress(partial, "f").done_units() == sorted(saved)
-
-    computed = []
-    original_compute = steps.compute_effects
-
-    def counting_compute(model, clean_run, *rest, **kw):
-        computed.append(clean_run.prompt_id)
-        return original_compute(model, clean_run, *rest, **kw)
-
-    monkeypatch.setattr(steps, "compute_effects", counting_compute)
-    with caplog.at_level(logging.INFO, logger="neuron_effects"):
-        steps.compute_shard(output=str(output), partial_root=str(partial), fingerprint="f",
-                            mediation_output=str(tmp_path / "resumed.mediation.parquet"),
-                            **arguments)
-    assert "5 neurons x 3 prompts in 9 units; 4 already done (resuming)" in caplog.text
-    assert len(computed) == 9 - 4
-    recomputed = [record.args[0] for record in caplog.records
-                  if record.msg.startswith("unit %s")]
-    all_units = {f"n{b:03d}_p{p:05d}" for b in range(3) for p in range(3)}
-    assert len(recomputed) == 5 and set(recomputed) == all_units - set(saved)
-    pd.testing.assert_frame_equal(pd.read_parquet(output), full, rtol=0, atol=1e-6)
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "resumed.mediation.parquet"),
-                                  full_mediation, rtol=0, atol=1e-6)
-    assert not partial.exists()
-
-
-def test_compute_shard_ignores_progress_of_other_settings(clean_chunk, tmp_path, caplog):
-    spec, clean = clean_chunk
-    partial = tmp_path / "partial"
-    ShardProgress(partial, "stale").save("n000_p00000", pd.DataFrame({"bogus": [1]}))
-    with caplog.at_level(logging.INFO, logger="neuron_effects"):
-        steps.compute_shard(spec, str(clean), NEURONS[:2], SETTINGS, str(tmp_path / "o.parquet"),
-                            str(partial), "current", neurons_per_block=2)
-    assert "0 already done (resuming)" in caplog.text
-    frame = pd.read_parquet(tmp_path / "o.parquet")
-    assert "bogus" not in frame.columns and len(frame) == 2 * 3
 
 
 def test_concatenated_tables_may_differ_in_their_categoricals_index_width(tmp_path):

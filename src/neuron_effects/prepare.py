@@ -99,7 +99,8 @@ def prepare_model(prepared: PreparedModel, trust_remote_code: bool = False) -> N
     try:
         if prepared.kind == "gguf":
             _convert_gguf(prepared.source, staging, trust_remote_code)
-            details = {"sha256": prepared.sha256}
+            details = {"sha256": prepared.sha256,
+                       "weights_digest": digest(["gguf", prepared.sha256])}
         else:
             details = _link_snapshot(prepared.source, staging)
     except BaseException:
@@ -146,9 +147,36 @@ def _link_snapshot(repo_id: str, staging: Path) -> dict[str, str]:
             f"cannot download the model {repo_id} from the Hugging Face hub: {error}. Log in "
             "(`hf auth login`) for a gated model, or download it elsewhere and set model: to "
             "the local folder") from error
-    for path in snapshot.rglob("*"):
+    blobs = {}
+    for path in sorted(snapshot.rglob("*")):
         if path.is_file():
             target = staging / path.relative_to(snapshot)
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(path.resolve())
-    return {"snapshot": str(snapshot)}
+            blobs[str(path.relative_to(snapshot))] = path.resolve().name
+    # the hub cache names each blob by its content's hash (SHA-256 for LFS files such as the
+    # weights): a digest of the weights without reading them
+    return {"snapshot": str(snapshot), "weights_digest": digest(["hub", blobs])}
+
+
+# The weight files whose bytes a local folder's digest covers.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def model_digest(folder: str | Path, cache_dir: str | Path | None = None) -> str:
+    """A digest of the model's weights (and config), the model part of every cache key: the
+    ``weights_digest`` its preparation recorded in the manifest, or, for a local folder used as
+    it is (or prepared before digests were recorded), the SHA-256 of each weight file and of
+    ``config.json`` (:func:`file_sha256`, cached by path, size and mtime in ``cache_dir``: each
+    file version is read once)."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        recorded = json.loads(manifest.read_text()).get("weights_digest")
+        if recorded:
+            return recorded
+    files = sorted({path for pattern in (*WEIGHT_PATTERNS, "config.json")
+                    for path in folder.glob(pattern)})
+    if not files:
+        raise InputError(f"no model weights found in {folder}")
+    return digest(["files", {path.name: file_sha256(path, cache_dir) for path in files}])

@@ -7,13 +7,16 @@ work without Snakemake too (tests call them directly).
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import re
+import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import aggregate, attribution, mediation, store
+from . import aggregate, attribution, cache, mediation, store
 from .census import census_columns, layer_ranking_agreement
 from .clean import run_clean
 from .edges import (EDGE_COLUMNS, edge_agreement, edge_table, measurable_targets,
@@ -41,6 +44,7 @@ from .error_scale import (ERROR_FACTOR, RELATIVE_FLOOR_FACTOR, float32_error_bou
 from .model import (ModelSpec, load_config, load_model, load_tokenizer, parameter_sizes,
                     precision_flags, resolve_device, resolve_dtype)
 from .precision import low_precision_warning
+from .prepare import model_digest
 from .products import use_products
 from .reference import reference_clean_logits
 from .targets import check_target_ranks, is_low_rank
@@ -130,41 +134,82 @@ def prepare_inputs(
              frame["n_tokens"].min(), frame["n_tokens"].max(), len(checked.neurons))
 
 
+def _model_key(spec: ModelSpec, cache_root: str | None) -> list[str]:
+    """The model part of every cache key: its weights digest (recorded when it was prepared;
+    a local folder's files hashed once, the digests kept in ``<cache_root>/model-digests``) and
+    the dtype it runs in."""
+    cache_dir = None if cache_root is None else Path(cache_root) / "model-digests"
+    return [model_digest(spec.model, cache_dir), str(resolve_dtype(spec.dtype))]
+
+
 def cache_clean_runs(spec: ModelSpec, prompts: Sequence[dict[str, Any]], output: str,
-                     max_rank: int = 100, on_low_rank: str = "warn") -> None:
+                     max_rank: int = 100, on_low_rank: str = "warn",
+                     cache_root: str | None = None,
+                     prompt_format: Mapping[str, Any] | None = None) -> None:
     """One clean forward per prepared prompt of the chunk (``prompt_id``, ``input_ids``,
     ``target_id`` and ``distractor_id``, ``None`` when not given); saves the runs and, per prompt,
     the target (given, or the clean argmax), the distractor and the clean prediction. Given
     targets ranked below the top ``max_rank`` are logged, or stop the job
-    (:func:`neuron_effects.targets.check_target_ranks`)."""
-    model = _load_model(spec)
-    tokenizer = load_tokenizer(spec)
+    (:func:`neuron_effects.targets.check_target_ranks`).
+
+    With ``cache_root``, each prompt's run is cached under ``<cache_root>/clean/`` by the model,
+    its token ids, target, distractor and ``prompt_format`` (:mod:`neuron_effects.cache`): only
+    the prompts not found are computed, and the model is not loaded when none is missing."""
+    folder = None if cache_root is None else Path(cache_root) / "clean"
+    keys = [None] * len(prompts)
+    if folder is not None:
+        model_key = _model_key(spec, cache_root)
+        keys = [cache.key("clean", model_key, list(map(int, row["input_ids"])), row["target_id"],
+                          row["distractor_id"], prompt_format) for row in prompts]
+    found = {key for key in keys
+             if key is not None and cache.verified_manifest(cache_root, folder, key)}
+    missing = [row for row, key in zip(prompts, keys) if key not in found]
+    log.info("prompts computed: %d, reused: %d", len(missing), len(prompts) - len(missing))
+    if missing:
+        model = _load_model(spec)
+        tokenizer = load_tokenizer(spec)
     runs, records = [], []
-    for row in tqdm(prompts, desc="clean forwards", **PROGRESS):
-        prompt_id, started = row["prompt_id"], time.perf_counter()
-        run = run_clean(model, list(row["input_ids"]), prompt_id)
-        probabilities = run.logits.softmax(-1)
-        top = int(run.logits.argmax())
-        given = row["target_id"] is not None
-        target = int(row["target_id"]) if given else top
-        distractor = None if row["distractor_id"] is None else int(row["distractor_id"])
-        records.append({
-            "prompt_id": prompt_id, "n_tokens": run.n_tokens,
-            "target_id": target, "target_token": tokenizer.decode([target]),
-            "target_source": "given" if given else "argmax",
-            "distractor_id": distractor,
-            "distractor_token": None if distractor is None else tokenizer.decode([distractor]),
-            "clean_top_token": tokenizer.decode([top]),
-            "clean_top_prob": float(probabilities[top]),
-            "clean_target_prob": float(probabilities[target]),
-            "clean_target_rank": int((run.logits > run.logits[target]).sum()) + 1,
-        })
-        runs.append(run.to(torch.device("cpu")))
-        log.info("prompt %s (%d tokens): clean forward in %.2f s", prompt_id, run.n_tokens,
-                 time.perf_counter() - started)
+    for row, key in tqdm(list(zip(prompts, keys)), desc="clean forwards", **PROGRESS):
+        prompt_id = row["prompt_id"]
+        if key in found:
+            [run], [record] = store.load_clean_runs(folder / f"{key}.safetensors")
+            run.prompt_id = record["prompt_id"] = prompt_id
+        else:
+            run, record = _clean_run(model, tokenizer, row)
+            if key is not None:
+                cache.write_entry(folder, key, {"safetensors": partial(
+                    store.save_clean_runs, runs=[run], records=[record], atomic=False)}, {})
+        runs.append(run)
+        records.append(record)
     for line in check_target_ranks(records, max_rank, on_low_rank):
         log.warning("low-ranked target (above targets.max_rank %d): %s", max_rank, line)
     store.save_clean_runs(output, runs, records)
+
+
+def _clean_run(model: Any, tokenizer: Any, row: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """One prompt's clean forward (on the CPU afterwards) and its record: the target (given, or
+    the clean argmax), the distractor and the clean prediction."""
+    prompt_id, started = row["prompt_id"], time.perf_counter()
+    run = run_clean(model, list(row["input_ids"]), prompt_id)
+    probabilities = run.logits.softmax(-1)
+    top = int(run.logits.argmax())
+    given = row["target_id"] is not None
+    target = int(row["target_id"]) if given else top
+    distractor = None if row["distractor_id"] is None else int(row["distractor_id"])
+    record = {
+        "prompt_id": prompt_id, "n_tokens": run.n_tokens,
+        "target_id": target, "target_token": tokenizer.decode([target]),
+        "target_source": "given" if given else "argmax",
+        "distractor_id": distractor,
+        "distractor_token": None if distractor is None else tokenizer.decode([distractor]),
+        "clean_top_token": tokenizer.decode([top]),
+        "clean_top_prob": float(probabilities[top]),
+        "clean_target_prob": float(probabilities[target]),
+        "clean_target_rank": int((run.logits > run.logits[target]).sum()) + 1,
+    }
+    log.info("prompt %s (%d tokens): clean forward in %.2f s", prompt_id, run.n_tokens,
+             time.perf_counter() - started)
+    return run.to(torch.device("cpu")), record
 
 
 def extract_activations(clean_paths: Sequence[str], activations_out: str, stats_out: str,
@@ -200,49 +245,71 @@ def extract_activations(clean_paths: Sequence[str], activations_out: str, stats_
     store.write_parquet(stats_out, stats)
 
 
-def _mean_activations(stats_path: str, positions: str, n_layers: int, width: int) -> torch.Tensor:
-    stats = pd.read_parquet(stats_path)
+def _mean_activations(stats_path: str | None, treatment: str, positions: str
+                      ) -> tuple[torch.Tensor | None, str | None]:
+    """``mean_ablate``'s prompt-set means [n_layers, intermediate] (over the last positions, or
+    all positions with ``positions: all``) and their digest (a part of the cache keys); None
+    and None for the other treatments."""
+    if treatment != "mean_ablate":
+        return None, None
+    if stats_path is None:
+        raise InputError("treatment mean_ablate needs the activation statistics")
+    stats = pd.read_parquet(stats_path).sort_values(["layer", "neuron"])
     column = "mean" if positions == "last" else "mean_all_positions"
-    return torch.tensor(stats[column].to_numpy(), dtype=torch.float32).reshape(n_layers, width)
+    values = stats[column].to_numpy(np.float32)
+    means = torch.from_numpy(values.copy()).reshape(int(stats["layer"].max()) + 1, -1)
+    return means, hashlib.sha256(values.tobytes()).hexdigest()
 
 
 def estimate_attribution(spec: ModelSpec, clean_path: str, treatment: str, positions: str,
                          output: str, neuron_stats: str | None = None,
-                         methods: dict[str, Sequence[str]] | None = None) -> None:
+                         methods: dict[str, Sequence[str]] | None = None,
+                         cache_root: str | None = None) -> None:
     """First-order estimates of every neuron of every layer on each prompt of a clean chunk
     (:mod:`neuron_effects.attribution`): one forward per prompt, then one backward per method
     (``methods``: name -> RelP rules, empty for the plain gradient; default AtP alone), for the
     target recorded by the clean run. Saved as [prompts, layers, intermediate] float32 per method
     (:func:`estimates_key`), with ``gradient``: the plain ``d logit_target / d a`` of every neuron
-    at the last position (what the edge weights need), and the prompt ids in the metadata."""
+    at the last position (what the edge weights need), and the prompt ids in the metadata.
+
+    With ``cache_root``, each prompt's estimates are cached under ``<cache_root>/attribution/``
+    by the model, the prompt's token ids and target, the treatment (and its means), positions
+    and methods: only the prompts not found are computed (the model is loaded only then)."""
     methods = {"atp": ()} if methods is None else dict(methods)
     runs, records = store.load_clean_runs(clean_path)
-    model = _load_model(spec)
-    means = None
-    if treatment == "mean_ablate":
-        if neuron_stats is None:
-            raise InputError("treatment mean_ablate needs the activation statistics")
-        means = _mean_activations(neuron_stats, positions, model.n_layers,
-                                  model.intermediate_size).to(model.device)
+    means, means_digest = _mean_activations(neuron_stats, treatment, positions)
+    folder = None if cache_root is None else Path(cache_root) / "attribution"
+    keys = [None] * len(records)
+    if folder is not None:
+        model_key = _model_key(spec, cache_root)
+        keys = [cache.key("attribution", model_key, run.input_ids.tolist(), record["target_id"],
+                          treatment, positions, methods, means_digest)
+                for run, record in zip(runs, records)]
+    found = {key for key in keys
+             if key is not None and cache.verified_manifest(cache_root, folder, key)}
+    log.info("prompts computed: %d, reused: %d", sum(key not in found for key in keys),
+             sum(key in found for key in keys))
+    model = _load_model(spec) if len(found) < len(keys) else None
+    if means is not None and model is not None:
+        means = means.to(model.device)
     passes = {"atp": (), **methods}  # the plain gradient always: the edges' weights use it
-    tensors: dict[str, list[torch.Tensor]] = {name: [] for name in [*methods, "gradient"]}
-    for run, record in tqdm(list(zip(runs, records)), desc="forward + backward", **PROGRESS):
-        started = time.perf_counter()
-        projections, _ = attribution.method_gradients(model, run.input_ids, record["target_id"],
-                                                      positions, passes)
-        if positions == "all":  # every position's activation of every layer
-            clean = run_clean(model, run.input_ids, record["prompt_id"], range(model.n_layers))
-            activations = torch.stack([clean.full_activations[layer]
-                                       for layer in range(model.n_layers)])
+    names = [*methods, "gradient"]
+    tensors: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for run, record, key in tqdm(list(zip(runs, records, keys)), desc="forward + backward",
+                                 **PROGRESS):
+        if key in found:
+            prompt = load_file(str(folder / f"{key}.safetensors"))
         else:
-            activations = run.activations
-        for name in methods:
-            tensors[name].append(attribution.first_order_estimates(
-                projections[name], activations.to(model.device), treatment, means).cpu())
-        plain = projections["atp"]
-        tensors["gradient"].append((plain if positions == "last" else plain[:, -1]).cpu())
-        log.info("prompt %s (%d tokens): %s in %.2f s", record["prompt_id"], run.n_tokens,
-                 ", ".join(passes), time.perf_counter() - started)
+            started = time.perf_counter()
+            prompt = _prompt_estimates(model, run, record, treatment, positions, means, methods,
+                                       passes)
+            log.info("prompt %s (%d tokens): %s in %.2f s", record["prompt_id"], run.n_tokens,
+                     ", ".join(passes), time.perf_counter() - started)
+            if key is not None:
+                cache.write_entry(folder, key, {"safetensors": lambda path, values=prompt:
+                                                save_file(values, str(path))}, {})
+        for name in names:
+            tensors[name].append(prompt[name])
     metadata = {"prompt_ids": json.dumps([record["prompt_id"] for record in records]),
                 "target_ids": json.dumps([record["target_id"] for record in records]),
                 "treatment": treatment, "positions": positions,
@@ -250,6 +317,28 @@ def estimate_attribution(spec: ModelSpec, clean_path: str, treatment: str, posit
     with store.atomic_path(output) as temporary:
         save_file({estimates_key(name): torch.stack(values).contiguous()
                    for name, values in tensors.items()}, str(temporary), metadata=metadata)
+
+
+def _prompt_estimates(model: Any, run: Any, record: Mapping[str, Any], treatment: str,
+                      positions: str, means: torch.Tensor | None,
+                      methods: Mapping[str, Sequence[str]], passes: Mapping[str, Sequence[str]]
+                      ) -> dict[str, torch.Tensor]:
+    """One prompt's estimates [layers, intermediate] per method and its plain ``gradient``
+    (last position), on the CPU."""
+    projections, _ = attribution.method_gradients(model, run.input_ids, record["target_id"],
+                                                  positions, passes)
+    if positions == "all":  # every position's activation of every layer
+        clean = run_clean(model, run.input_ids, record["prompt_id"], range(model.n_layers))
+        activations = torch.stack([clean.full_activations[layer]
+                                   for layer in range(model.n_layers)])
+    else:
+        activations = run.activations
+    values = {name: attribution.first_order_estimates(
+        projections[name], activations.to(model.device), treatment, means).cpu().contiguous()
+        for name in methods}
+    plain = projections["atp"]
+    values["gradient"] = (plain if positions == "last" else plain[:, -1]).cpu().contiguous()
+    return values
 
 
 def estimates_key(method: str) -> str:
@@ -319,84 +408,163 @@ def _with_estimates(per_prompt: pd.DataFrame, estimates: dict[str, torch.Tensor]
 
 def compute_shard(
     spec: ModelSpec, clean_path: str, neuron_table: Sequence[Sequence[Any]],
-    settings: EffectSettings, output: str, partial_root: str, fingerprint: str,
+    settings: EffectSettings, output: str, cache_root: str,
     neuron_stats: str | None = None, neurons_per_block: int = 2048,
     mediation_output: str | None = None, mediators_output: str | None = None,
     edge_targets: Mapping[str, Sequence[Sequence[int]]] | None = None,
-    edges_output: str | None = None,
+    edges_output: str | None = None, prompt_format: Mapping[str, Any] | None = None,
 ) -> None:
-    """Effects of the shard's neurons on the chunk's prompts, resumable unit by unit.
+    """Effects of the shard's neurons on the chunk's prompts, computing only the rows that the
+    row cache (:class:`neuron_effects.cache.RowCache` under ``cache_root``) lacks.
 
-    A unit is (neuron block, prompt); each finished unit (its per-prompt rows, mediation rows,
-    top-k mediators and edge rows) is saved atomically under ``partial_root/fingerprint`` and
-    skipped when the shard is restarted; the outputs are assembled from the units at the end.
-    ``edge_targets``: neuron id -> the ``(layer, neuron)`` targets of its profile's edges, whose
-    ``Δa_t`` goes to ``edges_output``; targets not in a later layer of the model are left out
-    with a warning.
+    A unit is (block of ``neurons_per_block`` neurons, prompt); the missing rows of a unit are
+    computed together and saved as one cache entry as soon as they are done (a killed job
+    resumes from them); the outputs (per-prompt rows, mediation rows, top-k mediators, edge
+    rows) are then assembled from the cache, a row group per unit. A row's key: the model, the
+    prompt (token ids, target, distractor, ``prompt_format``), ``settings`` (but batch sizes),
+    the ``mean_ablate`` means, the neuron and its edge targets. The model is loaded only when
+    a row is missing. ``edge_targets``: neuron id -> the ``(layer, neuron)`` targets of its
+    profile's edges, whose ``Δa_t`` goes to ``edges_output``; targets not in a later layer of
+    the model are left out with a warning.
     """
     runs, records = store.load_clean_runs(clean_path)
-    neurons = [Neuron(str(i), int(layer), int(n)) for i, layer, n in neuron_table]
+    neurons = sorted((Neuron(str(i), int(layer), int(n)) for i, layer, n in neuron_table),
+                     key=lambda item: (item.layer, item.neuron))
+    edge_targets = edge_targets or {}
+    rows = {n.neuron_id: cache.row_key(n.layer, n.neuron, edge_targets.get(n.neuron_id, ()))
+            for n in neurons}
     blocks = [neurons[start:start + neurons_per_block]
               for start in range(0, len(neurons), neurons_per_block)]
-    units = {(b, p): f"n{b:03d}_p{p:05d}" for b in range(len(blocks)) for p in range(len(runs))}
-    progress = store.ShardProgress(partial_root, fingerprint)
-    todo = [key for key, name in units.items() if not progress.is_done(name)]
+    means, means_digest = _mean_activations(neuron_stats, settings.treatment, settings.positions)
+    cached_settings = {k: v for k, v in asdict(settings).items()
+                       if k not in ("batch_rows", "vocab_rows")}  # the schedule, not the rows
+    model_key = _model_key(spec, cache_root)
+    caches = [cache.RowCache(cache_root, cache.key(
+        "effects", model_key, run.input_ids.tolist(), record["target_id"],
+        record["distractor_id"], prompt_format, cached_settings, means_digest))
+        for run, record in zip(runs, records)]
+    found = [row_cache.find(set(rows.values())) for row_cache in caches]
+    missing = {(b, p): [n for n in block if rows[n.neuron_id] not in found[p]]
+               for b, block in enumerate(blocks) for p in range(len(runs))}
+    todo = {unit: members for unit, members in missing.items() if members}
+    computed = sum(map(len, todo.values()))
     log.info("shard: %d neurons x %d prompts in %d units; %d already done (resuming)",
-             len(neurons), len(runs), len(units), len(units) - len(todo))
+             len(neurons), len(runs), len(missing), len(missing) - len(todo))
+    log.info("rows computed: %d, reused: %d", computed, len(neurons) * len(runs) - computed)
+    name = Path(output).name.removesuffix(".parquet")
     if todo:
-        model = _load_model(spec)
-        use_products(model, settings.products, settings.split_parts)
-        means = None
-        if settings.treatment == "mean_ablate":
-            if neuron_stats is None:
-                raise InputError("treatment mean_ablate needs the activation statistics")
-            means = _mean_activations(neuron_stats, settings.positions, model.n_layers,
-                                      model.intermediate_size)
-        layers = sorted({n.layer for n in neurons})
-        targets = _measurable_targets(neurons, edge_targets or {}, model)
-        bar = tqdm(total=sum(len(blocks[b]) for b, _ in todo), desc="treated rows", unit="row",
-                   **PROGRESS)
-        # A unit's tables are written by a second thread while the next unit computes (on a GPU
-        # the host work would otherwise leave the device idle); one write at a time.
-        with ThreadPoolExecutor(max_workers=1) as writer:
-            saving: Future | None = None
-            for b, members in enumerate(blocks):
-                pending = [p for block_index, p in todo if block_index == b]
-                if not pending:
-                    continue
-                block = neuron_block(model, members, settings.full_vocab)
-                for p in pending:
-                    record, clean = records[p], runs[p]
-                    if settings.positions == "all":  # every position of the shard's layers
-                        clean = run_clean(model, clean.input_ids, record["prompt_id"], layers)
-                    started = time.perf_counter()
-                    tables = compute_effects(model, clean.to(model.device), block, settings,
-                                             record["target_id"], record["distractor_id"], means,
-                                             targets)
-                    if saving is not None:
-                        saving.result()
-                    saving = writer.submit(_save_unit, progress, units[b, p], tables, record)
-                    bar.update(len(members))
-                    log.info("unit %s (%s): %d rows in %.2f s", units[b, p], record["prompt_id"],
-                             len(members), time.perf_counter() - started)
+        _compute_units(spec, settings, runs, records, todo, caches, found, rows, means,
+                       edge_targets, name)
+    tables = {"per_prompt": output, "mediation": mediation_output,
+              "mediators": mediators_output, "edges": edges_output}
+    _assemble_shard(blocks, records, caches, found, rows,
+                    {table: path for table, path in tables.items() if path})
+
+
+def _compute_units(spec: ModelSpec, settings: EffectSettings, runs: Sequence[Any],
+                   records: Sequence[Mapping[str, Any]],
+                   todo: Mapping[tuple[int, int], Sequence[Neuron]],
+                   caches: Sequence[cache.RowCache], found: Sequence[dict[str, str]],
+                   rows: Mapping[str, str], means: torch.Tensor | None,
+                   edge_targets: Mapping[str, Sequence[Sequence[int]]], shard: str) -> None:
+    """Compute the missing rows of each unit ``(block, prompt)`` of ``todo`` and save each unit
+    as a cache entry (noted in ``found``), written by a second thread while the next unit
+    computes (on a GPU the host work would otherwise leave the device idle)."""
+    model = _load_model(spec)
+    use_products(model, settings.products, settings.split_parts)
+    if means is not None:
+        means = means.to(model.device)
+    canonical = {n.neuron_id: cache.canonical_id(n.layer, n.neuron)
+                 for members in todo.values() for n in members}
+    targets = _measurable_targets(
+        [Neuron(canonical[n.neuron_id], n.layer, n.neuron) for n in
+         {n.neuron_id: n for members in todo.values() for n in members}.values()],
+        {canonical[i]: t for i, t in edge_targets.items() if i in canonical}, model)
+    layers = sorted({n.layer for members in todo.values() for n in members})
+    bar = tqdm(total=sum(map(len, todo.values())), desc="treated rows", unit="row", **PROGRESS)
+    block, block_members = None, None
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        saving: Future | None = None
+        for (b, p), members in todo.items():
+            if [n.neuron_id for n in members] != block_members:
+                block_members = [n.neuron_id for n in members]
+                block = neuron_block(model, [Neuron(canonical[n.neuron_id], n.layer, n.neuron)
+                                             for n in members], settings.full_vocab)
+            record, clean = records[p], runs[p]
+            if settings.positions == "all":  # every position of the shard's layers
+                clean = run_clean(model, clean.input_ids, record["prompt_id"], layers)
+            started = time.perf_counter()
+            tables = compute_effects(model, clean.to(model.device), block, settings,
+                                     record["target_id"], record["distractor_id"], means,
+                                     targets)
             if saving is not None:
                 saving.result()
-        bar.close()
-    extra = {name: path for name, path in (("mediation", mediation_output),
-                                           ("mediators", mediators_output),
-                                           ("edges", edges_output)) if path}
-    progress.assemble(list(units.values()), output, extra)
+            unit = f"n{b:03d}_p{p:05d}"
+            saving = writer.submit(_save_unit, caches[p], found[p],
+                                   [rows[n.neuron_id] for n in members], tables,
+                                   f"{shard} unit {unit}")
+            bar.update(len(members))
+            log.info("unit %s (%s): %d rows in %.2f s", unit, record["prompt_id"], len(members),
+                     time.perf_counter() - started)
+        if saving is not None:
+            saving.result()
+    bar.close()
 
 
-def _save_unit(progress: store.ShardProgress, unit: str, tables: EffectTables,
-               record: dict[str, Any]) -> None:
-    """Save one unit: its per-prompt rows with the prompt's columns, and its mediation, top-k
-    mediator and edge rows with the prompt id."""
-    frame = tables.per_prompt.assign(**{key: record[key] for key in PROMPT_COLUMNS})
-    split = {name: table.assign(prompt_id=record["prompt_id"])[["prompt_id", *table.columns]]
-             for name, table in (("mediation", tables.mediation),
-                                 ("mediators", tables.mediators), ("edges", tables.edges))}
-    progress.save(unit, frame, split)
+def _save_unit(row_cache: cache.RowCache, found: dict[str, str], rows: Sequence[str],
+               tables: EffectTables, made_by: str) -> None:
+    """Save one unit's tables (rows in the order of ``rows``) as a cache entry; note where its
+    rows are in ``found``."""
+    name = row_cache.save(rows, {"per_prompt": tables.per_prompt, "mediation": tables.mediation,
+                                 "mediators": tables.mediators, "edges": tables.edges},
+                          made_by)
+    found.update(dict.fromkeys(rows, name))
+
+
+def _assemble_shard(blocks: Sequence[Sequence[Neuron]], records: Sequence[Mapping[str, Any]],
+                    caches: Sequence[cache.RowCache], found: Sequence[Mapping[str, str]],
+                    rows: Mapping[str, str], outputs: Mapping[str, str]) -> None:
+    """Write each table of ``outputs`` (per_prompt, mediation, mediators, edges) from the
+    cached rows, a row group per unit (block-major, then prompt), relabelled with the shard's
+    neuron ids and given the prompt's columns (all atomically)."""
+    pieces = Path(outputs["per_prompt"]).with_name(
+        f".{Path(outputs['per_prompt']).name}.pieces")
+    shutil.rmtree(pieces, ignore_errors=True)
+    paths: dict[str, list[Path]] = {table: [] for table in outputs}
+    try:
+        for b, block in enumerate(blocks):
+            for p, record in enumerate(records):
+                entries: dict[str, dict[str, str]] = {}
+                for n in block:
+                    entries.setdefault(found[p][rows[n.neuron_id]], {})[
+                        cache.canonical_id(n.layer, n.neuron)] = n.neuron_id
+                for table in outputs:
+                    frame = _concat_pieces([caches[p].read(entry, table, ids)
+                                            for entry, ids in entries.items()])
+                    if table == "per_prompt":
+                        frame = frame.assign(**{key: record[key] for key in PROMPT_COLUMNS})
+                    else:
+                        frame.insert(0, "prompt_id", record["prompt_id"])
+                    path = pieces / f"{b:05d}_{p:06d}.{table}.parquet"
+                    store.write_parquet(path, frame)
+                    paths[table].append(path)
+        for table, output in outputs.items():
+            if table != "per_prompt":
+                store.concat_parquet(paths[table], output)
+        store.concat_parquet(paths["per_prompt"], outputs["per_prompt"])
+    finally:
+        shutil.rmtree(pieces, ignore_errors=True)
+
+
+def _concat_pieces(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """One frame of a unit's rows read from one or more cache entries; ``neuron_id`` keeps the
+    first entry's type (categorical or not)."""
+    if len(frames) == 1:
+        return frames[0]
+    frame = pd.concat(frames, ignore_index=True)
+    if isinstance(frames[0]["neuron_id"].dtype, pd.CategoricalDtype):
+        frame["neuron_id"] = frame["neuron_id"].astype(str).astype("category")
+    return frame
 
 
 def _measurable_targets(neurons: Sequence[Neuron], edge_targets: Mapping[str, Sequence[

@@ -1,22 +1,19 @@
-"""Files: atomic writes, the clean-run cache format, and resumable shard progress.
+"""Files: atomic writes, streamed parquet concatenation and the clean-run file format.
 
 Every file is written to a temporary name in its destination folder and renamed into place
 (``os.replace``), so a reader never sees a half-written file and a killed job leaves at most a
-stray ``.tmp`` file. A shard saves its progress one unit at a time in a partial folder OUTSIDE its
-declared output (Snakemake deletes the declared outputs of a failed job); the folder's name holds
-a fingerprint of everything the shard's results depend on, so stale progress is never reused.
+stray ``.tmp`` file. Results are cached by what they are in :mod:`neuron_effects.cache`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -121,12 +118,17 @@ _RUN_TENSORS = [f.name for f in fields(CleanRun) if f.name not in
                 ("prompt_id", "full_layer_outputs", "full_activations")]
 
 
-def save_clean_runs(path: str | Path, runs: list[CleanRun], records: list[dict[str, Any]]) -> None:
+def save_clean_runs(path: str | Path, runs: list[CleanRun], records: list[dict[str, Any]],
+                    atomic: bool = True) -> None:
     """One safetensors file for a chunk of prompts: each run's tensors under ``<i>.<name>`` and
-    the prepared prompt records (ids, targets, clean prediction) as JSON metadata."""
+    the prepared prompt records (ids, targets, clean prediction) as JSON metadata (``atomic``
+    False: written in place, for a caller that writes to a temporary path itself)."""
     tensors = {f"{index}.{name}": getattr(run, name).contiguous().cpu()
                for index, run in enumerate(runs) for name in _RUN_TENSORS}
     metadata = {"records": json.dumps(records, ensure_ascii=False)}
+    if not atomic:
+        save_file(tensors, str(path), metadata=metadata)
+        return
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
 
@@ -147,49 +149,3 @@ def load_clean_runs(
                      **{name: tensors[f"{index}.{name}"] for name in _RUN_TENSORS})
             for index, record in enumerate(records)]
     return runs, records
-
-
-class ShardProgress:
-    """Completed units of one shard in ``<partial_root>/<fingerprint>/``: per unit a main table
-    ``<unit>.parquet`` and optional named tables ``<unit>.<name>.parquet``, the main one written
-    last (a unit is done when its main table exists); other fingerprints' folders are stale and
-    removed."""
-
-    def __init__(self, partial_root: str | Path, fingerprint: str):
-        self.root = Path(partial_root)
-        self.folder = self.root / fingerprint
-        if self.root.exists():
-            for stale in self.root.iterdir():
-                if stale.name != fingerprint:
-                    shutil.rmtree(stale, ignore_errors=True)
-        self.folder.mkdir(parents=True, exist_ok=True)
-
-    def path(self, unit: str, table: str | None = None) -> Path:
-        return self.folder / (f"{unit}.parquet" if table is None else f"{unit}.{table}.parquet")
-
-    def is_done(self, unit: str) -> bool:
-        return self.path(unit).exists()
-
-    def done_units(self) -> list[str]:
-        return sorted(p.stem for p in self.folder.glob("*.parquet") if "." not in p.stem)
-
-    def save(self, unit: str, frame: pd.DataFrame,
-             tables: Mapping[str, pd.DataFrame] | None = None) -> None:
-        """Save a unit's named ``tables``, then its main ``frame`` (each atomically)."""
-        for name, table in (tables or {}).items():
-            write_parquet(self.path(unit, name), table)
-        write_parquet(self.path(unit), frame)
-
-    def assemble(self, units: list[str], output: str | Path,
-                 table_outputs: Mapping[str, str | Path] | None = None) -> int:
-        """Concatenate the units in the given order into ``output`` and each named table into
-        its ``table_outputs`` file (streamed, a row group per unit: :func:`concat_parquet`; all
-        atomically), then remove the partial folder. Returns the main table's number of rows."""
-        missing = [unit for unit in units if not self.is_done(unit)]
-        if missing:
-            raise RuntimeError(f"cannot assemble {output}: units not done: {missing}")
-        for name, path in (table_outputs or {}).items():
-            concat_parquet([self.path(unit, name) for unit in units], path)
-        rows = concat_parquet([self.path(unit) for unit in units], output)
-        shutil.rmtree(self.root, ignore_errors=True)
-        return rows

@@ -26,6 +26,7 @@ rule estimate_attribution:
         treatment=config["treatment"],
         positions=config["positions"],
         methods=ATP_METHODS,
+        cache=CACHE,
     script:
         "../scripts/estimate_attribution.py"
 

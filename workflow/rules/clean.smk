@@ -16,6 +16,8 @@ rule cache_clean_runs:
         model=MODEL,
         prompts=chunk_prompts,
         fingerprint=chunk_fingerprint,
+        prompt_format=PROMPT_FORMAT,
+        cache=CACHE,
     script:
         "../scripts/cache_clean_runs.py"
 

@@ -147,6 +147,9 @@ EFFECT_SETTINGS = {
     "mediators": config["mediators"]["enabled"],
     "mediator_top_k": config["mediators"]["top_k"],
 }
+# Results cached by what they are (neuron_effects.cache): clean runs, estimates and effect rows
+# are found again whatever the shard layout; a job computes only what is missing there.
+CACHE = "results/cache"
 # Jobs that run the model ask for one GPU unless the config pins the CPU.
 GPUS = 0 if config["device"] == "cpu" else 1
 LABELS = f"results/labels/{Path(config['neurons']).stem}.with_effects.json"
@@ -223,19 +226,6 @@ def shard_edges(wildcards):
         for neuron_id, edges in EDGES.items()
         if neuron_id in {row[0] for row in shard_neurons(wildcards)}
     }
-
-
-def shard_fingerprint(wildcards):
-    """Everything a shard's results depend on: its neurons, prompts, model and settings."""
-    return digest(
-        [
-            shard_neurons(wildcards),
-            shard_edges(wildcards),
-            chunk_fingerprint(wildcards),
-            EFFECT_SETTINGS,
-            config["compute"]["neurons_per_block"],
-        ]
-    )
 
 
 def activation_stats_if_needed(wildcards):

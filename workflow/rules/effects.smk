@@ -23,7 +23,7 @@ rule compute_effects:
         edges=shard_edges,
         settings=EFFECT_SETTINGS,
         neurons_per_block=config["compute"]["neurons_per_block"],
-        fingerprint=shard_fingerprint,
-        partial="results/effects/partial/{block}_{chunk}",
+        prompt_format=PROMPT_FORMAT,
+        cache=CACHE,
     script:
         "../scripts/compute_effects.py"

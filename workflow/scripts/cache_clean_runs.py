@@ -12,6 +12,8 @@ cache_clean_runs(
     spec=ModelSpec(**snakemake.params.model),
     prompts=snakemake.params.prompts,
     output=snakemake.output[0],
+    cache_root=snakemake.params.cache,
+    prompt_format=snakemake.params.prompt_format,
     # read from the config, not params: a check of the run, not an input of its results, so
     # changing it reruns no clean run (and no shard)
     **snakemake.config["targets"],

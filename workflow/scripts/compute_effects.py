@@ -1,4 +1,5 @@
-"""Rule compute_effects: direct, indirect and total effects for one shard, resumable."""
+"""Rule compute_effects: direct, indirect and total effects for one shard, computing only the
+rows the row cache lacks (a killed shard resumes from its saved units)."""
 
 import sys
 
@@ -19,8 +20,8 @@ compute_shard(
     mediators_output=snakemake.output.mediators,
     edge_targets=snakemake.params.edges,
     edges_output=snakemake.output.edges,
-    partial_root=snakemake.params.partial,
-    fingerprint=snakemake.params.fingerprint,
+    cache_root=snakemake.params.cache,
+    prompt_format=snakemake.params.prompt_format,
     neuron_stats=snakemake.input.stats or None,
     neurons_per_block=snakemake.params.neurons_per_block,
 )

@@ -17,4 +17,5 @@ estimate_attribution(
     output=snakemake.output[0],
     neuron_stats=snakemake.input.stats or None,
     methods=snakemake.params.methods,
+    cache_root=snakemake.params.cache,
 )
