@@ -338,7 +338,8 @@ def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypat
         log_path.parent.mkdir(parents=True, exist_ok=True)
         benchmark.write_text(header + f"{seconds}\t0:00:10\t500\t-\t-\t-\t-\t-\t-\t-\n")
         log_path.write_text("".join(f"2026 INFO fixed cost: {value:.2f} s since the job's "
-                                    "process started\n" for value in fixed))
+                                    "process started\n" for value in fixed)
+                            + f"2026 INFO prompts computed: {len(fixed)}, reused: 2\n")
         jobs.append((f"benchmarks/cache_clean_runs/{name}.tsv", str(log_path)))
     estimate = {"device": "cpu", "fixed_share": 0.5, "aggregate_s": 7.5,
                 "rules": [{"rule": "cache_clean_runs", "jobs": 3, "compute_s": 20.0,
@@ -352,6 +353,7 @@ def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypat
     assert row["jobs"] == 3 and row["total_s"] == 30.0
     assert row["fixed_s"] == 8.0 and row["work_s"] == 22.0  # the last line of each log
     assert row["median_fixed_s"] == 4.0 and row["peak_rss_mb"] == 500
+    assert row["computed"] == 2 + 2 + 0 and row["reused"] == 3 * 2
     assert (row["planned_jobs"], row["estimated_compute_s"], row["estimated_fixed_s"]) == \
         (3, 20.0, 12.0)
     aggregation = table.set_index("rule").loc["aggregate_effects"]

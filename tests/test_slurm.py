@@ -14,7 +14,7 @@ through the repository's profile ``profiles/slurm``.
 The tests skip when the cluster cannot be started (not root, no apt-get), and fail instead under
 REQUIRE_ALL_TESTS=1 (CI). The cluster is the real thing; the GPUs are not (their device files are
 /dev/null), so the jobs compute on the CPU. The fault tests slow each shard's unit down with a
-delay (a ``sitecustomize`` hook that sleeps before ``ShardProgress.save``; see ``UNIT_DELAY_HOOK``)
+delay (a ``sitecustomize`` hook that sleeps before ``RowCache.save``; see ``UNIT_DELAY_HOOK``)
 so that a shard can be hit while it runs; the computation itself is untouched.
 """
 
@@ -299,7 +299,7 @@ def test_edit_reruns_only_the_affected_shards(slurm_run, test_profile, tmp_path)
 # --- faults -------------------------------------------------------------------------------------
 
 # Put on PYTHONPATH (the controller's environment reaches every job: sbatch --export=ALL), it
-# makes ShardProgress.save sleep NEURON_EFFECTS_TEST_UNIT_DELAY seconds before saving a unit.
+# makes RowCache.save sleep NEURON_EFFECTS_TEST_UNIT_DELAY seconds before saving a unit.
 UNIT_DELAY_HOOK = '''
 import importlib.abc, importlib.util, os, sys, time
 
@@ -310,7 +310,7 @@ class _SlowUnits(importlib.abc.MetaPathFinder):
     busy = False
 
     def find_spec(self, name, path, target=None):
-        if name != "neuron_effects.store" or self.busy:
+        if name != "neuron_effects.cache" or self.busy:
             return None
         self.busy = True
         try:
@@ -321,13 +321,13 @@ class _SlowUnits(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            save = module.ShardProgress.save
+            save = module.RowCache.save
 
-            def slow_save(progress, unit, frame, tables=None):
+            def slow_save(row_cache, rows, tables, made_by=""):
                 time.sleep(_DELAY)
-                save(progress, unit, frame, tables)
+                return save(row_cache, rows, tables, made_by)
 
-            module.ShardProgress.save = slow_save
+            module.RowCache.save = slow_save
 
         spec.loader.exec_module = exec_module
         return spec
@@ -349,11 +349,12 @@ def slow_units(tmp_path_factory) -> dict[str, str]:
 
 def _fault_workdir(slurm_run, destination: Path) -> Path:
     """A copy of the finished run without the outputs of the 4-prompt chunk's three shards
-    (4 units each) and the aggregated table, so that the aggregation (the target) reruns and
-    computes those shards again."""
+    (4 units each), the cached effect rows and the aggregated table, so that the aggregation
+    (the target) reruns and computes those shards again."""
     workdir = copy_run(slurm_run["workdir"], destination)
     for shard in C000:
         (workdir / f"results/effects/shards/{shard}.parquet").unlink()
+    shutil.rmtree(workdir / "results/cache/effects")
     (workdir / RESULT_TABLES[0]).unlink()
     return workdir
 
@@ -406,9 +407,11 @@ def running_shards(name: str) -> dict[str, str]:
 
 
 def saved_units(workdir: Path, shard: str) -> set[str]:
-    # a unit is done when its main table <unit>.parquet exists (its other tables come first)
-    return {p.stem for p in (workdir / "results/effects/partial" / shard).glob("*/*.parquet")
-            if "." not in p.stem}
+    """The units of ``shard`` saved in the row cache: a unit is done when its entry's manifest
+    exists (written last), which names the job and unit that made it."""
+    made_by = [json.loads(path.read_text()).get("made_by", "")
+               for path in (workdir / "results/cache/effects").glob("*/*.json")]
+    return {label.split(" unit ", 1)[1] for label in made_by if label.startswith(f"{shard} unit ")}
 
 
 def wait_for_shard(controller: Controller, name: str, *, exclude=(), min_units: int = 1,
@@ -503,8 +506,6 @@ def test_scancel_sigkill_and_requeue_of_running_shards(slurm_run, test_profile, 
         resumed = RESUMED.search(final_log(workdir, shard))
         assert resumed and int(resumed.group(2)) >= 1, final_log(workdir, shard)
         assert len(UNIT.findall(final_log(workdir, shard))) == 4 - int(resumed.group(2))
-    assert not (workdir / "results/effects/partial").exists() or not any(
-        (workdir / "results/effects/partial").iterdir())
     assert_same_results(workdir, slurm_run["workdir"])
 
 

@@ -132,8 +132,9 @@ def test_all_outputs_exist(outputs):
     assert shards == sorted(f"L{b:02d}-{b + 1:02d}_c00{c}{table}.parquet" for b in (0, 2, 4)
                             for c in (0, 1)
                             for table in ("", ".mediation", ".mediators", ".edges"))
-    # each shard assembled its units and removed its progress folder
-    assert list((workdir / "results/effects/partial").glob("*")) == []
+    # each shard's rows are in the row cache, one entry per unit (a 2-layer block x a prompt)
+    manifests = list((workdir / "results/cache/effects").glob("*/*.json"))
+    assert len(manifests) == 3 * 6
 
 
 @pytest.mark.slow
@@ -695,9 +696,16 @@ def shard_files(*shards: str) -> set[str]:
             for table in ("", ".mediation", ".mediators", ".edges")}
 
 
-def unit_files(paths) -> list[Path]:
-    """A shard's finished units: their main tables (``<unit>.parquet``, written last)."""
-    return [path for path in paths if "." not in path.stem]
+def saved_units(entries: Path) -> set[str]:
+    """The units saved in the row cache ``entries`` (``results/cache/effects``): an entry is
+    saved when its manifest (written last) exists; it names the unit that made it."""
+    names = set()
+    for path in entries.glob("*/*.json"):
+        try:
+            names.add(json.loads(path.read_text())["made_by"].split(" unit ", 1)[1])
+        except (ValueError, KeyError):  # replaced while read
+            continue
+    return names
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
@@ -718,6 +726,7 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     output = snakemake(workdir, "--cores", "2").stdout
     assert jobs_of(output, "compute_effects") == {"L02-03_c000", "L02-03_c001"}
     assert not jobs_of(output, "cache_clean_runs") and not jobs_of(output, "estimate_attribution")
+    assert rows_computed(workdir, output) == (6, 5 * 6)  # the moved neuron on 6 prompts
     after = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
     assert "L3/N60" in set(after["neuron_id"]) and "L3/N10" not in set(after["neuron_id"])
     assert len(after) == len(before)
@@ -740,6 +749,9 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     assert jobs_of(output, "cache_clean_runs") == {"c001"}
     assert jobs_of(output, "compute_effects") == {"L00-01_c001", "L02-03_c001", "L04-05_c001"}
     assert jobs_of(output, "estimate_attribution") == {"c001"}
+    assert rows_computed(workdir, output) == (18, 18 * 2)  # the new prompt, every neuron
+    for rule in ("cache_clean_runs", "estimate_attribution"):
+        assert "prompts computed: 1, reused: 2" in (workdir / f"logs/{rule}/c001.log").read_text()
     assert {name for name, t in _mtimes(shards).items() if t != shard_times[name]} == \
         shard_files("L00-01_c001", "L02-03_c001", "L04-05_c001")
     assert _mtimes(clean)["c000.safetensors"] == clean_times["c000.safetensors"]
@@ -750,6 +762,25 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     pd.testing.assert_frame_equal(final.set_index(["prompt_id", "neuron_id"]).loc[old.index],
                                   old, rtol=0, atol=1e-6)
     assert "Nothing to be done" in snakemake(workdir, "-n").stdout
+
+    # 3. back to the original inputs: the shards, clean runs and estimates rerun and compute
+    # nothing, and the long table is the first run's
+    for name in ("neurons.json", "prompts.jsonl"):
+        shutil.copy(tiny_workflow[0] / name, workdir / name)
+    output = snakemake(workdir, "--cores", "2").stdout
+    assert rows_computed(workdir, output) == (0, 18 * 6)
+    for rule in ("cache_clean_runs", "estimate_attribution"):
+        assert "prompts computed: 0, reused: 2" in (workdir / f"logs/{rule}/c001.log").read_text()
+    pd.testing.assert_frame_equal(pd.read_parquet(workdir / "results/effects/per_prompt.parquet"),
+                                  before)
+
+
+def rows_computed(workdir: Path, output: str) -> tuple[int, int]:
+    """Rows computed and reused in all, by the compute_effects jobs of a run (``output``)."""
+    counts = [re.search(r"rows computed: (\d+), reused: (\d+)",
+                        (workdir / f"logs/compute_effects/{shard}.log").read_text())
+              for shard in jobs_of(output, "compute_effects")]
+    return sum(int(c.group(1)) for c in counts), sum(int(c.group(2)) for c in counts)
 
 
 # --- resumption inside a shard killed with SIGKILL ----------------------------------------------
@@ -778,10 +809,10 @@ def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_mode
     with (tmp_path / "killed.out").open("w") as log:
         process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-    partial = workdir / "results/effects/partial" / SHARD
+    entries = workdir / "results/cache/effects"
     deadline = time.monotonic() + 300
     try:
-        while len(unit_files(partial.glob("*/*.parquet"))) < 25:
+        while len(saved_units(entries)) < 25:
             assert process.poll() is None, "the shard finished before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -789,12 +820,9 @@ def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_mode
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     time.sleep(1.0)  # nothing may still be writing: the group is dead
-    folders = list(partial.iterdir())
-    assert len(folders) == 1  # one fingerprint folder
-    done = {p.stem: p.stat().st_mtime_ns for p in unit_files(folders[0].glob("*.parquet"))}
+    done = saved_units(entries)
     time.sleep(1.0)
-    assert {p.stem: p.stat().st_mtime_ns for p in unit_files(folders[0].glob("*.parquet"))} \
-        == done
+    assert saved_units(entries) == done
     all_units = {f"n{b:03d}_p{p:05d}" for b in range(30) for p in range(12)}
     assert 25 <= len(done) < len(all_units) and set(done) <= all_units
     assert not (workdir / target).exists()
@@ -805,10 +833,10 @@ def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_mode
     snakemake(workdir, "--cores", "2", "--rerun-incomplete", target)
     log = (workdir / f"logs/compute_effects/{SHARD}.log").read_text()
     assert f"30 neurons x 12 prompts in 360 units; {len(done)} already done (resuming)" in log
+    assert f"rows computed: {360 - len(done)}, reused: {len(done)}" in log
     recomputed = UNIT.findall(log)
     assert len(recomputed) == len(set(recomputed))
     assert set(recomputed) == all_units - set(done)  # exactly the missing units, none twice
-    assert not partial.exists()  # assembled, progress removed
 
     # the result equals an uninterrupted run of the same shard
     resumed = pd.read_parquet(workdir / target)
@@ -822,8 +850,7 @@ def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_mode
                   str(workdir / "results/clean/c000.safetensors"), plan.shard(SHARD).neuron_table,
                   EffectSettings(treatment=config["treatment"], positions=config["positions"],
                                  full_vocab=True, top_k=10, noise_floor=1e-4, vocab_rows=64),
-                  str(reference_path), str(tmp_path / "partial"), "reference",
-                  neurons_per_block=1)
+                  str(reference_path), str(tmp_path / "cache"), neurons_per_block=1)
     reference = pd.read_parquet(reference_path)
     assert list(resumed.columns) == list(reference.columns)
     assert resumed[["prompt_id", "neuron_id"]].equals(reference[["prompt_id", "neuron_id"]])

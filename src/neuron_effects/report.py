@@ -484,7 +484,9 @@ def render_report(
         "below the noise floor (direct ratio undefined).</p>",
         "<h3>Time by rule: measured, and the plan's estimate</h3>",
         "<p>Per rule, from each job's benchmark file and log: seconds in all, the fixed part "
-        "(start-up and model loading, until the job's own work began) and the work; beside them "
+        "(start-up and model loading, until the job's own work began) and the work; what the model "
+        "jobs <code>computed</code> and <code>reused</code> from the result cache (effect rows; "
+        "prompts for clean runs and estimates); beside them "
         "the cost model's estimate made when the run was planned (<code>estimated_*</code>: "
         "src/neuron_effects/cost.py; correct its rates with <code>sharding.rates</code> if they "
         "are far off).</p>",

@@ -1012,11 +1012,18 @@ def validate_sample(
         log.warning("validation FAILED: %s", summary["failure"])
 
 
-def _fixed_seconds(log_path: str | Path) -> float:
-    """The last fixed cost a job logged (:func:`log_fixed_cost`), NaN if none."""
+# The line each model job logs once it knows what the cache holds (rows or prompts).
+COMPUTED = re.compile(r"(?:rows|prompts) computed: (\d+), reused: (\d+)")
+
+
+def _logged(log_path: str | Path) -> tuple[float, float, float]:
+    """The last fixed cost a job logged (:func:`log_fixed_cost`) and the last counts of what it
+    computed and reused (rows or prompts); NaN for what it did not log."""
     path = Path(log_path)
-    found = FIXED_COST.findall(path.read_text(errors="replace")) if path.exists() else []
-    return float(found[-1]) if found else float("nan")
+    text = path.read_text(errors="replace") if path.exists() else ""
+    fixed, counts = FIXED_COST.findall(text), COMPUTED.findall(text)
+    computed, reused = (float(value) for value in counts[-1]) if counts else (np.nan, np.nan)
+    return float(fixed[-1]) if fixed else float("nan"), computed, reused
 
 
 def job_timings(jobs: Sequence[tuple[str, str]],
@@ -1024,7 +1031,8 @@ def job_timings(jobs: Sequence[tuple[str, str]],
     """Per rule, from each job's benchmark file and log (``jobs``: ``(benchmark, log)`` paths,
     benchmarks under ``benchmarks/<rule>/``): jobs, seconds in all, the fixed part (start-up and
     loading, as logged) and the rest (the job's own work), the median seconds a job spent
-    outside its work, the longest job and the peak memory; with the plan's ``estimate``
+    outside its work, the longest job, the peak memory, and what the model jobs computed and
+    reused from the cache (rows of effects, or prompts: their logged counts); with the plan's ``estimate``
     (:meth:`neuron_effects.plan.PlanEstimate.as_dict`), its compute and fixed seconds beside
     them. Also the seconds from the first benchmarked job's start until now."""
     rows, first_start = [], time.time()
@@ -1033,8 +1041,9 @@ def job_timings(jobs: Sequence[tuple[str, str]],
             continue
         values = pd.read_csv(benchmark, sep="\t").iloc[0]
         rule = Path(benchmark).relative_to("benchmarks").parts[0]
-        rows.append({"rule": rule, "s": float(values["s"]), "fixed": _fixed_seconds(log_path),
-                     "max_rss_mb": values["max_rss"]})
+        fixed, computed, reused = _logged(log_path)
+        rows.append({"rule": rule, "s": float(values["s"]), "fixed": fixed,
+                     "computed": computed, "reused": reused, "max_rss_mb": values["max_rss"]})
         first_start = min(first_start, Path(benchmark).stat().st_mtime - float(values["s"]))
     if not rows:
         return pd.DataFrame(), 0.0
@@ -1045,7 +1054,9 @@ def job_timings(jobs: Sequence[tuple[str, str]],
         jobs=("s", "size"), total_s=("s", "sum"),
         fixed_s=("fixed", lambda values: values.sum(min_count=1)),
         median_fixed_s=("fixed", "median"), max_job_s=("s", "max"),
-        peak_rss_mb=("max_rss_mb", "max")).reset_index()
+        peak_rss_mb=("max_rss_mb", "max"),
+        computed=("computed", lambda values: values.sum(min_count=1)),
+        reused=("reused", lambda values: values.sum(min_count=1))).reset_index()
     table.insert(4, "work_s", table["total_s"] - table["fixed_s"])
     if estimate is not None:
         aggregation = {"rule": "aggregate_effects", "jobs": 1,
