@@ -187,6 +187,7 @@ def test_a_damaged_entry_is_recomputed_and_the_results_equal_an_undamaged_run(
 @pytest.mark.parametrize("change", [
     "treatment", "top_k", "noise_floor", "mediators", "mediator_top_k", "products", "full_vocab",
     "positions", "prompt_format", "edges", "mean_statistics", "engine_version", "model",
+    "target",
 ])
 def test_a_change_of_any_key_part_is_never_served_from_the_cache(clean_chunk, tmp_path, caplog,
                                                                   monkeypatch, change,
@@ -232,6 +233,12 @@ def test_a_change_of_any_key_part_is_never_served_from_the_cache(clean_chunk, tm
             weights[name] = weights[name] * 1.5
             save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
             clean_chunk = (ModelSpec(str(other), device="cpu"), clean_chunk[1])
+        elif change == "target":  # prompt a's target: its two rows only
+            retargeted = tmp_path / "retargeted.safetensors"
+            steps.cache_clean_runs(clean_chunk[0], [{**PROMPTS[0], "target_id": 8}, *PROMPTS[1:]],
+                                   str(retargeted))
+            clean_chunk = (clean_chunk[0], retargeted)
+            expected = 2
         shard(clean_chunk, tmp_path / "changed", root, NEURONS[:2], settings, **options)
         assert computed(caplog) == (expected, 6 - expected)
 

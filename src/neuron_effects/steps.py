@@ -474,13 +474,13 @@ def _compute_units(spec: ModelSpec, settings: EffectSettings, runs: Sequence[Any
     use_products(model, settings.products, settings.split_parts)
     if means is not None:
         means = means.to(model.device)
-    canonical = {n.neuron_id: cache.canonical_id(n.layer, n.neuron)
-                 for members in todo.values() for n in members}
+    pending = {n.neuron_id: n for members in todo.values() for n in members}
+    canonical = {i: cache.canonical_id(n.layer, n.neuron) for i, n in pending.items()}
+    # computed under canonical ids: the cached rows do not depend on the job's names
     targets = _measurable_targets(
-        [Neuron(canonical[n.neuron_id], n.layer, n.neuron) for n in
-         {n.neuron_id: n for members in todo.values() for n in members}.values()],
+        [Neuron(canonical[i], n.layer, n.neuron) for i, n in pending.items()],
         {canonical[i]: t for i, t in edge_targets.items() if i in canonical}, model)
-    layers = sorted({n.layer for members in todo.values() for n in members})
+    layers = sorted({n.layer for n in pending.values()})
     bar = tqdm(total=sum(map(len, todo.values())), desc="treated rows", unit="row", **PROGRESS)
     block, block_members = None, None
     with ThreadPoolExecutor(max_workers=1) as writer:
