@@ -171,7 +171,7 @@ def test_mediators_summarised_layer_by_layer_equal_the_whole_table_at_once(tmp_p
         for group in groups:
             out.write_table(pa.Table.from_pandas(group, preserve_index=False))
     by_layer = dict(layer_mediator_summaries(str(path), neurons, top_k=3))
-    assert sorted(by_layer) == [0, 1, 2]
+    assert list(by_layer) == [0, 1, 2]
     whole = mediator_summary([mediator_sums(pd.concat(groups))],
                              neurons.set_index("neuron_id")["n_prompts"], keep=3)
     layered = pd.concat(by_layer.values(), ignore_index=True)
@@ -179,6 +179,43 @@ def test_mediators_summarised_layer_by_layer_equal_the_whole_table_at_once(tmp_p
     pd.testing.assert_frame_equal(
         layered.astype({"neuron_id": str}).sort_values(key, ignore_index=True),
         whole.astype({"neuron_id": str}).sort_values(key, ignore_index=True))
+
+
+def test_a_layers_mediators_are_summarised_before_later_layers_row_groups_are_read(
+        tmp_path, monkeypatch):
+    """Memory: a layer is summarised (and its sums let go) as soon as the row groups holding it
+    are read, whatever their order in the file; the shards' prompt chunks interleave the layers
+    (here: layer 0's and layer 1's row groups alternate), and summarising a layer only after the
+    file's last row group holding it kept every layer of a block open until the last chunk."""
+    from neuron_effects.steps import layer_mediator_summaries
+
+    neurons = pd.DataFrame({"neuron_id": ["L0/N0", "L1/N0"], "layer": [0, 1], "n_prompts": 3})
+    path = tmp_path / "mediators.parquet"
+    schema = None
+    for chunk in range(3):  # per prompt chunk: layer 0's unit, then layer 1's
+        for neuron_id in neurons["neuron_id"]:
+            table = pa.Table.from_pandas(pd.DataFrame({
+                "neuron_id": pd.Categorical([neuron_id]), "kind": ["neuron"],
+                "rank": np.int16([1]), "layer": np.int16([5]), "index": np.int32([chunk]),
+                "contribution": np.float32([1.0])}), preserve_index=False)
+            if schema is None:
+                schema = table.schema
+                writer = pq.ParquetWriter(path, schema)
+            writer.write_table(table)
+    writer.close()
+    read = []
+    original = pq.ParquetFile.read_row_group
+
+    def spy(self, group, columns=None, **kwargs):
+        if columns is None:
+            read.append(group)
+        return original(self, group, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    summaries = layer_mediator_summaries(str(path), neurons, top_k=3)
+    layer, summary = next(summaries)
+    assert layer == 0 and read == [0, 2, 4] and len(summary) == 3
+    assert [layer for layer, _ in summaries] == [1] and read == [0, 2, 4, 1, 3, 5]
 
 
 def test_neurons_without_mediators_get_shares_and_no_top_mediator():

@@ -642,33 +642,45 @@ def _source_layers_by_row_group(source: pq.ParquetFile, source_layers: Mapping[s
 
 
 def layer_mediator_summaries(mediators_path: str, neurons: pd.DataFrame, top_k: int) -> Any:
-    """:func:`mediation.mediator_summary` of each source layer, as ``(layer, summary)`` pairs,
-    in one pass over the top-k table: a layer is summarised and let go after the last row group
-    that holds its neurons, so the running sums (added up whenever a layer's pieces outgrow
-    twice its running total) hold the (neuron, mediator) pairs of the layers still open, one
-    layer block of the shard plan at most. ``neurons``: ``neuron_id``, ``layer``,
-    ``n_prompts``."""
+    """:func:`mediation.mediator_summary` of each source layer, as ``(layer, summary)`` pairs in
+    ascending layer order: a layer is summarised from the row groups of the top-k table that
+    hold its neurons, then let go, so the running sums (added up whenever a layer's pieces
+    outgrow twice its running total) hold one layer's (neuron, mediator) pairs, plus the next
+    layer's from row groups that span both (a unit of neurons across a layer boundary). Each
+    row group is read once, when its smallest layer is summarised, whatever the order of the
+    row groups in the file (the shards' prompt chunks put a layer's last row group near the end
+    of the file: summarising a layer after its last row group held every layer of a layer block
+    at once, BENCHMARKS.md section 14). ``neurons``: ``neuron_id``, ``layer``, ``n_prompts``."""
     by_id = neurons.set_index("neuron_id")
     source_layers = by_id["layer"].to_dict()
     source = pq.ParquetFile(mediators_path)
     groups = _source_layers_by_row_group(source, source_layers)
-    last_group = {layer: group for group, layers in enumerate(groups) for layer in layers}
+    read_with: dict[int, list[int]] = {}  # layer -> the row groups whose smallest layer it is
+    for group, layers in enumerate(groups):
+        if layers:
+            read_with.setdefault(min(layers), []).append(group)
     sums: dict[int, list[pd.DataFrame]] = {}
-    for group, layers in enumerate(tqdm(groups, desc="mediator row groups", unit="group",
-                                        **PROGRESS)):
-        if not layers:
-            continue
-        part = mediation.mediator_sums(source.read_row_group(group).to_pandas())
-        if len(layers) > 1:
-            part_layers = part["neuron_id"].map(source_layers).to_numpy()
-        for layer in sorted(layers):
-            pieces = sums.setdefault(layer, [])
-            pieces.append(part if len(layers) == 1 else part[part_layers == layer])
-            if sum(map(len, pieces)) > max(2 * len(pieces[0]), MEDIATOR_ROWS_HELD):
-                sums[layer] = [mediation.combined_mediator_sums(pieces)]
-            if last_group[layer] == group:
-                yield layer, mediation.mediator_summary(sums.pop(layer), by_id["n_prompts"],
-                                                        keep=top_k)
+
+    def add(layer: int, part: pd.DataFrame) -> None:
+        pieces = sums.setdefault(layer, [])
+        pieces.append(part)
+        if sum(map(len, pieces)) > max(2 * len(pieces[0]), MEDIATOR_ROWS_HELD):
+            sums[layer] = [mediation.combined_mediator_sums(pieces)]
+
+    bar = tqdm(total=sum(map(bool, groups)), desc="mediator row groups", unit="group", **PROGRESS)
+    for layer in sorted(set().union(*groups)):
+        for group in read_with.get(layer, []):
+            layers = groups[group]
+            part = mediation.mediator_sums(source.read_row_group(group).to_pandas())
+            if len(layers) == 1:
+                add(layer, part)
+            else:
+                part_layers = part["neuron_id"].map(source_layers).to_numpy()
+                for each in sorted(layers):
+                    add(each, part[part_layers == each])
+            bar.update(1)
+        yield layer, mediation.mediator_summary(sums.pop(layer), by_id["n_prompts"], keep=top_k)
+    bar.close()
 
 
 def aggregate_mediation(
