@@ -13,7 +13,8 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import Counter
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -51,22 +52,34 @@ class Shard:
     def name(self) -> str:
         return f"{self.block}_{self.chunk.name}"
 
-    @property
+    @cached_property
     def neuron_table(self) -> list[list[Any]]:
-        """``[neuron_id, layer, neuron]`` rows: what the shard's params hold."""
+        """``[neuron_id, layer, neuron]`` rows: what the shard's params hold (built once: a
+        census shard holds up to every neuron of its layers, and each job asks several times)."""
         return [[n.neuron_id, n.layer, n.neuron] for n in self.neurons]
 
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """The prompt chunks and the non-empty shards, each found by name in constant time (every
+    job's input functions look its chunk or shard up: a scan would make the parse quadratic)."""
+
     chunks: tuple[PromptChunk, ...]
     shards: tuple[Shard, ...]
+    _chunks: dict[str, PromptChunk] = field(init=False, repr=False, compare=False)
+    _shards: dict[str, Shard] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_chunks", {item.name: item for item in self.chunks})
+        object.__setattr__(self, "_shards", {item.name: item for item in self.shards})
 
     def chunk(self, name: str) -> PromptChunk:
-        return next(item for item in self.chunks if item.name == name)
+        """The chunk named ``name`` (``c000``...)."""
+        return self._chunks[name]
 
     def shard(self, name: str) -> Shard:
-        return next(item for item in self.shards if item.name == name)
+        """The shard named ``name`` (``<block>_<chunk>``)."""
+        return self._shards[name]
 
 
 def block_name(layer: int, layers_per_shard: int) -> str:
@@ -93,9 +106,10 @@ def make_plan(
         firsts = [first for first, _ in layer_blocks]
         names = [f"L{first:02d}-{last:02d}" for first, last in layer_blocks]
         name_of = lambda layer: names[bisect_right(firsts, layer) - 1]  # noqa: E731
+    block_of = {layer: name_of(layer) for layer in {neuron.layer for neuron in neurons}}
     blocks: dict[str, list[Neuron]] = {}
     for neuron in sorted(neurons, key=lambda item: (item.layer, item.neuron)):
-        blocks.setdefault(name_of(neuron.layer), []).append(neuron)
+        blocks.setdefault(block_of[neuron.layer], []).append(neuron)
     shards = tuple(Shard(block, prompt_chunk, tuple(members))
                    for block, members in blocks.items() for prompt_chunk in chunks)
     return ShardPlan(chunks, shards)
@@ -206,9 +220,10 @@ def aggregate_seconds(plan: ShardPlan, n_layers: int, work: Workload) -> float:
         prompts = len(shard.chunk.records)
         rows += len(shard.neurons) * prompts
         if work.mediators:
-            table_rows += prompts * sum(mediation_table_rows(n_layers, neuron.layer,
-                                                             work.mediator_top_k)
-                                        for neuron in shard.neurons)
+            per_layer = Counter(neuron.layer for neuron in shard.neurons)
+            table_rows += prompts * sum(count * mediation_table_rows(n_layers, layer,
+                                                                     work.mediator_top_k)
+                                        for layer, count in per_layer.items())
     return aggregation_seconds(rows, table_rows)
 
 
@@ -222,26 +237,33 @@ def estimate(plan: ShardPlan, tokens: Mapping[str, int], shape: ModelShape, rate
              work: Workload, aggregate: bool = True) -> PlanEstimate:
     """Per model rule: jobs, estimated compute and fixed seconds (``tokens``: each prompt's
     token count by prompt id); with ``aggregate``, also the aggregation's time."""
+    shards = [shard_seconds(shape, rates, work, shard.neurons,
+                            [tokens[p] for p in shard.chunk.prompt_ids])
+              for shard in plan.shards]
+    rows = sum(len(shard.neurons) * len(shard.chunk.records) for shard in plan.shards)
+    return _estimate(shards, len(plan.chunks), rows, tokens, shape, rates, work,
+                     aggregate_seconds(plan, shape.n_layers, work) if aggregate else 0.0)
+
+
+def _estimate(shards: Sequence[float], n_chunks: int, rows: int, tokens: Mapping[str, int],
+              shape: ModelShape, rates: DeviceRates, work: Workload,
+              aggregate_s: float = 0.0) -> PlanEstimate:
+    """:func:`estimate` from each shard's estimated compute, the number of prompt chunks and of
+    (neuron, prompt) rows."""
     fixed = rates.fixed_s(shape.weight_bytes)
     forwards = sum(shape.forward_flops(n) for n in tokens.values()) / rates.flops_per_s
-    n_chunks = len(plan.chunks)
-    shards = sum(shard_seconds(shape, rates, work, shard.neurons,
-                               [tokens[p] for p in shard.chunk.prompt_ids])
-                 for shard in plan.shards)
     mean_forward = forwards / max(len(tokens), 1)
     rules = [RuleEstimate("cache_clean_runs", n_chunks, forwards, n_chunks * fixed),
-             RuleEstimate("compute_effects", len(plan.shards), shards, len(plan.shards) * fixed)]
+             RuleEstimate("compute_effects", len(shards), sum(shards), len(shards) * fixed)]
     if work.backward_passes:
         passes = 1 + BACKWARD_FACTOR * work.backward_passes
         rules.append(RuleEstimate("estimate_attribution", n_chunks, passes * forwards,
                                   n_chunks * fixed))
     # the float64 reference: per sampled pair one hooked forward, per prompt one clean forward
-    pairs = min(work.validation_pairs, sum(len(s.neurons) * len(s.chunk.records)
-                                           for s in plan.shards))
+    pairs = min(work.validation_pairs, rows)
     reference = (pairs + min(pairs, len(tokens))) * mean_forward * rates.float64_factor
     rules.append(RuleEstimate("validate_sample", 1, reference, fixed))
-    return PlanEstimate(rates.name, tuple(rules),
-                        aggregate_seconds(plan, shape.n_layers, work) if aggregate else 0.0)
+    return PlanEstimate(rates.name, tuple(rules), aggregate_s)
 
 
 def balanced_blocks(costs: Sequence[float], n_blocks: int) -> list[int]:
@@ -279,10 +301,81 @@ def _layer_blocks(layers: Sequence[int], costs: Sequence[float], n_blocks: int,
     return list(zip(firsts, [first - 1 for first in firsts[1:]] + [n_layers - 1]))
 
 
+class LayoutCosts:
+    """The estimated compute of any shard of a job: per layer with neurons, their count and the
+    running sum over prompts of one row's seconds, so that a shard (a range of layers x a range
+    of prompts) costs a few additions whatever the number of neurons (:func:`auto_layout` tries
+    about a hundred layouts, of up to every neuron of a model in a census). Equal to
+    :func:`shard_seconds` of the shard's neurons and prompts (up to float rounding)."""
+
+    def __init__(self, neurons: Sequence[Neuron], prompts: Sequence[PromptRecord],
+                 tokens: Mapping[str, int], shape: ModelShape, rates: DeviceRates,
+                 work: Workload) -> None:
+        self.shape, self.rates, self.work = shape, rates, work
+        self.counts = Counter(neuron.layer for neuron in neurons)
+        self.layers = sorted(self.counts)
+        self.n_prompts = len(prompts)
+        self.n_neurons = len(neurons)
+        all_tokens = [tokens[record.prompt_id] for record in prompts]
+        row: dict[tuple[int, int], float] = {}
+        self.prefix: dict[int, list[float]] = {}
+        for layer in self.layers:
+            running = [0.0]
+            for n_tokens in all_tokens:
+                if (layer, n_tokens) not in row:
+                    row[layer, n_tokens] = _row_seconds(shape, rates, work, layer, n_tokens)
+                running.append(running[-1] + row[layer, n_tokens])
+            self.prefix[layer] = running
+
+    def seconds(self, first_layer: int, last_layer: int, start: int, stop: int) -> float:
+        """The compute of the neurons of layers ``first_layer..last_layer`` on the prompts
+        ``start..stop - 1`` (:func:`shard_seconds`); 0 without neurons or prompts."""
+        layers = [layer for layer in self.layers if first_layer <= layer <= last_layer]
+        n_neurons = sum(self.counts[layer] for layer in layers)
+        if not n_neurons or stop <= start:
+            return 0.0
+        rows = sum(self.counts[layer] * (self.prefix[layer][stop] - self.prefix[layer][start])
+                   for layer in layers)
+        units = -(-n_neurons // self.work.neurons_per_block) * (stop - start)
+        directions = (n_neurons * self.shape.unembed_flops() / self.rates.flops_per_s
+                      if self.work.full_vocab else 0.0)
+        return rows + units * self.rates.unit_host_s + directions
+
+    def shards(self, blocks: Sequence[tuple[int, int]], starts: Sequence[int]) -> list[float]:
+        """The compute of each non-empty shard of ``blocks`` x the chunks starting at
+        ``starts`` (as :func:`make_plan` cuts them)."""
+        starts = [start for start in starts if start < self.n_prompts] or [0]
+        ranges = list(zip(starts, [*starts[1:], self.n_prompts]))
+        return [self.seconds(first, last, a, b) for first, last in blocks
+                if any(first <= layer <= last for layer in self.layers) for a, b in ranges
+                if b > a]
+
+    def fits(self, blocks: Sequence[tuple[int, int]], starts: Sequence[int],
+             tokens: Mapping[str, int], min_compute_ratio: float, max_parallel_jobs: int,
+             max_fixed_share: float) -> bool:
+        """Whether the layout meets :func:`auto_layout`'s bounds: at most ``max_parallel_jobs``
+        shards, each worth ``min_compute_ratio`` fixed costs, a fixed share of all model jobs
+        of at most ``max_fixed_share``."""
+        shards = self.shards(blocks, starts)
+        fixed = self.rates.fixed_s(self.shape.weight_bytes)
+        if not shards or len(shards) > max_parallel_jobs or \
+                min(shards) < min_compute_ratio * fixed:
+            return False
+        n_chunks = len([start for start in starts if start < self.n_prompts] or [0])
+        cost = _estimate(shards, n_chunks, self.n_neurons * self.n_prompts, tokens, self.shape,
+                         self.rates, self.work)
+        return cost.fixed_share <= max_fixed_share
+
+    def longest_job(self, blocks: Sequence[tuple[int, int]], starts: Sequence[int]) -> float:
+        """The estimated seconds of the layout's longest shard job, fixed cost included."""
+        return max(self.shards(blocks, starts), default=0.0) + \
+            self.rates.fixed_s(self.shape.weight_bytes)
+
+
 def auto_layout(
     neurons: Sequence[Neuron], prompts: Sequence[PromptRecord], tokens: Mapping[str, int],
     shape: ModelShape, rates: DeviceRates, work: Workload, min_compute_ratio: float,
-    max_parallel_jobs: int, max_fixed_share: float,
+    max_parallel_jobs: int, max_fixed_share: float, costs: LayoutCosts | None = None,
 ) -> tuple[list[tuple[int, int]], int]:
     """``sharding: auto``: the layer blocks and the prompts per chunk.
 
@@ -291,32 +384,27 @@ def auto_layout(
     the fixed cost of all model jobs (clean runs, shards, attribution, validation) is at most
     ``max_fixed_share`` of their estimated time; one shard if none qualifies. Layer blocks are
     balanced by cost (early layers replay more layers per row); at equal shard counts fewer
-    prompt chunks win (each chunk is one more clean-run and attribution job)."""
+    prompt chunks win (each chunk is one more clean-run and attribution job). ``costs``: the
+    job's :class:`LayoutCosts`, if already built."""
+    costs = costs or LayoutCosts(neurons, prompts, tokens, shape, rates, work)
     fixed = rates.fixed_s(shape.weight_bytes)
-    by_layer: dict[int, list[Neuron]] = {}
-    for neuron in neurons:
-        by_layer.setdefault(neuron.layer, []).append(neuron)
-    layers = sorted(by_layer)
+    layers = costs.layers
     if not layers:
         return [(0, shape.n_layers - 1)], max(1, len(prompts))
-    all_tokens = [tokens[record.prompt_id] for record in prompts]
-    costs = [shard_seconds(shape, rates, work, by_layer[layer], all_tokens) for layer in layers]
-    ceiling = max(1, min(max_parallel_jobs, int(sum(costs) // (min_compute_ratio * fixed))))
+    per_layer = [costs.seconds(layer, layer, 0, len(prompts)) for layer in layers]
+    ceiling = max(1, min(max_parallel_jobs, int(sum(per_layer) // (min_compute_ratio * fixed))))
     candidates = sorted(((b, c) for b in range(1, min(len(layers), ceiling) + 1)
                          for c in range(1, min(len(prompts), ceiling // b) + 1)),
                         key=lambda bc: (-bc[0] * bc[1], bc[1]))
+    balanced: dict[int, list[tuple[int, int]]] = {}
     for n_blocks, n_chunks in candidates:
-        blocks = _layer_blocks(layers, costs, n_blocks, shape.n_layers)
+        if n_blocks not in balanced:
+            balanced[n_blocks] = _layer_blocks(layers, per_layer, n_blocks, shape.n_layers)
         per_chunk = -(-len(prompts) // n_chunks)
-        plan = make_plan(neurons, prompts, blocks, per_chunk)
-        cheapest = min(shard_seconds(shape, rates, work, shard.neurons,
-                                     [tokens[p] for p in shard.chunk.prompt_ids])
-                       for shard in plan.shards)
-        if (cheapest >= min_compute_ratio * fixed
-                and estimate(plan, tokens, shape, rates, work, aggregate=False).fixed_share
-                <= max_fixed_share):
-            return blocks, per_chunk
-    return _layer_blocks(layers, costs, 1, shape.n_layers), len(prompts)
+        if costs.fits(balanced[n_blocks], range(0, len(prompts), per_chunk), tokens,
+                      min_compute_ratio, max_parallel_jobs, max_fixed_share):
+            return balanced[n_blocks], per_chunk
+    return _layer_blocks(layers, per_layer, 1, shape.n_layers), len(prompts)
 
 
 def resolve_layout(

@@ -216,13 +216,27 @@ def shard_neurons(wildcards):
     return PLAN.shard(f"{wildcards.block}_{wildcards.chunk}").neuron_table
 
 
+# Per layer block: the neuron targets [layer, neuron] of its neurons with profile edges, in the
+# profile's order; built once (looked up per shard: a scan of the profile per shard neuron made
+# the parse quadratic in the neurons).
+EDGE_TARGETS = {
+    neuron_id: [[layer, neuron] for layer, neuron in neuron_target_weights(edges)]
+    for neuron_id, edges in EDGES.items()
+}
+BLOCK_EDGES = {}
+for _shard in PLAN.shards:
+    if _shard.block not in BLOCK_EDGES:
+        _members = {n.neuron_id for n in _shard.neurons if n.neuron_id in EDGE_TARGETS}
+        BLOCK_EDGES[_shard.block] = {
+            neuron_id: targets
+            for neuron_id, targets in EDGE_TARGETS.items()
+            if neuron_id in _members
+        }
+
+
 def shard_edges(wildcards):
     """Per neuron of the shard with profile edges: its neuron targets [layer, neuron]."""
-    return {
-        neuron_id: [[layer, neuron] for layer, neuron in neuron_target_weights(edges)]
-        for neuron_id, edges in EDGES.items()
-        if neuron_id in {row[0] for row in shard_neurons(wildcards)}
-    }
+    return BLOCK_EDGES[wildcards.block]
 
 
 def shard_fingerprint(wildcards):
