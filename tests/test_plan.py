@@ -120,11 +120,13 @@ def test_sizes_below_one_are_refused(layers_per_shard, prompts_per_chunk):
 
 # --- sizing from the cost model (sharding: auto) --------------------------------------------
 
+import json  # noqa: E402
 from itertools import combinations  # noqa: E402
 
 from conftest import LLAMA_8B_CONFIG  # noqa: E402
 
 from neuron_effects.cost import DEVICES, ModelShape, device_rates  # noqa: E402
+from neuron_effects.inputs import digest  # noqa: E402
 from neuron_effects.plan import (Workload, aggregate_runtime_minutes,  # noqa: E402
                                  aggregate_seconds, auto_layout, balanced_blocks, estimate,
                                  resolve_layout, shard_seconds)
@@ -271,25 +273,41 @@ SHARDING = {"layers_per_shard": "auto", "prompts_per_chunk": "auto", "min_comput
 
 def test_a_cluster_job_reuses_the_layout_of_the_run_that_submitted_it(tmp_path):
     """The parse inside a cluster job does not know the run's job limit: it reads the layout
-    the submitting run chose; without one it stops with a clear error."""
+    its run chose, by the name that run gave it (saved under the digest of its content); another
+    run's choice (another job limit) is saved beside it and changes nothing of it. Without one it
+    stops with a clear error."""
     neurons, records, tokens = user_job()
     sharding = {**SHARDING, "max_fixed_share": 1.0}  # as many shards as the job limit allows
     args = (neurons, records, tokens, LLAMA_8B, device_rates("h200"), Workload())
     with pytest.raises(InputError, match="shard layout chosen by the run that submitted"):
         resolve_layout(sharding, *args, parallel_jobs=1, saved=tmp_path, reuse_only=True)
     chosen = resolve_layout(sharding, *args, parallel_jobs=32, saved=tmp_path)
-    assert resolve_layout(sharding, *args, parallel_jobs=1, saved=tmp_path,
-                          reuse_only=True) == chosen
-    assert len(chosen[0]) > 1
+    assert len(chosen.layer_blocks) > 1 and chosen.layout_id
     local = resolve_layout(sharding, *args, parallel_jobs=1, saved=tmp_path)
-    assert len(local[0]) == 1 and local[1] == 100
+    assert len(local.layer_blocks) == 1 and local.prompt_chunks == (0,)
+    assert local.layout_id != chosen.layout_id
+    for layout in (chosen, local):
+        assert resolve_layout(sharding, *args, parallel_jobs=1, saved=tmp_path, reuse_only=True,
+                              layout_id=layout.layout_id) == layout
+    with pytest.raises(InputError, match="shard layout chosen by the run that submitted"):
+        resolve_layout(sharding, *args, parallel_jobs=1, saved=tmp_path, reuse_only=True,
+                       layout_id="0123456789abcdef")
+    # a file is named by its content: a third run choosing the first layout again rewrites
+    # nothing else, and the files hold what their names say
+    again = resolve_layout(sharding, *args, parallel_jobs=32, saved=tmp_path)
+    assert again == chosen
+    layouts = sorted(path.stem for path in tmp_path.glob("*.json")
+                     if not path.name.startswith("previous-"))
+    assert layouts == sorted([chosen.layout_id, local.layout_id])
+    for name in layouts:
+        assert digest(json.loads((tmp_path / f"{name}.json").read_text())) == name
 
 
 def test_explicit_sizes_are_kept():
     neurons, records, tokens = user_job(n_neurons=100, n_prompts=10)
     sharding = {**SHARDING, "layers_per_shard": 4, "prompts_per_chunk": 25}
     assert resolve_layout(sharding, neurons, records, tokens, LLAMA_8B, device_rates("h200"),
-                          Workload(), parallel_jobs=32, saved="unused") == (4, 25)
+                          Workload(), parallel_jobs=32, saved="unused") == (4, 25, None)
 
 
 def test_the_plan_table_names_every_model_rule_and_the_fixed_share():

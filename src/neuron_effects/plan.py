@@ -1,8 +1,9 @@
 """The shard plan, computed when the workflow is parsed (no torch, no model), and its cost.
 
 Prompts are cut into consecutive chunks of ``prompts_per_chunk`` (appending prompts only touches
-the last chunk); layers into blocks, of ``layers_per_shard`` layers or sized from the cost model
-(:func:`auto_layout`, ``sharding: auto``). A shard is (layer block x prompt chunk) for every
+the last chunk) or at the chunk starts of a saved automatic layout; layers into blocks, of
+``layers_per_shard`` layers or sized from the cost model (:func:`auto_layout`, ``sharding:
+auto``). A shard is (layer block x prompt chunk) for every
 block holding at least one listed neuron. Each shard's parameters hold only its own neurons and
 prompt ids, so Snakemake's params trigger reruns exactly the shards whose neurons or prompts
 changed. :func:`estimate` gives each model rule's jobs and estimated compute and fixed seconds.
@@ -13,10 +14,10 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import Counter
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from .cost import (BACKWARD_FACTOR, DeviceRates, ModelShape, aggregation_seconds,
                    mediation_table_rows)
@@ -90,13 +91,21 @@ def block_name(layer: int, layers_per_shard: int) -> str:
 
 def make_plan(
     neurons: Sequence[Neuron], prompts: Sequence[PromptRecord],
-    layer_blocks: int | Sequence[tuple[int, int]], prompts_per_chunk: int,
+    layer_blocks: int | Sequence[tuple[int, int]], prompt_chunks: int | Sequence[int],
 ) -> ShardPlan:
     """All prompt chunks and all non-empty shards, in a stable order. ``layer_blocks``: blocks
     of that many layers, or the ``(first, last)`` layer ranges of the blocks (consecutive,
-    covering every neuron's layer; :func:`auto_layout` chooses them)."""
-    chunks = tuple(PromptChunk(f"c{index:03d}", tuple(records))
-                   for index, records in enumerate(chunk(list(prompts), prompts_per_chunk)))
+    covering every neuron's layer; :func:`auto_layout` chooses them). ``prompt_chunks``: chunks
+    of that many prompts, or the index of each chunk's first prompt (ascending from 0; the last
+    chunk runs to the last prompt; :func:`resolve_layout` chooses them)."""
+    records = list(prompts)
+    if isinstance(prompt_chunks, int):
+        slices = chunk(records, prompt_chunks)
+    else:
+        starts = [start for start in prompt_chunks if start < len(records)] or [0]
+        slices = [records[a:b] for a, b in zip(starts, [*starts[1:], len(records)])]
+    chunks = tuple(PromptChunk(f"c{index:03d}", tuple(members))
+                   for index, members in enumerate(slices) if members)
     if isinstance(layer_blocks, int):
         if layer_blocks < 1:
             raise InputError(f"layers_per_shard must be >= 1, got {layer_blocks}")
@@ -407,38 +416,65 @@ def auto_layout(
     return _layer_blocks(layers, per_layer, 1, shape.n_layers), len(prompts)
 
 
+# The environment variable that tells a cluster job's parse which saved layout its run chose.
+LAYOUT_ENV = "NEURON_EFFECTS_LAYOUT"
+class Layout(NamedTuple):
+    """The arguments of :func:`make_plan`, and the name of the saved automatic layout they come
+    from (``None`` for explicit sizes)."""
+
+    layer_blocks: int | tuple[tuple[int, int], ...]
+    prompt_chunks: int | tuple[int, ...]
+    layout_id: str | None = None
+
+
 def resolve_layout(
     sharding: Mapping[str, Any], neurons: Sequence[Neuron], prompts: Sequence[PromptRecord],
     tokens: Mapping[str, int], shape: ModelShape, rates: DeviceRates, work: Workload,
     parallel_jobs: int, saved: str | Path, reuse_only: bool = False,
-) -> tuple[int | list[tuple[int, int]], int]:
-    """The ``(layer_blocks, prompts_per_chunk)`` of :func:`make_plan` from the config's
-    ``sharding``: its explicit sizes, or :func:`auto_layout` for those set to ``auto``
-    (``max_parallel_jobs: auto`` = ``parallel_jobs``, the run's job limit).
+    layout_id: str | None = None,
+) -> Layout:
+    """The :class:`Layout` of :func:`make_plan` from the config's ``sharding``: its explicit
+    sizes, or :func:`auto_layout` for those set to ``auto`` (``max_parallel_jobs: auto`` =
+    ``parallel_jobs``, the run's job limit).
 
-    An automatic layout is saved under ``saved`` by a digest of everything it depends on but
-    the job limit; ``reuse_only`` (the parse inside a cluster job, which does not know the
-    limit) reads it instead of choosing again."""
+    An automatic layout is saved under ``saved`` in a file named by the digest of its content
+    (``layout_id``), which is never rewritten with other content: ``reuse_only`` (the parse
+    inside a cluster job, which does not know the job limit) reads the one named
+    ``layout_id``, the layout of the run that submitted the job, whatever other runs chose
+    since."""
     layers, per_chunk = sharding["layers_per_shard"], sharding["prompts_per_chunk"]
     if layers != "auto" and per_chunk != "auto":
-        return layers, per_chunk
-    key = digest([[(n.layer, n.neuron) for n in neurons], [tokens[r.prompt_id] for r in prompts],
-                  asdict(shape), asdict(rates), asdict(work),
-                  {k: v for k, v in sharding.items() if k != "max_parallel_jobs"}])
-    path = Path(saved) / f"{key}.json"
+        return Layout(layers, per_chunk)
+    folder = Path(saved)
     if reuse_only:
-        if not path.exists():
-            raise InputError(f"the shard layout chosen by the run that submitted this job is "
-                             f"missing ({path}): run jobs from the submitting working directory")
-        blocks, chosen = json.loads(path.read_text())
-    else:
-        jobs = (parallel_jobs if sharding["max_parallel_jobs"] == "auto"
-                else sharding["max_parallel_jobs"])
-        blocks, chosen = auto_layout(neurons, prompts, tokens, shape, rates, work,
-                                     sharding["min_compute_ratio"], jobs,
-                                     sharding["max_fixed_share"])
-        from .store import write_json
+        path = folder / f"{layout_id}.json"
+        if layout_id is None or not path.exists():
+            raise InputError(
+                f"the shard layout chosen by the run that submitted this job is missing "
+                f"({path if layout_id else f'${LAYOUT_ENV} is not set'}): run jobs from the "
+                f"submitting working directory, started by that run")
+        content = json.loads(path.read_text())
+        return _layout_of(content, layout_id)
+    jobs = (parallel_jobs if sharding["max_parallel_jobs"] == "auto"
+            else sharding["max_parallel_jobs"])
+    blocks, chosen = auto_layout(neurons, prompts, tokens, shape, rates, work,
+                                 sharding["min_compute_ratio"], jobs,
+                                 sharding["max_fixed_share"])
+    n_prompts = len(prompts)
+    fresh = {"layer_blocks": [list(block) for block in blocks] if layers == "auto" else layers,
+             "prompt_chunks": (list(range(0, n_prompts, chosen)) or [0]) if per_chunk == "auto"
+             else per_chunk,
+             "prompts_per_chunk": chosen if per_chunk == "auto" else None}
+    content = fresh
+    key = digest(content)
+    from .store import write_json
 
-        write_json(path, [blocks, chosen])
-    return (layers if layers != "auto" else [tuple(block) for block in blocks],
-            per_chunk if per_chunk != "auto" else chosen)
+    if not (folder / f"{key}.json").exists():
+        write_json(folder / f"{key}.json", content)
+    return _layout_of(content, key)
+
+
+def _layout_of(content: Mapping[str, Any], layout_id: str) -> Layout:
+    blocks, chunks = content["layer_blocks"], content["prompt_chunks"]
+    return Layout(blocks if isinstance(blocks, int) else tuple(tuple(b) for b in blocks),
+                  chunks if isinstance(chunks, int) else tuple(chunks), layout_id)
