@@ -1,9 +1,11 @@
 """The shard plan, computed when the workflow is parsed (no torch, no model), and its cost.
 
-Prompts are cut into consecutive chunks of ``prompts_per_chunk`` (appending prompts only touches
-the last chunk) or at the chunk starts of a saved automatic layout; layers into blocks, of
-``layers_per_shard`` layers or sized from the cost model (:func:`auto_layout`, ``sharding:
-auto``). A shard is (layer block x prompt chunk) for every
+Prompts are cut into consecutive chunks of ``prompts_per_chunk`` or, under ``sharding: auto``, at
+the chunk starts of the saved layout; layers into blocks, of ``layers_per_shard`` layers or sized
+from the cost model (:func:`auto_layout`). Appending prompts only touches the last chunk (and adds
+chunks after it), under ``auto`` too: :func:`resolve_layout` keeps the previous automatic layout,
+extended (:func:`extend_chunks`), as long as the cost model still accepts it for the grown inputs,
+and only then chooses afresh; an added neuron likewise keeps the layer blocks. A shard is (layer block x prompt chunk) for every
 block holding at least one listed neuron. Each shard's parameters hold only its own neurons and
 prompt ids, so Snakemake's params trigger reruns exactly the shards whose neurons or prompts
 changed. :func:`estimate` gives each model rule's jobs and estimated compute and fixed seconds.
@@ -14,7 +16,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import Counter
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -418,6 +420,14 @@ def auto_layout(
 
 # The environment variable that tells a cluster job's parse which saved layout its run chose.
 LAYOUT_ENV = "NEURON_EFFECTS_LAYOUT"
+# An automatic layout is kept while its longest shard job is at most this many times the
+# longest of the layout the cost model would choose afresh (and it meets auto_layout's bounds):
+# keeping it reruns only the shards whose neurons or prompts changed, choosing afresh moves
+# boundaries and reruns most shards, while a layout grown lopsided (or a job limit raised) makes
+# every later run wait on its longest shard.
+KEEP_TOLERANCE = 1.5
+
+
 class Layout(NamedTuple):
     """The arguments of :func:`make_plan`, and the name of the saved automatic layout they come
     from (``None`` for explicit sizes)."""
@@ -427,11 +437,39 @@ class Layout(NamedTuple):
     layout_id: str | None = None
 
 
+def extend_chunks(starts: Sequence[int], per_chunk: int, n_prompts: int) -> list[int]:
+    """The chunk starts of a kept layout for ``n_prompts`` prompts: the saved starts (those
+    still below ``n_prompts``), and a new chunk of ``per_chunk`` prompts after the last only
+    once as many prompts follow it: appended prompts fill the last chunk (up to
+    ``2 * per_chunk - 1`` prompts) and go to new chunks, earlier chunks never change."""
+    kept = [start for start in starts if start < n_prompts] or [0]
+    while n_prompts - (kept[-1] + per_chunk) >= per_chunk:
+        kept.append(kept[-1] + per_chunk)
+    return kept
+
+
+def _fixed_blocks(layers_per_shard: int, n_layers: int) -> list[tuple[int, int]]:
+    """The blocks of ``layers_per_shard`` layers as ``(first, last)`` ranges."""
+    return [(first, min(first + layers_per_shard, n_layers) - 1)
+            for first in range(0, n_layers, layers_per_shard)]
+
+
+def _valid_blocks(blocks: Any, n_layers: int) -> bool:
+    """Whether ``blocks`` are consecutive ``(first, last)`` ranges covering every layer."""
+    try:
+        firsts, lasts = [int(b[0]) for b in blocks], [int(b[1]) for b in blocks]
+    except (TypeError, ValueError, IndexError):
+        return False
+    return bool(blocks) and firsts[0] == 0 and lasts[-1] == n_layers - 1 and all(
+        first <= last for first, last in zip(firsts, lasts)) and all(
+        last + 1 == first for last, first in zip(lasts, firsts[1:]))
+
+
 def resolve_layout(
     sharding: Mapping[str, Any], neurons: Sequence[Neuron], prompts: Sequence[PromptRecord],
     tokens: Mapping[str, int], shape: ModelShape, rates: DeviceRates, work: Workload,
     parallel_jobs: int, saved: str | Path, reuse_only: bool = False,
-    layout_id: str | None = None,
+    layout_id: str | None = None, inputs: Sequence[str] = (),
 ) -> Layout:
     """The :class:`Layout` of :func:`make_plan` from the config's ``sharding``: its explicit
     sizes, or :func:`auto_layout` for those set to ``auto`` (``max_parallel_jobs: auto`` =
@@ -441,7 +479,11 @@ def resolve_layout(
     (``layout_id``), which is never rewritten with other content: ``reuse_only`` (the parse
     inside a cluster job, which does not know the job limit) reads the one named
     ``layout_id``, the layout of the run that submitted the job, whatever other runs chose
-    since."""
+    since. A top-level parse keeps the previous automatic layout of the same ``inputs`` (file
+    names), model and sharding settings as long as it meets :func:`auto_layout`'s bounds for
+    the current inputs and job limit and its longest shard is within :data:`KEEP_TOLERANCE` of
+    the fresh choice's: added neurons then join their layer's block, appended prompts fill the
+    last chunk and go to new ones (:func:`extend_chunks`); otherwise it chooses afresh."""
     layers, per_chunk = sharding["layers_per_shard"], sharding["prompts_per_chunk"]
     if layers != "auto" and per_chunk != "auto":
         return Layout(layers, per_chunk)
@@ -457,24 +499,76 @@ def resolve_layout(
         return _layout_of(content, layout_id)
     jobs = (parallel_jobs if sharding["max_parallel_jobs"] == "auto"
             else sharding["max_parallel_jobs"])
-    blocks, chosen = auto_layout(neurons, prompts, tokens, shape, rates, work,
-                                 sharding["min_compute_ratio"], jobs,
-                                 sharding["max_fixed_share"])
+    bounds = (sharding["min_compute_ratio"], jobs, sharding["max_fixed_share"])
+    costs = LayoutCosts(neurons, prompts, tokens, shape, rates, work)
+    blocks, chosen = auto_layout(neurons, prompts, tokens, shape, rates, work, bounds[0],
+                                 bounds[1], bounds[2], costs=costs)
     n_prompts = len(prompts)
     fresh = {"layer_blocks": [list(block) for block in blocks] if layers == "auto" else layers,
              "prompt_chunks": (list(range(0, n_prompts, chosen)) or [0]) if per_chunk == "auto"
              else per_chunk,
              "prompts_per_chunk": chosen if per_chunk == "auto" else None}
     content = fresh
+    settings = digest([list(inputs), asdict(shape), sharding_key(sharding)])
+    previous = folder / f"previous-{settings}.json"
+    if previous.exists():
+        kept = _kept(json.loads(previous.read_text()), fresh, shape.n_layers, n_prompts)
+        if kept is not None and _worth_keeping(kept, fresh, costs, tokens, shape.n_layers,
+                                               bounds):
+            content = kept
     key = digest(content)
     from .store import write_json
 
     if not (folder / f"{key}.json").exists():
         write_json(folder / f"{key}.json", content)
+    write_json(previous, content)
     return _layout_of(content, key)
+
+
+def sharding_key(sharding: Mapping[str, Any]) -> dict[str, Any]:
+    """The sharding settings an automatic layout is chosen under, but the job limit."""
+    return {key: value for key, value in sharding.items() if key != "max_parallel_jobs"}
 
 
 def _layout_of(content: Mapping[str, Any], layout_id: str) -> Layout:
     blocks, chunks = content["layer_blocks"], content["prompt_chunks"]
     return Layout(blocks if isinstance(blocks, int) else tuple(tuple(b) for b in blocks),
                   chunks if isinstance(chunks, int) else tuple(chunks), layout_id)
+
+
+def _kept(previous: Mapping[str, Any], fresh: Mapping[str, Any], n_layers: int,
+          n_prompts: int) -> dict[str, Any] | None:
+    """The previous layout for the current inputs (its automatic parts; the explicit ones as
+    configured now), or ``None`` if it does not apply (another model's layers, sizes once
+    explicit now automatic)."""
+    kept = dict(fresh)
+    if not isinstance(fresh["layer_blocks"], int):
+        if not _valid_blocks(previous.get("layer_blocks"), n_layers):
+            return None
+        kept["layer_blocks"] = [list(block) for block in previous["layer_blocks"]]
+    if fresh["prompts_per_chunk"] is not None:
+        starts, size = previous.get("prompt_chunks"), previous.get("prompts_per_chunk")
+        if not isinstance(size, int) or size < 1 or not isinstance(starts, list) or \
+                not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            return None
+        kept["prompt_chunks"] = extend_chunks(starts, size, n_prompts)
+        kept["prompts_per_chunk"] = size
+    return kept
+
+
+def _worth_keeping(kept: Mapping[str, Any], fresh: Mapping[str, Any], costs: LayoutCosts,
+                   tokens: Mapping[str, int], n_layers: int,
+                   bounds: tuple[float, int, float]) -> bool:
+    """Whether the kept layout meets the bounds and its longest shard job is within
+    :data:`KEEP_TOLERANCE` of the fresh layout's."""
+    def ranges(layout: Mapping[str, Any]) -> tuple[list[tuple[int, int]], list[int]]:
+        blocks, chunks = layout["layer_blocks"], layout["prompt_chunks"]
+        return (_fixed_blocks(blocks, n_layers) if isinstance(blocks, int)
+                else [tuple(block) for block in blocks],
+                (list(range(0, costs.n_prompts, chunks)) or [0]) if isinstance(chunks, int)
+                else chunks)
+
+    if kept == fresh:
+        return True
+    return costs.fits(*ranges(kept), tokens, *bounds) and \
+        costs.longest_job(*ranges(kept)) <= KEEP_TOLERANCE * costs.longest_job(*ranges(fresh))

@@ -118,6 +118,7 @@ LAYOUT = resolve_layout(
     saved=".snakemake/plans",
     reuse_only=workflow.remote_exec,
     layout_id=os.environ.get(LAYOUT_ENV) or None,
+    inputs=[config["neurons"], config["prompts"], str(config["census"]["layers"])],
 )
 if LAYOUT.layout_id and not workflow.remote_exec:
     os.environ[LAYOUT_ENV] = LAYOUT.layout_id
