@@ -37,9 +37,10 @@ class PromptChunk:
     def prompt_ids(self) -> list[str]:
         return [record.prompt_id for record in self.records]
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Changes exactly when a prompt of this chunk (text, id, target, distractor) changes."""
+        """Changes exactly when a prompt of this chunk (text, id, target, distractor) changes
+        (computed once: every shard of the chunk asks)."""
         return digest(prompt_fields(self.records))
 
 
