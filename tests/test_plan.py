@@ -479,3 +479,6 @@ def test_a_kept_layout_gives_way_when_it_no_longer_fits(tmp_path):
     assert len(blocks(neurons_, 1)) == 1  # fewer jobs than shards
     assert blocks(neurons_, 32) == spread  # one shard of the whole job would be too long
     assert len(blocks(neurons_[::8], 32)) == 1  # two shards of 1,022 neurons: too little each
+    for previous in tmp_path.glob("previous-*.json"):  # unreadable: chosen afresh
+        previous.write_text("{not json")
+    assert blocks(neurons_, 32) == spread

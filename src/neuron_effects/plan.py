@@ -512,11 +512,13 @@ def resolve_layout(
     content = fresh
     settings = digest([list(inputs), asdict(shape), sharding_key(sharding)])
     previous = folder / f"previous-{settings}.json"
-    if previous.exists():
-        kept = _kept(json.loads(previous.read_text()), fresh, shape.n_layers, n_prompts)
-        if kept is not None and _worth_keeping(kept, fresh, costs, tokens, shape.n_layers,
-                                               bounds):
-            content = kept
+    try:
+        last = json.loads(previous.read_text())
+    except (OSError, ValueError):  # none yet (or unreadable): choose afresh
+        last = None
+    kept = _kept(last, fresh, shape.n_layers, n_prompts) if isinstance(last, dict) else None
+    if kept is not None and _worth_keeping(kept, fresh, costs, tokens, shape.n_layers, bounds):
+        content = kept
     key = digest(content)
     from .store import write_json
 
