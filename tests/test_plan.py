@@ -120,11 +120,13 @@ def test_sizes_below_one_are_refused(layers_per_shard, prompts_per_chunk):
 
 # --- sizing from the cost model (sharding: auto) --------------------------------------------
 
+import json  # noqa: E402
 from itertools import combinations  # noqa: E402
 
 from conftest import LLAMA_8B_CONFIG  # noqa: E402
 
 from neuron_effects.cost import DEVICES, ModelShape, device_rates  # noqa: E402
+from neuron_effects.inputs import digest  # noqa: E402
 from neuron_effects.plan import (Workload, aggregate_runtime_minutes,  # noqa: E402
                                  aggregate_seconds, auto_layout, balanced_blocks, estimate,
                                  resolve_layout, shard_seconds)
@@ -271,25 +273,41 @@ SHARDING = {"layers_per_shard": "auto", "prompts_per_chunk": "auto", "min_comput
 
 def test_a_cluster_job_reuses_the_layout_of_the_run_that_submitted_it(tmp_path):
     """The parse inside a cluster job does not know the run's job limit: it reads the layout
-    the submitting run chose; without one it stops with a clear error."""
+    its run chose, by the name that run gave it (saved under the digest of its content); another
+    run's choice (another job limit) is saved beside it and changes nothing of it. Without one it
+    stops with a clear error."""
     neurons, records, tokens = user_job()
     sharding = {**SHARDING, "max_fixed_share": 1.0}  # as many shards as the job limit allows
     args = (neurons, records, tokens, LLAMA_8B, device_rates("h200"), Workload())
     with pytest.raises(InputError, match="shard layout chosen by the run that submitted"):
         resolve_layout(sharding, *args, parallel_jobs=1, saved=tmp_path, reuse_only=True)
     chosen = resolve_layout(sharding, *args, parallel_jobs=32, saved=tmp_path)
-    assert resolve_layout(sharding, *args, parallel_jobs=1, saved=tmp_path,
-                          reuse_only=True) == chosen
-    assert len(chosen[0]) > 1
+    assert len(chosen.layer_blocks) > 1 and chosen.layout_id
     local = resolve_layout(sharding, *args, parallel_jobs=1, saved=tmp_path)
-    assert len(local[0]) == 1 and local[1] == 100
+    assert len(local.layer_blocks) == 1 and local.prompt_chunks == (0,)
+    assert local.layout_id != chosen.layout_id
+    for layout in (chosen, local):
+        assert resolve_layout(sharding, *args, parallel_jobs=1, saved=tmp_path, reuse_only=True,
+                              layout_id=layout.layout_id) == layout
+    with pytest.raises(InputError, match="shard layout chosen by the run that submitted"):
+        resolve_layout(sharding, *args, parallel_jobs=1, saved=tmp_path, reuse_only=True,
+                       layout_id="0123456789abcdef")
+    # a file is named by its content: a third run choosing the first layout again rewrites
+    # nothing else, and the files hold what their names say
+    again = resolve_layout(sharding, *args, parallel_jobs=32, saved=tmp_path)
+    assert again == chosen
+    layouts = sorted(path.stem for path in tmp_path.glob("*.json")
+                     if not path.name.startswith("previous-"))
+    assert layouts == sorted([chosen.layout_id, local.layout_id])
+    for name in layouts:
+        assert digest(json.loads((tmp_path / f"{name}.json").read_text())) == name
 
 
 def test_explicit_sizes_are_kept():
     neurons, records, tokens = user_job(n_neurons=100, n_prompts=10)
     sharding = {**SHARDING, "layers_per_shard": 4, "prompts_per_chunk": 25}
     assert resolve_layout(sharding, neurons, records, tokens, LLAMA_8B, device_rates("h200"),
-                          Workload(), parallel_jobs=32, saved="unused") == (4, 25)
+                          Workload(), parallel_jobs=32, saved="unused") == (4, 25, None)
 
 
 def test_the_plan_table_names_every_model_rule_and_the_fixed_share():
@@ -358,3 +376,111 @@ def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypat
         (3, 20.0, 12.0)
     aggregation = table.set_index("rule").loc["aggregate_effects"]
     assert aggregation["total_s"] == 9.0 and aggregation["estimated_compute_s"] == 7.5
+
+
+# --- a layout that moves little (sharding: auto, kept while the inputs grow) -----------------
+
+CHEAP = {"startup_s": 0.5, "read_bytes_per_s": 1e12}  # cheap jobs: the job limit binds
+
+
+def test_chunk_starts_cut_the_prompts():
+    plan = make_plan(neurons([0]), prompts(12), 1, [0, 5, 10])
+    assert [c.prompt_ids for c in plan.chunks] == [
+        [f"p{i}" for i in range(5)], [f"p{i}" for i in range(5, 10)], ["p10", "p11"]]
+    assert [c.name for c in make_plan(neurons([0]), prompts(4), 1, [0, 5]).chunks] == ["c000"]
+
+
+@pytest.mark.parametrize("n_prompts, starts", [
+    (40, [0, 5, 10, 15, 20, 25, 30, 35]), (41, [0, 5, 10, 15, 20, 25, 30, 35]),
+    (44, [0, 5, 10, 15, 20, 25, 30, 35]), (45, [0, 5, 10, 15, 20, 25, 30, 35, 40]),
+    (52, [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]), (33, [0, 5, 10, 15, 20, 25, 30]),
+])
+def test_appended_prompts_fill_the_last_chunk_then_go_to_new_ones(n_prompts, starts):
+    from neuron_effects.plan import extend_chunks
+
+    assert extend_chunks(list(range(0, 40, 5)), 5, n_prompts) == starts
+
+
+def test_appending_prompts_keeps_the_automatic_chunks(tmp_path):
+    """Neurons of one layer, 40 prompts, at most 8 jobs: 8 chunks of 5. A 41st prompt used to
+    recut them (7 chunks of 6: every chunk changed); now it joins the last chunk, and so do the
+    next three; the 45th would need a 9th chunk, beyond the job limit: chosen afresh then."""
+    picked = [Neuron(f"L0/N{n}", 0, n) for n in range(2000)]
+    rates = device_rates("h200", CHEAP)
+    sharding = {**SHARDING, "max_fixed_share": 1.0}
+
+    def layout(n_prompts):
+        records = prompts(n_prompts)
+        tokens = {record.prompt_id: 150 for record in records}
+        chosen = resolve_layout(sharding, picked, records, tokens, LLAMA_8B, rates, Workload(),
+                                parallel_jobs=8, saved=tmp_path)
+        return chosen, fingerprints(make_plan(picked, records, *chosen[:2])), (records, tokens)
+
+    base, before, _ = layout(40)
+    assert base.prompt_chunks == tuple(range(0, 40, 5))
+    records, tokens = prompts(41), {f"p{i}": 150 for i in range(41)}
+    assert auto_layout(picked, records, tokens, LLAMA_8B, rates, Workload(), 3, 8, 1.0)[1] == 6
+    for n_prompts in (41, 42, 43, 44):
+        kept, after, _ = layout(n_prompts)
+        assert kept.prompt_chunks == base.prompt_chunks
+        assert {name for name in after if before.get(name) != after[name]} == {"c007"}
+        assert make_plan(picked, prompts(n_prompts), *kept[:2]).chunk("c007").prompt_ids == \
+            [f"p{i}" for i in range(35, n_prompts)]
+    recut, _, _ = layout(45)
+    assert recut.prompt_chunks == tuple(range(0, 45, 6))  # 8 chunks: the job limit holds
+
+
+def test_adding_a_neuron_keeps_the_automatic_layer_blocks(tmp_path):
+    """40 neurons in 8 layer blocks (at most 8 jobs): of 30 random additions of one neuron,
+    the cost model alone moves the block boundaries of several (rerunning most shards); the
+    kept layout moves none, and only the new neuron's block's shard changes."""
+    base_neurons, records, tokens = user_job(n_neurons=40, n_prompts=40)
+    rates, work = device_rates("h200", CHEAP), Workload()
+    sharding = {**SHARDING, "max_fixed_share": 1.0, "min_compute_ratio": 1}
+
+    def layout(picked):
+        return resolve_layout(sharding, picked, records, tokens, LLAMA_8B, rates, work,
+                              parallel_jobs=8, saved=tmp_path)
+
+    def tables(picked, chosen):
+        return {s.name: s.neuron_table for s in make_plan(picked, records, *chosen[:2]).shards}
+
+    base = layout(base_neurons)
+    assert len(base.layer_blocks) == 8 and len(base.prompt_chunks) == 1
+    before = tables(base_neurons, base)
+    rng, taken, moved = random.Random(3), {(n.layer, n.neuron) for n in base_neurons}, 0
+    for _ in range(30):
+        layer, index = rng.randrange(32), rng.randrange(14336)
+        if (layer, index) in taken:
+            continue
+        added = [*base_neurons, Neuron(f"L{layer}/N{index}", layer, index)]
+        fresh, _ = auto_layout(added, records, tokens, LLAMA_8B, rates, work, 1, 8, 1.0)
+        moved += [tuple(block) for block in fresh] != list(base.layer_blocks)
+        kept = layout(added)
+        assert kept[:2] == base[:2]
+        after = tables(added, kept)
+        assert len({name for name in after if before.get(name) != after[name]}) == 1
+    assert moved >= 3  # what the additions did before
+
+
+def test_a_kept_layout_gives_way_when_it_no_longer_fits(tmp_path):
+    """The previous layout is kept only within auto_layout's bounds and while its longest shard
+    is within KEEP_TOLERANCE of a fresh choice's: a lower job limit (too many shards), a higher
+    one (more shards pay off) or fewer neurons (shards not worth their fixed cost) choose
+    afresh."""
+    neurons_, records, tokens = user_job()
+    args = (records, tokens, LLAMA_8B, device_rates("h200"), Workload())
+    sharding = {**SHARDING, "max_fixed_share": 1.0}
+
+    def blocks(picked, jobs):
+        return resolve_layout(sharding, picked, *args, parallel_jobs=jobs,
+                              saved=tmp_path).layer_blocks
+
+    spread = blocks(neurons_, 32)
+    assert len(spread) == 2
+    assert len(blocks(neurons_, 1)) == 1  # fewer jobs than shards
+    assert blocks(neurons_, 32) == spread  # one shard of the whole job would be too long
+    assert len(blocks(neurons_[::8], 32)) == 1  # two shards of 1,022 neurons: too little each
+    for previous in tmp_path.glob("previous-*.json"):  # unreadable: chosen afresh
+        previous.write_text("{not json")
+    assert blocks(neurons_, 32) == spread

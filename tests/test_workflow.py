@@ -868,19 +868,34 @@ def test_a_cluster_jobs_parse_finds_the_layout_of_the_run_that_submitted_it(tmp_
                                                                             tiny_model_dir):
     """sharding: auto under --jobs 4 (cheap jobs: 4 layer blocks). A cluster job's own parse
     (--mode remote, which does not know the job limit) plans the same shards from the layout
-    the submitting run saved, and prints no plan; without that layout it stops, saying why."""
+    its run saved and named in the jobs' environment, and prints no plan. A later run with
+    --jobs 1 (one block) saves its own layout beside it: a job still queued from the first run
+    plans the first run's shards. Without its layout a job stops, saying why."""
     workdir = write_workdir(tmp_path / "run", str(tiny_model_dir), device="cpu",
                             sharding={"layers_per_shard": "auto", "prompts_per_chunk": "auto",
                                       "rates": {"startup_s": 0.0, "read_bytes_per_s": 1e15}})
+
+    def layout_of(output: str) -> str:
+        return re.search(r"shard layout ([0-9a-f]{16}) \(sharding: auto\)", output).group(1)
+
     submitted = snakemake(workdir, "-n", "--jobs", "4").stdout
     shards = jobs_of(submitted, "compute_effects")
     assert len(shards) == 4
+    layout = {"NEURON_EFFECTS_LAYOUT": layout_of(submitted)}
     target = f"results/effects/shards/{sorted(shards)[-1]}.parquet"
-    remote = snakemake(workdir, "--mode", "remote", "-n", target)
+    remote = snakemake(workdir, "--mode", "remote", "-n", target, env=layout)
     assert jobs_of(remote.stdout, "compute_effects") == {sorted(shards)[-1]}
     assert "The plan and its estimated cost" not in remote.stdout + remote.stderr
+    later = snakemake(workdir, "-n", "--jobs", "1").stdout
+    assert len(jobs_of(later, "compute_effects")) == 1 and layout_of(later) != layout[
+        "NEURON_EFFECTS_LAYOUT"]
+    queued = snakemake(workdir, "--mode", "remote", "-n", target, env=layout)
+    assert jobs_of(queued.stdout, "compute_effects") == {sorted(shards)[-1]}
+    unnamed = snakemake(workdir, "--mode", "remote", "-n", target, check=False,
+                        env={"NEURON_EFFECTS_LAYOUT": ""})
+    assert unnamed.returncode != 0
     shutil.rmtree(workdir / ".snakemake/plans")
-    missing = snakemake(workdir, "--mode", "remote", "-n", target, check=False)
+    missing = snakemake(workdir, "--mode", "remote", "-n", target, check=False, env=layout)
     assert missing.returncode != 0
-    assert "shard layout chosen by the run that submitted this job is missing" in \
-        missing.stdout + missing.stderr
+    for output in (unnamed.stdout, missing.stdout):
+        assert "shard layout chosen by the run that submitted this job is missing" in output

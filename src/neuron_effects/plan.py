@@ -1,8 +1,11 @@
 """The shard plan, computed when the workflow is parsed (no torch, no model), and its cost.
 
-Prompts are cut into consecutive chunks of ``prompts_per_chunk`` (appending prompts only touches
-the last chunk); layers into blocks, of ``layers_per_shard`` layers or sized from the cost model
-(:func:`auto_layout`, ``sharding: auto``). A shard is (layer block x prompt chunk) for every
+Prompts are cut into consecutive chunks of ``prompts_per_chunk`` or, under ``sharding: auto``, at
+the chunk starts of the saved layout; layers into blocks, of ``layers_per_shard`` layers or sized
+from the cost model (:func:`auto_layout`). Appending prompts only touches the last chunk (and adds
+chunks after it), under ``auto`` too: :func:`resolve_layout` keeps the previous automatic layout,
+extended (:func:`extend_chunks`), as long as the cost model still accepts it for the grown inputs,
+and only then chooses afresh; an added neuron likewise keeps the layer blocks. A shard is (layer block x prompt chunk) for every
 block holding at least one listed neuron. Each shard's parameters hold only its own neurons and
 prompt ids, so Snakemake's params trigger reruns exactly the shards whose neurons or prompts
 changed. :func:`estimate` gives each model rule's jobs and estimated compute and fixed seconds.
@@ -13,9 +16,10 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import Counter
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 from .cost import (BACKWARD_FACTOR, DeviceRates, ModelShape, aggregation_seconds,
                    mediation_table_rows)
@@ -33,9 +37,10 @@ class PromptChunk:
     def prompt_ids(self) -> list[str]:
         return [record.prompt_id for record in self.records]
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """Changes exactly when a prompt of this chunk (text, id, target, distractor) changes."""
+        """Changes exactly when a prompt of this chunk (text, id, target, distractor) changes
+        (computed once: every shard of the chunk asks)."""
         return digest(prompt_fields(self.records))
 
 
@@ -51,22 +56,34 @@ class Shard:
     def name(self) -> str:
         return f"{self.block}_{self.chunk.name}"
 
-    @property
+    @cached_property
     def neuron_table(self) -> list[list[Any]]:
-        """``[neuron_id, layer, neuron]`` rows: what the shard's params hold."""
+        """``[neuron_id, layer, neuron]`` rows: what the shard's params hold (built once: a
+        census shard holds up to every neuron of its layers, and each job asks several times)."""
         return [[n.neuron_id, n.layer, n.neuron] for n in self.neurons]
 
 
 @dataclass(frozen=True)
 class ShardPlan:
+    """The prompt chunks and the non-empty shards, each found by name in constant time (every
+    job's input functions look its chunk or shard up: a scan would make the parse quadratic)."""
+
     chunks: tuple[PromptChunk, ...]
     shards: tuple[Shard, ...]
+    _chunks: dict[str, PromptChunk] = field(init=False, repr=False, compare=False)
+    _shards: dict[str, Shard] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_chunks", {item.name: item for item in self.chunks})
+        object.__setattr__(self, "_shards", {item.name: item for item in self.shards})
 
     def chunk(self, name: str) -> PromptChunk:
-        return next(item for item in self.chunks if item.name == name)
+        """The chunk named ``name`` (``c000``...)."""
+        return self._chunks[name]
 
     def shard(self, name: str) -> Shard:
-        return next(item for item in self.shards if item.name == name)
+        """The shard named ``name`` (``<block>_<chunk>``)."""
+        return self._shards[name]
 
 
 def block_name(layer: int, layers_per_shard: int) -> str:
@@ -77,13 +94,21 @@ def block_name(layer: int, layers_per_shard: int) -> str:
 
 def make_plan(
     neurons: Sequence[Neuron], prompts: Sequence[PromptRecord],
-    layer_blocks: int | Sequence[tuple[int, int]], prompts_per_chunk: int,
+    layer_blocks: int | Sequence[tuple[int, int]], prompt_chunks: int | Sequence[int],
 ) -> ShardPlan:
     """All prompt chunks and all non-empty shards, in a stable order. ``layer_blocks``: blocks
     of that many layers, or the ``(first, last)`` layer ranges of the blocks (consecutive,
-    covering every neuron's layer; :func:`auto_layout` chooses them)."""
-    chunks = tuple(PromptChunk(f"c{index:03d}", tuple(records))
-                   for index, records in enumerate(chunk(list(prompts), prompts_per_chunk)))
+    covering every neuron's layer; :func:`auto_layout` chooses them). ``prompt_chunks``: chunks
+    of that many prompts, or the index of each chunk's first prompt (ascending from 0; the last
+    chunk runs to the last prompt; :func:`resolve_layout` chooses them)."""
+    records = list(prompts)
+    if isinstance(prompt_chunks, int):
+        slices = chunk(records, prompt_chunks)
+    else:
+        starts = [start for start in prompt_chunks if start < len(records)] or [0]
+        slices = [records[a:b] for a, b in zip(starts, [*starts[1:], len(records)])]
+    chunks = tuple(PromptChunk(f"c{index:03d}", tuple(members))
+                   for index, members in enumerate(slices) if members)
     if isinstance(layer_blocks, int):
         if layer_blocks < 1:
             raise InputError(f"layers_per_shard must be >= 1, got {layer_blocks}")
@@ -93,9 +118,10 @@ def make_plan(
         firsts = [first for first, _ in layer_blocks]
         names = [f"L{first:02d}-{last:02d}" for first, last in layer_blocks]
         name_of = lambda layer: names[bisect_right(firsts, layer) - 1]  # noqa: E731
+    block_of = {layer: name_of(layer) for layer in {neuron.layer for neuron in neurons}}
     blocks: dict[str, list[Neuron]] = {}
     for neuron in sorted(neurons, key=lambda item: (item.layer, item.neuron)):
-        blocks.setdefault(name_of(neuron.layer), []).append(neuron)
+        blocks.setdefault(block_of[neuron.layer], []).append(neuron)
     shards = tuple(Shard(block, prompt_chunk, tuple(members))
                    for block, members in blocks.items() for prompt_chunk in chunks)
     return ShardPlan(chunks, shards)
@@ -206,9 +232,10 @@ def aggregate_seconds(plan: ShardPlan, n_layers: int, work: Workload) -> float:
         prompts = len(shard.chunk.records)
         rows += len(shard.neurons) * prompts
         if work.mediators:
-            table_rows += prompts * sum(mediation_table_rows(n_layers, neuron.layer,
-                                                             work.mediator_top_k)
-                                        for neuron in shard.neurons)
+            per_layer = Counter(neuron.layer for neuron in shard.neurons)
+            table_rows += prompts * sum(count * mediation_table_rows(n_layers, layer,
+                                                                     work.mediator_top_k)
+                                        for layer, count in per_layer.items())
     return aggregation_seconds(rows, table_rows)
 
 
@@ -222,26 +249,33 @@ def estimate(plan: ShardPlan, tokens: Mapping[str, int], shape: ModelShape, rate
              work: Workload, aggregate: bool = True) -> PlanEstimate:
     """Per model rule: jobs, estimated compute and fixed seconds (``tokens``: each prompt's
     token count by prompt id); with ``aggregate``, also the aggregation's time."""
+    shards = [shard_seconds(shape, rates, work, shard.neurons,
+                            [tokens[p] for p in shard.chunk.prompt_ids])
+              for shard in plan.shards]
+    rows = sum(len(shard.neurons) * len(shard.chunk.records) for shard in plan.shards)
+    return _estimate(shards, len(plan.chunks), rows, tokens, shape, rates, work,
+                     aggregate_seconds(plan, shape.n_layers, work) if aggregate else 0.0)
+
+
+def _estimate(shards: Sequence[float], n_chunks: int, rows: int, tokens: Mapping[str, int],
+              shape: ModelShape, rates: DeviceRates, work: Workload,
+              aggregate_s: float = 0.0) -> PlanEstimate:
+    """:func:`estimate` from each shard's estimated compute, the number of prompt chunks and of
+    (neuron, prompt) rows."""
     fixed = rates.fixed_s(shape.weight_bytes)
     forwards = sum(shape.forward_flops(n) for n in tokens.values()) / rates.flops_per_s
-    n_chunks = len(plan.chunks)
-    shards = sum(shard_seconds(shape, rates, work, shard.neurons,
-                               [tokens[p] for p in shard.chunk.prompt_ids])
-                 for shard in plan.shards)
     mean_forward = forwards / max(len(tokens), 1)
     rules = [RuleEstimate("cache_clean_runs", n_chunks, forwards, n_chunks * fixed),
-             RuleEstimate("compute_effects", len(plan.shards), shards, len(plan.shards) * fixed)]
+             RuleEstimate("compute_effects", len(shards), sum(shards), len(shards) * fixed)]
     if work.backward_passes:
         passes = 1 + BACKWARD_FACTOR * work.backward_passes
         rules.append(RuleEstimate("estimate_attribution", n_chunks, passes * forwards,
                                   n_chunks * fixed))
     # the float64 reference: per sampled pair one hooked forward, per prompt one clean forward
-    pairs = min(work.validation_pairs, sum(len(s.neurons) * len(s.chunk.records)
-                                           for s in plan.shards))
+    pairs = min(work.validation_pairs, rows)
     reference = (pairs + min(pairs, len(tokens))) * mean_forward * rates.float64_factor
     rules.append(RuleEstimate("validate_sample", 1, reference, fixed))
-    return PlanEstimate(rates.name, tuple(rules),
-                        aggregate_seconds(plan, shape.n_layers, work) if aggregate else 0.0)
+    return PlanEstimate(rates.name, tuple(rules), aggregate_s)
 
 
 def balanced_blocks(costs: Sequence[float], n_blocks: int) -> list[int]:
@@ -279,10 +313,81 @@ def _layer_blocks(layers: Sequence[int], costs: Sequence[float], n_blocks: int,
     return list(zip(firsts, [first - 1 for first in firsts[1:]] + [n_layers - 1]))
 
 
+class LayoutCosts:
+    """The estimated compute of any shard of a job: per layer with neurons, their count and the
+    running sum over prompts of one row's seconds, so that a shard (a range of layers x a range
+    of prompts) costs a few additions whatever the number of neurons (:func:`auto_layout` tries
+    about a hundred layouts, of up to every neuron of a model in a census). Equal to
+    :func:`shard_seconds` of the shard's neurons and prompts (up to float rounding)."""
+
+    def __init__(self, neurons: Sequence[Neuron], prompts: Sequence[PromptRecord],
+                 tokens: Mapping[str, int], shape: ModelShape, rates: DeviceRates,
+                 work: Workload) -> None:
+        self.shape, self.rates, self.work = shape, rates, work
+        self.counts = Counter(neuron.layer for neuron in neurons)
+        self.layers = sorted(self.counts)
+        self.n_prompts = len(prompts)
+        self.n_neurons = len(neurons)
+        all_tokens = [tokens[record.prompt_id] for record in prompts]
+        row: dict[tuple[int, int], float] = {}
+        self.prefix: dict[int, list[float]] = {}
+        for layer in self.layers:
+            running = [0.0]
+            for n_tokens in all_tokens:
+                if (layer, n_tokens) not in row:
+                    row[layer, n_tokens] = _row_seconds(shape, rates, work, layer, n_tokens)
+                running.append(running[-1] + row[layer, n_tokens])
+            self.prefix[layer] = running
+
+    def seconds(self, first_layer: int, last_layer: int, start: int, stop: int) -> float:
+        """The compute of the neurons of layers ``first_layer..last_layer`` on the prompts
+        ``start..stop - 1`` (:func:`shard_seconds`); 0 without neurons or prompts."""
+        layers = [layer for layer in self.layers if first_layer <= layer <= last_layer]
+        n_neurons = sum(self.counts[layer] for layer in layers)
+        if not n_neurons or stop <= start:
+            return 0.0
+        rows = sum(self.counts[layer] * (self.prefix[layer][stop] - self.prefix[layer][start])
+                   for layer in layers)
+        units = -(-n_neurons // self.work.neurons_per_block) * (stop - start)
+        directions = (n_neurons * self.shape.unembed_flops() / self.rates.flops_per_s
+                      if self.work.full_vocab else 0.0)
+        return rows + units * self.rates.unit_host_s + directions
+
+    def shards(self, blocks: Sequence[tuple[int, int]], starts: Sequence[int]) -> list[float]:
+        """The compute of each non-empty shard of ``blocks`` x the chunks starting at
+        ``starts`` (as :func:`make_plan` cuts them)."""
+        starts = [start for start in starts if start < self.n_prompts] or [0]
+        ranges = list(zip(starts, [*starts[1:], self.n_prompts]))
+        return [self.seconds(first, last, a, b) for first, last in blocks
+                if any(first <= layer <= last for layer in self.layers) for a, b in ranges
+                if b > a]
+
+    def fits(self, blocks: Sequence[tuple[int, int]], starts: Sequence[int],
+             tokens: Mapping[str, int], min_compute_ratio: float, max_parallel_jobs: int,
+             max_fixed_share: float) -> bool:
+        """Whether the layout meets :func:`auto_layout`'s bounds: at most ``max_parallel_jobs``
+        shards, each worth ``min_compute_ratio`` fixed costs, a fixed share of all model jobs
+        of at most ``max_fixed_share``."""
+        shards = self.shards(blocks, starts)
+        fixed = self.rates.fixed_s(self.shape.weight_bytes)
+        if not shards or len(shards) > max_parallel_jobs or \
+                min(shards) < min_compute_ratio * fixed:
+            return False
+        n_chunks = len([start for start in starts if start < self.n_prompts] or [0])
+        cost = _estimate(shards, n_chunks, self.n_neurons * self.n_prompts, tokens, self.shape,
+                         self.rates, self.work)
+        return cost.fixed_share <= max_fixed_share
+
+    def longest_job(self, blocks: Sequence[tuple[int, int]], starts: Sequence[int]) -> float:
+        """The estimated seconds of the layout's longest shard job, fixed cost included."""
+        return max(self.shards(blocks, starts), default=0.0) + \
+            self.rates.fixed_s(self.shape.weight_bytes)
+
+
 def auto_layout(
     neurons: Sequence[Neuron], prompts: Sequence[PromptRecord], tokens: Mapping[str, int],
     shape: ModelShape, rates: DeviceRates, work: Workload, min_compute_ratio: float,
-    max_parallel_jobs: int, max_fixed_share: float,
+    max_parallel_jobs: int, max_fixed_share: float, costs: LayoutCosts | None = None,
 ) -> tuple[list[tuple[int, int]], int]:
     """``sharding: auto``: the layer blocks and the prompts per chunk.
 
@@ -291,66 +396,182 @@ def auto_layout(
     the fixed cost of all model jobs (clean runs, shards, attribution, validation) is at most
     ``max_fixed_share`` of their estimated time; one shard if none qualifies. Layer blocks are
     balanced by cost (early layers replay more layers per row); at equal shard counts fewer
-    prompt chunks win (each chunk is one more clean-run and attribution job)."""
+    prompt chunks win (each chunk is one more clean-run and attribution job). ``costs``: the
+    job's :class:`LayoutCosts`, if already built."""
+    costs = costs or LayoutCosts(neurons, prompts, tokens, shape, rates, work)
     fixed = rates.fixed_s(shape.weight_bytes)
-    by_layer: dict[int, list[Neuron]] = {}
-    for neuron in neurons:
-        by_layer.setdefault(neuron.layer, []).append(neuron)
-    layers = sorted(by_layer)
+    layers = costs.layers
     if not layers:
         return [(0, shape.n_layers - 1)], max(1, len(prompts))
-    all_tokens = [tokens[record.prompt_id] for record in prompts]
-    costs = [shard_seconds(shape, rates, work, by_layer[layer], all_tokens) for layer in layers]
-    ceiling = max(1, min(max_parallel_jobs, int(sum(costs) // (min_compute_ratio * fixed))))
+    per_layer = [costs.seconds(layer, layer, 0, len(prompts)) for layer in layers]
+    ceiling = max(1, min(max_parallel_jobs, int(sum(per_layer) // (min_compute_ratio * fixed))))
     candidates = sorted(((b, c) for b in range(1, min(len(layers), ceiling) + 1)
                          for c in range(1, min(len(prompts), ceiling // b) + 1)),
                         key=lambda bc: (-bc[0] * bc[1], bc[1]))
+    balanced: dict[int, list[tuple[int, int]]] = {}
     for n_blocks, n_chunks in candidates:
-        blocks = _layer_blocks(layers, costs, n_blocks, shape.n_layers)
+        if n_blocks not in balanced:
+            balanced[n_blocks] = _layer_blocks(layers, per_layer, n_blocks, shape.n_layers)
         per_chunk = -(-len(prompts) // n_chunks)
-        plan = make_plan(neurons, prompts, blocks, per_chunk)
-        cheapest = min(shard_seconds(shape, rates, work, shard.neurons,
-                                     [tokens[p] for p in shard.chunk.prompt_ids])
-                       for shard in plan.shards)
-        if (cheapest >= min_compute_ratio * fixed
-                and estimate(plan, tokens, shape, rates, work, aggregate=False).fixed_share
-                <= max_fixed_share):
-            return blocks, per_chunk
-    return _layer_blocks(layers, costs, 1, shape.n_layers), len(prompts)
+        if costs.fits(balanced[n_blocks], range(0, len(prompts), per_chunk), tokens,
+                      min_compute_ratio, max_parallel_jobs, max_fixed_share):
+            return balanced[n_blocks], per_chunk
+    return _layer_blocks(layers, per_layer, 1, shape.n_layers), len(prompts)
+
+
+# The environment variable that tells a cluster job's parse which saved layout its run chose.
+LAYOUT_ENV = "NEURON_EFFECTS_LAYOUT"
+# An automatic layout is kept while its longest shard job is at most this many times the
+# longest of the layout the cost model would choose afresh (and it meets auto_layout's bounds):
+# keeping it reruns only the shards whose neurons or prompts changed, choosing afresh moves
+# boundaries and reruns most shards, while a layout grown lopsided (or a job limit raised) makes
+# every later run wait on its longest shard.
+KEEP_TOLERANCE = 1.5
+
+
+class Layout(NamedTuple):
+    """The arguments of :func:`make_plan`, and the name of the saved automatic layout they come
+    from (``None`` for explicit sizes)."""
+
+    layer_blocks: int | tuple[tuple[int, int], ...]
+    prompt_chunks: int | tuple[int, ...]
+    layout_id: str | None = None
+
+
+def extend_chunks(starts: Sequence[int], per_chunk: int, n_prompts: int) -> list[int]:
+    """The chunk starts of a kept layout for ``n_prompts`` prompts: the saved starts (those
+    still below ``n_prompts``), and a new chunk of ``per_chunk`` prompts after the last only
+    once as many prompts follow it: appended prompts fill the last chunk (up to
+    ``2 * per_chunk - 1`` prompts) and go to new chunks, earlier chunks never change."""
+    kept = [start for start in starts if start < n_prompts] or [0]
+    while n_prompts - (kept[-1] + per_chunk) >= per_chunk:
+        kept.append(kept[-1] + per_chunk)
+    return kept
+
+
+def _fixed_blocks(layers_per_shard: int, n_layers: int) -> list[tuple[int, int]]:
+    """The blocks of ``layers_per_shard`` layers as ``(first, last)`` ranges."""
+    return [(first, min(first + layers_per_shard, n_layers) - 1)
+            for first in range(0, n_layers, layers_per_shard)]
+
+
+def _valid_blocks(blocks: Any, n_layers: int) -> bool:
+    """Whether ``blocks`` are consecutive ``(first, last)`` ranges covering every layer."""
+    try:
+        firsts, lasts = [int(b[0]) for b in blocks], [int(b[1]) for b in blocks]
+    except (TypeError, ValueError, IndexError):
+        return False
+    return bool(blocks) and firsts[0] == 0 and lasts[-1] == n_layers - 1 and all(
+        first <= last for first, last in zip(firsts, lasts)) and all(
+        last + 1 == first for last, first in zip(lasts, firsts[1:]))
 
 
 def resolve_layout(
     sharding: Mapping[str, Any], neurons: Sequence[Neuron], prompts: Sequence[PromptRecord],
     tokens: Mapping[str, int], shape: ModelShape, rates: DeviceRates, work: Workload,
     parallel_jobs: int, saved: str | Path, reuse_only: bool = False,
-) -> tuple[int | list[tuple[int, int]], int]:
-    """The ``(layer_blocks, prompts_per_chunk)`` of :func:`make_plan` from the config's
-    ``sharding``: its explicit sizes, or :func:`auto_layout` for those set to ``auto``
-    (``max_parallel_jobs: auto`` = ``parallel_jobs``, the run's job limit).
+    layout_id: str | None = None, inputs: Sequence[str] = (),
+) -> Layout:
+    """The :class:`Layout` of :func:`make_plan` from the config's ``sharding``: its explicit
+    sizes, or :func:`auto_layout` for those set to ``auto`` (``max_parallel_jobs: auto`` =
+    ``parallel_jobs``, the run's job limit).
 
-    An automatic layout is saved under ``saved`` by a digest of everything it depends on but
-    the job limit; ``reuse_only`` (the parse inside a cluster job, which does not know the
-    limit) reads it instead of choosing again."""
+    An automatic layout is saved under ``saved`` in a file named by the digest of its content
+    (``layout_id``), which is never rewritten with other content: ``reuse_only`` (the parse
+    inside a cluster job, which does not know the job limit) reads the one named
+    ``layout_id``, the layout of the run that submitted the job, whatever other runs chose
+    since. A top-level parse keeps the previous automatic layout of the same ``inputs`` (file
+    names), model and sharding settings as long as it meets :func:`auto_layout`'s bounds for
+    the current inputs and job limit and its longest shard is within :data:`KEEP_TOLERANCE` of
+    the fresh choice's: added neurons then join their layer's block, appended prompts fill the
+    last chunk and go to new ones (:func:`extend_chunks`); otherwise it chooses afresh."""
     layers, per_chunk = sharding["layers_per_shard"], sharding["prompts_per_chunk"]
     if layers != "auto" and per_chunk != "auto":
-        return layers, per_chunk
-    key = digest([[(n.layer, n.neuron) for n in neurons], [tokens[r.prompt_id] for r in prompts],
-                  asdict(shape), asdict(rates), asdict(work),
-                  {k: v for k, v in sharding.items() if k != "max_parallel_jobs"}])
-    path = Path(saved) / f"{key}.json"
+        return Layout(layers, per_chunk)
+    folder = Path(saved)
     if reuse_only:
-        if not path.exists():
-            raise InputError(f"the shard layout chosen by the run that submitted this job is "
-                             f"missing ({path}): run jobs from the submitting working directory")
-        blocks, chosen = json.loads(path.read_text())
-    else:
-        jobs = (parallel_jobs if sharding["max_parallel_jobs"] == "auto"
-                else sharding["max_parallel_jobs"])
-        blocks, chosen = auto_layout(neurons, prompts, tokens, shape, rates, work,
-                                     sharding["min_compute_ratio"], jobs,
-                                     sharding["max_fixed_share"])
-        from .store import write_json
+        path = folder / f"{layout_id}.json"
+        if layout_id is None or not path.exists():
+            raise InputError(
+                f"the shard layout chosen by the run that submitted this job is missing "
+                f"({path if layout_id else f'${LAYOUT_ENV} is not set'}): run jobs from the "
+                f"submitting working directory, started by that run")
+        content = json.loads(path.read_text())
+        return _layout_of(content, layout_id)
+    jobs = (parallel_jobs if sharding["max_parallel_jobs"] == "auto"
+            else sharding["max_parallel_jobs"])
+    bounds = (sharding["min_compute_ratio"], jobs, sharding["max_fixed_share"])
+    costs = LayoutCosts(neurons, prompts, tokens, shape, rates, work)
+    blocks, chosen = auto_layout(neurons, prompts, tokens, shape, rates, work, bounds[0],
+                                 bounds[1], bounds[2], costs=costs)
+    n_prompts = len(prompts)
+    fresh = {"layer_blocks": [list(block) for block in blocks] if layers == "auto" else layers,
+             "prompt_chunks": (list(range(0, n_prompts, chosen)) or [0]) if per_chunk == "auto"
+             else per_chunk,
+             "prompts_per_chunk": chosen if per_chunk == "auto" else None}
+    content = fresh
+    settings = digest([list(inputs), asdict(shape), sharding_key(sharding)])
+    previous = folder / f"previous-{settings}.json"
+    try:
+        last = json.loads(previous.read_text())
+    except (OSError, ValueError):  # none yet (or unreadable): choose afresh
+        last = None
+    kept = _kept(last, fresh, shape.n_layers, n_prompts) if isinstance(last, dict) else None
+    if kept is not None and _worth_keeping(kept, fresh, costs, tokens, shape.n_layers, bounds):
+        content = kept
+    key = digest(content)
+    from .store import write_json
 
-        write_json(path, [blocks, chosen])
-    return (layers if layers != "auto" else [tuple(block) for block in blocks],
-            per_chunk if per_chunk != "auto" else chosen)
+    if not (folder / f"{key}.json").exists():
+        write_json(folder / f"{key}.json", content)
+    write_json(previous, content)
+    return _layout_of(content, key)
+
+
+def sharding_key(sharding: Mapping[str, Any]) -> dict[str, Any]:
+    """The sharding settings an automatic layout is chosen under, but the job limit."""
+    return {key: value for key, value in sharding.items() if key != "max_parallel_jobs"}
+
+
+def _layout_of(content: Mapping[str, Any], layout_id: str) -> Layout:
+    blocks, chunks = content["layer_blocks"], content["prompt_chunks"]
+    return Layout(blocks if isinstance(blocks, int) else tuple(tuple(b) for b in blocks),
+                  chunks if isinstance(chunks, int) else tuple(chunks), layout_id)
+
+
+def _kept(previous: Mapping[str, Any], fresh: Mapping[str, Any], n_layers: int,
+          n_prompts: int) -> dict[str, Any] | None:
+    """The previous layout for the current inputs (its automatic parts; the explicit ones as
+    configured now), or ``None`` if it does not apply (another model's layers, sizes once
+    explicit now automatic)."""
+    kept = dict(fresh)
+    if not isinstance(fresh["layer_blocks"], int):
+        if not _valid_blocks(previous.get("layer_blocks"), n_layers):
+            return None
+        kept["layer_blocks"] = [list(block) for block in previous["layer_blocks"]]
+    if fresh["prompts_per_chunk"] is not None:
+        starts, size = previous.get("prompt_chunks"), previous.get("prompts_per_chunk")
+        if not isinstance(size, int) or size < 1 or not isinstance(starts, list) or \
+                not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            return None
+        kept["prompt_chunks"] = extend_chunks(starts, size, n_prompts)
+        kept["prompts_per_chunk"] = size
+    return kept
+
+
+def _worth_keeping(kept: Mapping[str, Any], fresh: Mapping[str, Any], costs: LayoutCosts,
+                   tokens: Mapping[str, int], n_layers: int,
+                   bounds: tuple[float, int, float]) -> bool:
+    """Whether the kept layout meets the bounds and its longest shard job is within
+    :data:`KEEP_TOLERANCE` of the fresh layout's."""
+    def ranges(layout: Mapping[str, Any]) -> tuple[list[tuple[int, int]], list[int]]:
+        blocks, chunks = layout["layer_blocks"], layout["prompt_chunks"]
+        return (_fixed_blocks(blocks, n_layers) if isinstance(blocks, int)
+                else [tuple(block) for block in blocks],
+                (list(range(0, costs.n_prompts, chunks)) or [0]) if isinstance(chunks, int)
+                else chunks)
+
+    if kept == fresh:
+        return True
+    return costs.fits(*ranges(kept), tokens, *bounds) and \
+        costs.longest_job(*ranges(kept)) <= KEEP_TOLERANCE * costs.longest_job(*ranges(fresh))

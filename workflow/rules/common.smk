@@ -1,6 +1,7 @@
 """Config validation, the input checks, the prepared model, the shard plan and its cost
 estimate (at parse time) and input functions."""
 
+import os
 from pathlib import Path
 
 from snakemake.logging import logger
@@ -14,6 +15,7 @@ from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest
 from neuron_effects.plan import (
+    LAYOUT_ENV,
     Workload,
     aggregate_runtime_minutes,
     estimate,
@@ -91,8 +93,15 @@ WORK = Workload(
     neurons_per_block=config["compute"]["neurons_per_block"],
     mediator_top_k=config["mediators"]["top_k"],
 )
-# The shard plan: sizes from the config, or (auto) from the cost model. The layout is chosen by
-# the top-level run and saved, so that the parse inside each cluster job finds the same shards.
+# The shard plan: sizes from the config, or (auto) from the cost model. An automatic layout is
+# chosen by the top-level run and saved under the digest of its content, never rewritten with
+# other content; the run names it to its jobs in the environment variable LAYOUT_ENV, so that
+# the parse inside each cluster job plans the shards of the run that submitted it, whatever
+# later runs (another --jobs, other inputs) chose since. An environment variable, not a digest
+# in the wildcards or params: the job's parse needs the layout before it can evaluate either,
+# and output names must not change with it. Every job inherits it: Slurm jobs through sbatch
+# --export=ALL (snakemake-executor-plugin-slurm always passes it and refuses another value),
+# local jobs as subprocesses of this process.
 RATES = device_rates(
     planning_device(config["device"], config["sharding"]["gpu"]),
     config["sharding"]["rates"],
@@ -108,11 +117,21 @@ LAYOUT = resolve_layout(
     parallel_jobs=workflow.nodes or 1,
     saved=".snakemake/plans",
     reuse_only=workflow.remote_exec,
+    layout_id=os.environ.get(LAYOUT_ENV) or None,
+    inputs=[config["neurons"], config["prompts"], str(config["census"]["layers"])],
 )
-PLAN = make_plan(NEURONS, CHECKED.records, *LAYOUT)
+if LAYOUT.layout_id and not workflow.remote_exec:
+    os.environ[LAYOUT_ENV] = LAYOUT.layout_id
+PLAN = make_plan(NEURONS, CHECKED.records, LAYOUT.layer_blocks, LAYOUT.prompt_chunks)
 ESTIMATE = estimate(PLAN, TOKENS, SHAPE, RATES, WORK)
 if not workflow.remote_exec:
-    logger.info(f"The plan and its estimated cost:\n{ESTIMATE.table()}")
+    saved = (
+        f"\nshard layout {LAYOUT.layout_id} (sharding: auto), saved in "
+        f".snakemake/plans/{LAYOUT.layout_id}.json"
+        if LAYOUT.layout_id
+        else ""
+    )
+    logger.info(f"The plan and its estimated cost:\n{ESTIMATE.table()}{saved}")
 AGGREGATE_MINUTES = aggregate_runtime_minutes(ESTIMATE.aggregate_s)
 
 
@@ -219,13 +238,27 @@ def shard_neurons(wildcards):
     return PLAN.shard(f"{wildcards.block}_{wildcards.chunk}").neuron_table
 
 
+# Per layer block: the neuron targets [layer, neuron] of its neurons with profile edges, in the
+# profile's order; built once (looked up per shard: a scan of the profile per shard neuron made
+# the parse quadratic in the neurons).
+EDGE_TARGETS = {
+    neuron_id: [[layer, neuron] for layer, neuron in neuron_target_weights(edges)]
+    for neuron_id, edges in EDGES.items()
+}
+BLOCK_EDGES = {}
+for _shard in PLAN.shards:
+    if _shard.block not in BLOCK_EDGES:
+        _members = {n.neuron_id for n in _shard.neurons if n.neuron_id in EDGE_TARGETS}
+        BLOCK_EDGES[_shard.block] = {
+            neuron_id: targets
+            for neuron_id, targets in EDGE_TARGETS.items()
+            if neuron_id in _members
+        }
+
+
 def shard_edges(wildcards):
     """Per neuron of the shard with profile edges: its neuron targets [layer, neuron]."""
-    return {
-        neuron_id: [[layer, neuron] for layer, neuron in neuron_target_weights(edges)]
-        for neuron_id, edges in EDGES.items()
-        if neuron_id in {row[0] for row in shard_neurons(wildcards)}
-    }
+    return BLOCK_EDGES[wildcards.block]
 
 
 def activation_stats_if_needed(wildcards):
