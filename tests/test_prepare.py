@@ -14,9 +14,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuron_effects.inputs import InputError
+from neuron_effects.inputs import InputError, digest
 from neuron_effects.model import ModelSpec, load_model, load_tokenizer
-from neuron_effects.prepare import MANIFEST, file_sha256, prepared_location
+from neuron_effects.prepare import MANIFEST, file_sha256, model_digest, prepared_location
+
+
+def test_a_local_folders_digest_covers_its_weights(tiny_model_dir, tmp_path):
+    """A folder used as it is: the SHA-256 of its weight files and config, each file hashed once
+    (cached by path, size and mtime), changed by a changed weight."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    first = model_digest(folder, tmp_path / "digests")
+    assert len(list((tmp_path / "digests").iterdir())) == 2  # model.safetensors, config.json
+    assert model_digest(folder, tmp_path / "digests") == first
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    assert model_digest(folder, tmp_path / "digests") != first
+    with pytest.raises(InputError, match="no model weights"):
+        model_digest(tmp_path / "digests")
 
 
 def test_a_local_folder_is_used_as_it_is(tiny_model_dir):
@@ -83,6 +98,9 @@ def test_prepared_gguf_loads_the_same_model_and_tokenizer(demo_model_path, prepa
         b.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     manifest = json.loads((prepared_demo_model / MANIFEST).read_text())
     assert manifest["kind"] == "gguf" and manifest["sha256"] == file_sha256(demo_model_path)
+    # the cache keys' model part: recorded once, read back without hashing the weights
+    assert model_digest(prepared_demo_model) == manifest["weights_digest"] == digest(
+        ["gguf", manifest["sha256"]])
     assert not list(prepared_demo_model.glob("*.gguf"))
 
 
@@ -106,6 +124,7 @@ def test_a_hub_snapshot_is_linked_from_the_hub_cache(tiny_model_dir, tmp_path):
     assert all((folder / name).resolve() == (snapshot / name).resolve() for name in links)
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["kind"] == "hub" and manifest["snapshot"] == str(snapshot)
+    assert model_digest(folder) == manifest["weights_digest"]
     model = load_model(ModelSpec(str(folder), device="cpu"))
     original = load_model(ModelSpec(str(tiny_model_dir), device="cpu"))
     for (name, a), (_, b) in zip(model.causal_lm.named_parameters(),

@@ -768,7 +768,9 @@ def test_real_reruns_after_edits_touch_only_affected_shards(tiny_workflow, tmp_p
     for name in ("neurons.json", "prompts.jsonl"):
         shutil.copy(tiny_workflow[0] / name, workdir / name)
     output = snakemake(workdir, "--cores", "2").stdout
-    assert rows_computed(workdir, output) == (0, 18 * 6)
+    assert jobs_of(output, "compute_effects") == {"L02-03_c000", "L00-01_c001", "L02-03_c001",
+                                                  "L04-05_c001"}
+    assert rows_computed(workdir, output) == (0, 6 * 4 + 3 * 6 * 2)
     for rule in ("cache_clean_runs", "estimate_attribution"):
         assert "prompts computed: 0, reused: 2" in (workdir / f"logs/{rule}/c001.log").read_text()
     pd.testing.assert_frame_equal(pd.read_parquet(workdir / "results/effects/per_prompt.parquet"),
