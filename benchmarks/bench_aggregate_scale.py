@@ -276,8 +276,9 @@ def generate(args) -> dict:
 RUNNER = r"""
 import json, sys, time
 from pathlib import Path
+import pandas as pd
 from neuron_effects import steps, store
-from neuron_effects.aggregate import Thresholds
+from neuron_effects.aggregate import BLOCK_PARTS, Thresholds
 
 out = Path(sys.argv[1]); top_k = int(sys.argv[2])
 phases, started = {}, time.perf_counter()
@@ -309,20 +310,24 @@ for module, name in ((steps, "layer_rows"), (steps, "aggregate_mediation"),
 res = out / "results"; res.mkdir(exist_ok=True)
 shards = sorted(str(p) for p in (out / "shards").glob("*.parquet") if p.name.count(".") == 1)
 steps.configure_job(1)
-steps.aggregate_effects(
-    shard_paths=shards, prompts_table=str(out / "prompts.parquet"),
-    clean_paths=[str(out / "clean.safetensors")], profile_path=str(out / "neurons.json"),
-    thresholds=Thresholds(), per_prompt_out=str(res / "per_prompt.parquet"),
-    neurons_out=str(res / "neurons.parquet"), neurons_json_out=str(res / "neurons.json"),
-    layers_out=str(res / "layers.parquet"), prompts_out=str(res / "prompts.parquet"),
-    labels_out=str(res / "labels.json"),
+parts = {part: str(res / f"block.{part}.parquet") for part in BLOCK_PARTS}
+steps.aggregate_block(  # the generated layers are one layer block: one aggregate_block job
+    shard_paths=shards, prompt_order=list(pd.read_parquet(out / "prompts.parquet")["prompt_id"]),
+    profile_path=str(out / "neurons.json"), thresholds=Thresholds(), parts=parts,
     mediation_shards=[s.replace(".parquet", ".mediation.parquet") for s in shards],
     mediator_shards=[s.replace(".parquet", ".mediators.parquet") for s in shards],
-    mediation_out=str(res / "mediation.parquet"), mediators_out=str(res / "mediators.parquet"),
-    mediation_layers_out=str(res / "mediation_layers.parquet"), mediator_top_k=top_k,
-    estimates_path=str(out / "estimates.safetensors"), max_rank=100,
     edge_shards=[s.replace(".parquet", ".edges.parquet") for s in shards],
-    edges_out=str(res / "edges.parquet"), census=True)
+    mediator_top_k=top_k, estimates_path=str(out / "estimates.safetensors"), census=True)
+phases["block job"] = time.perf_counter() - started
+steps.aggregate_effects(  # the final step, joining the block's parts
+    blocks=[parts], prompts_table=str(out / "prompts.parquet"),
+    clean_paths=[str(out / "clean.safetensors")], profile_path=str(out / "neurons.json"),
+    per_prompt_out=str(res / "per_prompt.parquet"), neurons_out=str(res / "neurons.parquet"),
+    neurons_json_out=str(res / "neurons.json"), layers_out=str(res / "layers.parquet"),
+    prompts_out=str(res / "prompts.parquet"), labels_out=str(res / "labels.json"),
+    mediation_out=str(res / "mediation.parquet"), mediators_out=str(res / "mediators.parquet"),
+    mediation_layers_out=str(res / "mediation_layers.parquet"),
+    edges_out=str(res / "edges.parquet"), mediator_top_k=top_k, max_rank=100, census=True)
 phases["all"] = time.perf_counter() - started
 phases["peak MB"] = peak_mb()
 print("PHASES " + json.dumps(phases))

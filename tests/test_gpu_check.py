@@ -14,7 +14,7 @@ from conftest import REPO
 from direct_checks import assert_clean_runs_match_direct_computation
 
 RULES = {"cache_clean_runs", "extract_activations", "compute_effects", "estimate_attribution",
-         "summarize_attribution", "aggregate_effects", "validate_sample"}
+         "summarize_attribution", "aggregate_block", "aggregate_effects", "validate_sample"}
 
 
 @pytest.mark.slow

@@ -128,7 +128,8 @@ from conftest import LLAMA_8B_CONFIG  # noqa: E402
 from neuron_effects.cost import DEVICES, ModelShape, device_rates  # noqa: E402
 from neuron_effects.inputs import digest  # noqa: E402
 from neuron_effects.plan import (Workload, aggregate_runtime_minutes,  # noqa: E402
-                                 aggregate_seconds, auto_layout, balanced_blocks, estimate,
+                                 aggregate_seconds, auto_layout, balanced_blocks,
+                                 block_aggregate_seconds, estimate,
                                  resolve_layout, shard_seconds)
 
 LLAMA_8B = ModelShape.from_config(LLAMA_8B_CONFIG)
@@ -318,7 +319,7 @@ def test_the_plan_table_names_every_model_rule_and_the_fixed_share():
                  "validate_sample"):
         assert rule in text
     assert "estimated GPU-minutes on h200" in text and "fixed cost" in text
-    assert "then aggregate_effects, 1 CPU job" in text
+    assert "then aggregate_block, 4 CPU job(s) of one core" in text  # one per layer block
 
 
 def test_aggregation_estimate_counts_rows_and_mediation_table_rows():
@@ -334,8 +335,13 @@ def test_aggregation_estimate_counts_rows_and_mediation_table_rows():
         6 + rows * 22e-6 + table_rows * 1.2e-6)
     assert aggregate_seconds(plan, 32, Workload(mediators=False)) == pytest.approx(
         6 + rows * 22e-6)
-    assert estimate(plan, tokens, LLAMA_8B, device_rates("h200"), Workload()).aggregate_s == \
-        aggregate_seconds(plan, 32, Workload())
+    # one job per layer block, each with its own fixed 6 s
+    blocks = block_aggregate_seconds(plan, 32, Workload())
+    assert list(blocks) == ["L00-07", "L24-31"]
+    assert blocks["L00-07"] == pytest.approx(6 + 4 * 22e-6 + 4 * (63 + 20) * 1.2e-6)
+    planned = estimate(plan, tokens, LLAMA_8B, device_rates("h200"), Workload())
+    assert (planned.aggregate_jobs, planned.aggregate_longest_s) == (2, max(blocks.values()))
+    assert planned.aggregate_s == pytest.approx(aggregate_seconds(plan, 32, Workload()) + 6)
     assert aggregate_runtime_minutes(60.0) == 15 and aggregate_runtime_minutes(3_890) == 195
 
 
@@ -359,13 +365,13 @@ def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypat
                                     "process started\n" for value in fixed)
                             + f"2026 INFO prompts computed: {len(fixed)}, reused: 2\n")
         jobs.append((f"benchmarks/cache_clean_runs/{name}.tsv", str(log_path)))
-    estimate = {"device": "cpu", "fixed_share": 0.5, "aggregate_s": 7.5,
+    estimate = {"device": "cpu", "fixed_share": 0.5, "aggregate_s": 7.5, "aggregate_jobs": 1,
                 "rules": [{"rule": "cache_clean_runs", "jobs": 3, "compute_s": 20.0,
                            "fixed_s": 12.0}]}
-    benchmark = tmp_path / "benchmarks/aggregate_effects/all.tsv"
+    benchmark = tmp_path / "benchmarks/aggregate_block/L00-31.tsv"
     benchmark.parent.mkdir(parents=True)
     benchmark.write_text(header + "9.0\t0:00:09\t700\t-\t-\t-\t-\t-\t-\t-\n")
-    jobs.append(("benchmarks/aggregate_effects/all.tsv", str(tmp_path / "logs/none.log")))
+    jobs.append(("benchmarks/aggregate_block/L00-31.tsv", str(tmp_path / "logs/none.log")))
     table, _ = job_timings(jobs, estimate)
     row = table.set_index("rule").loc["cache_clean_runs"]
     assert row["jobs"] == 3 and row["total_s"] == 30.0
@@ -374,7 +380,7 @@ def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypat
     assert row["computed"] == 2 + 2 + 0 and row["reused"] == 3 * 2
     assert (row["planned_jobs"], row["estimated_compute_s"], row["estimated_fixed_s"]) == \
         (3, 20.0, 12.0)
-    aggregation = table.set_index("rule").loc["aggregate_effects"]
+    aggregation = table.set_index("rule").loc["aggregate_block"]
     assert aggregation["total_s"] == 9.0 and aggregation["estimated_compute_s"] == 7.5
 
 

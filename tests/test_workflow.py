@@ -383,7 +383,7 @@ def test_edges_measured_exactly(outputs):
     assert set(edges["neuron_id"]) == {f"L{layer}/N{layer}" for layer in range(5)}
     assert (edges["target_layer"] == edges["neuron_id"].str[1].astype(int) + 1).all()
     assert sorted(set(edges["avg_weight"])) == [-0.3, 0.4]
-    log = (workdir / "logs/aggregate_effects.log").read_text()
+    log = (workdir / "logs/aggregate_block/L04-05.log").read_text()  # the block of layer 5
     assert "edge L5/N5 -> 6_5 left out" in log and "edge L5/N5 -> 6_11 left out" in log
     deltas = pd.concat(pd.read_parquet(path) for path in
                        sorted((workdir / "results/effects/shards").glob("*.edges.parquet")))
@@ -639,10 +639,12 @@ def _one_dry_run_lists(workdir: Path, shards: set[str], chunks: set[str]) -> str
 
 @pytest.mark.slow
 def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
-    # shards write 4 tables each; the aggregation 10 files (3 of them the mediation outputs, 1
-    # the edges); the report 5 (page and 4 figures); attribution patching 4 chunks and 3 summaries
-    assert len(_pretend_everything_ran(seed_scale)) == 2 + 4 + 4 * 28 + 2 + 10 + 2 + 5 + 4 + 3
+    # shards write 4 tables each; the aggregation 9 parts per layer block, then 10 files (3 of
+    # them the mediation outputs, 1 the edges); the report 5 (page and 4 figures); attribution
+    # patching 4 chunks and 3 summaries
     blocks = _expected_blocks(seed_scale)
+    assert len(_pretend_everything_ran(seed_scale)) == \
+        2 + 4 + 4 * 28 + 2 + 9 * len(blocks) + 10 + 2 + 5 + 4 + 3
     heavy = ("cache_clean_runs", "compute_effects", "extract_activations",
              "estimate_attribution")
 
@@ -658,6 +660,7 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
     _one_dry_run_lists(seed_scale, stale, set())
     output = _touch_run(seed_scale)
     assert jobs_of(output, "compute_effects") == stale
+    assert jobs_of(output, "aggregate_block") == {"L12-15"}  # the other blocks' parts are kept
     assert not jobs_of(output, "cache_clean_runs") and not jobs_of(output, "extract_activations")
     assert not jobs_of(output, "estimate_attribution")
     for rule in ("prepare_inputs", "aggregate_effects", "validate_sample", "render_report",

@@ -132,6 +132,10 @@ def _clean_float(value: Any) -> Any:
     return value
 
 
+# What one layer block's aggregation job writes (steps.aggregate_block, a file each under
+# results/aggregate/<block>/) and the final step (steps.aggregate_effects) reads.
+BLOCK_PARTS = ("per_prompt", "neurons", "layers", "breakdowns", "mediation", "mediators",
+               "flow_sums", "mediator_lists", "edges")
 BREAKDOWN_COLUMNS = ("prompt_id", "target_token", "activation", "direct", "indirect", "total",
                      "direct_frozen_norm", "direct_ratio", "cancellation", "sign_aligned")
 def estimate_methods(columns: Iterable[str], prefix: str = "total_") -> list[str]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import Counter
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -158,12 +158,15 @@ class RuleEstimate:
 
 @dataclass(frozen=True)
 class PlanEstimate:
-    """The estimate of every model job of a plan on one device, and of the aggregation's one
-    CPU job (``aggregate_s``, :func:`aggregate_seconds`)."""
+    """The estimate of every model job of a plan on one device, and of the aggregation's CPU
+    jobs, one per layer block (``aggregate_s`` in all, the longest ``aggregate_longest_s``:
+    :func:`block_aggregate_seconds`)."""
 
     device: str
     rules: tuple[RuleEstimate, ...]
     aggregate_s: float = 0.0
+    aggregate_jobs: int = 1
+    aggregate_longest_s: float = 0.0
 
     @property
     def jobs(self) -> int:
@@ -180,7 +183,7 @@ class PlanEstimate:
     def as_dict(self) -> dict[str, Any]:
         """JSON-able: the report's params."""
         return {"device": self.device, "fixed_share": self.fixed_share,
-                "aggregate_s": self.aggregate_s,
+                "aggregate_s": self.aggregate_s, "aggregate_jobs": self.aggregate_jobs,
                 "rules": [{"rule": r.rule, "jobs": r.jobs, "compute_s": r.compute_s,
                            "fixed_s": r.fixed_s} for r in self.rules]}
 
@@ -194,7 +197,9 @@ class PlanEstimate:
         lines.append(f"{'model jobs':<22}{self.jobs:>5}{'':>22}{_duration(self.total_s):>11}")
         lines.append(f"estimated {unit}-minutes on {self.device}: {self.total_s / 60:.1f}, of "
                      f"which fixed cost (start-up and model loading) {100 * self.fixed_share:.0f} %")
-        lines.append(f"then aggregate_effects, 1 CPU job (one core): {_duration(self.aggregate_s)}")
+        lines.append(f"then aggregate_block, {self.aggregate_jobs} CPU job(s) of one core (in "
+                     f"parallel on a cluster): {_duration(self.aggregate_s)} in all, the longest "
+                     f"{_duration(self.aggregate_longest_s)}; then aggregate_effects joins them")
         return "\n".join(lines)
 
 
@@ -224,8 +229,18 @@ def shard_seconds(shape: ModelShape, rates: DeviceRates, work: Workload,
     return rows + units * rates.unit_host_s + directions
 
 
+def block_aggregate_seconds(plan: ShardPlan, n_layers: int, work: Workload) -> dict[str, float]:
+    """The estimated time of each layer block's ``aggregate_block`` job (one CPU core), by block
+    name in layer order (:func:`aggregate_seconds` of the block's shards)."""
+    blocks: dict[str, list[Shard]] = {}
+    for shard in plan.shards:
+        blocks.setdefault(shard.block, []).append(shard)
+    return {block: aggregate_seconds(ShardPlan(plan.chunks, tuple(shards)), n_layers, work)
+            for block, shards in blocks.items()}
+
+
 def aggregate_seconds(plan: ShardPlan, n_layers: int, work: Workload) -> float:
-    """The estimated time of ``aggregate_effects`` (one CPU core) for the plan's rows
+    """The estimated aggregation time (one CPU core) of the plan's rows
     (:func:`neuron_effects.cost.aggregation_seconds`)."""
     rows = table_rows = 0
     for shard in plan.shards:
@@ -253,13 +268,16 @@ def estimate(plan: ShardPlan, tokens: Mapping[str, int], shape: ModelShape, rate
                             [tokens[p] for p in shard.chunk.prompt_ids])
               for shard in plan.shards]
     rows = sum(len(shard.neurons) * len(shard.chunk.records) for shard in plan.shards)
-    return _estimate(shards, len(plan.chunks), rows, tokens, shape, rates, work,
-                     aggregate_seconds(plan, shape.n_layers, work) if aggregate else 0.0)
+    result = _estimate(shards, len(plan.chunks), rows, tokens, shape, rates, work)
+    if not aggregate:
+        return result
+    blocks = block_aggregate_seconds(plan, shape.n_layers, work)
+    return replace(result, aggregate_s=sum(blocks.values()), aggregate_jobs=len(blocks),
+                   aggregate_longest_s=max(blocks.values(), default=0.0))
 
 
 def _estimate(shards: Sequence[float], n_chunks: int, rows: int, tokens: Mapping[str, int],
-              shape: ModelShape, rates: DeviceRates, work: Workload,
-              aggregate_s: float = 0.0) -> PlanEstimate:
+              shape: ModelShape, rates: DeviceRates, work: Workload) -> PlanEstimate:
     """:func:`estimate` from each shard's estimated compute, the number of prompt chunks and of
     (neuron, prompt) rows."""
     fixed = rates.fixed_s(shape.weight_bytes)
@@ -275,7 +293,7 @@ def _estimate(shards: Sequence[float], n_chunks: int, rows: int, tokens: Mapping
     pairs = min(work.validation_pairs, rows)
     reference = (pairs + min(pairs, len(tokens))) * mean_forward * rates.float64_factor
     rules.append(RuleEstimate("validate_sample", 1, reference, fixed))
-    return PlanEstimate(rates.name, tuple(rules), aggregate_s)
+    return PlanEstimate(rates.name, tuple(rules))
 
 
 def balanced_blocks(costs: Sequence[float], n_blocks: int) -> list[int]:

@@ -686,11 +686,12 @@ def layer_mediator_summaries(mediators_path: str, neurons: pd.DataFrame, top_k: 
 def aggregate_mediation(
     mediation_shards: Sequence[str], mediator_shards: Sequence[str], neurons: pd.DataFrame,
     part_sums: pd.DataFrame, direct_tokens: Mapping[str, list], profile_path: str, top_k: int,
-    mediation_out: str, mediators_out: str, mediation_layers_out: str,
+    mediation_out: str, mediators_out: str, flow_sums_out: str,
     documented: set[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Stream the shards' mediation and top-k tables into one file each, write the layer flow
-    (source layer x mediator layer), and return per neuron the mediation and edge-agreement
+    """Stream the shards' mediation and top-k tables into one file each, write the partial sums
+    of the layer flow (source layer x mediator layer: :func:`mediation.layer_flow_sums`), and
+    return per neuron the mediation and edge-agreement
     columns, and the top mediators over prompts (:func:`mediation.mediator_summary`) of the
     ``documented`` neurons (None: all). The mediators are summarised one source layer at a
     time (:func:`layer_mediator_summaries`).
@@ -702,7 +703,9 @@ def aggregate_mediation(
     by_id = neurons.set_index("neuron_id")
     flow = [mediation.layer_flow_sums(part, by_id["layer"])
             for part in _row_groups(mediation_out)]
-    store.write_parquet(mediation_layers_out, mediation.layer_flow(flow))
+    store.write_parquet(flow_sums_out, pd.concat(flow, ignore_index=True) if flow else
+                        pd.DataFrame(columns=["source_layer", "layer", "component", "n", "sum",
+                                              "sum_abs"]))
     layer_ids = {layer: list(ids) for layer, ids in neurons.groupby("layer")["neuron_id"]}
     empty = mediation.mediator_summary([], by_id["n_prompts"], keep=top_k)
     column_parts, kept = [], []
@@ -787,48 +790,38 @@ def _written_with(rows_out: Any, table: pa.Table, temporary: Path) -> Any:
     return rows_out
 
 
-def aggregate_effects(
-    shard_paths: Sequence[str], prompts_table: str, clean_paths: Sequence[str],
-    profile_path: str, thresholds: aggregate.Thresholds, per_prompt_out: str, neurons_out: str,
-    neurons_json_out: str, layers_out: str, prompts_out: str, labels_out: str,
+def aggregate_block(
+    shard_paths: Sequence[str], prompt_order: Sequence[str], profile_path: str,
+    thresholds: aggregate.Thresholds, parts: Mapping[str, str],
     mediation_shards: Sequence[str] = (), mediator_shards: Sequence[str] = (),
-    mediation_out: str | None = None, mediators_out: str | None = None,
-    mediation_layers_out: str | None = None, mediator_top_k: int = 10,
-    estimates_path: str | None = None, max_rank: int = 100, edge_shards: Sequence[str] = (),
-    edges_out: str | None = None, edge_min_relative_delta: float = 0.01, census: bool = False,
+    edge_shards: Sequence[str] = (), mediator_top_k: int = 10,
+    estimates_path: str | None = None, edge_min_relative_delta: float = 0.01,
+    census: bool = False,
 ) -> None:
-    """Merge the shards into the long table and write the neuron, layer, prompt and label
-    summaries (the prompts' ``target_low_rank``: a given target ranked below the top
-    ``max_rank`` by the clean model); with the mediation outputs, also the mediation tables, the
-    layer flow and the per-neuron mediators and edge agreement (:func:`aggregate_mediation`); with
-    ``estimates_path`` (attribution patching), also the estimates (``total_atp``,
-    ``indirect_atp``, ``total_relp``...) and their agreement with the exact effects; with
-    ``edges_out``, the exact measurement of the profiles' neuron edges
-    (:func:`aggregate_edges`). With ``census``, the neurons gain :func:`census_columns`, the
-    layers the ranking agreement of each estimate over all their neurons
-    (:func:`layer_ranking_agreement`), and ``neurons.json`` holds the profile's neurons only
-    (every neuron stays in ``neurons.parquet``).
+    """One layer block's part of the aggregation (the block's shards, every prompt chunk),
+    written to ``parts`` (:data:`aggregate.BLOCK_PARTS`; without ``mediation`` the mediation parts are
+    left out): the long table's rows (ordered by layer, then neuron, then ``prompt_order``), the
+    block's neuron and layer summaries, the per-prompt breakdown of the neurons that get a
+    JSON document (the profile's, in a census); with the mediation tables, their rows, the
+    partial sums of the layer flow, the per-neuron mediation and edge-agreement columns (in the
+    neuron summary) and the documented neurons' top mediators (:func:`aggregate_mediation`);
+    with ``estimates_path`` (attribution patching), the estimates (``total_atp``,
+    ``indirect_atp``, ``total_relp``...) and their agreement with the exact effects; with the
+    edge tables, the exact measurement of the profiles' neuron edges (:func:`aggregate_edges`).
+    With ``census``, the neurons gain :func:`census_columns` and the layers the ranking
+    agreement of each estimate over all their neurons (:func:`layer_ranking_agreement`).
 
     Streamed one layer at a time (:func:`layer_rows`): every summary is per neuron or per layer,
     so only one layer's rows are in memory, and the long table is written one layer (row
     group) at a time; what is kept across layers is per neuron, plus the per-prompt breakdown
-    of the neurons that get a JSON document (the profile's, in a census)."""
-    prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
-    clean = pd.DataFrame([record for path in clean_paths
-                          for record in store.load_clean_records(path)])
-    clean["target_low_rank"] = [is_low_rank(record, max_rank)
-                                for record in clean.to_dict("records")]
-    for record in clean[clean["target_low_rank"]].to_dict("records"):
-        log.warning("low-ranked target (above targets.max_rank %d): %s", max_rank,
-                    describe_target(record))
-    store.write_parquet(prompts_out, prompts.merge(clean.drop(columns="n_tokens"),  # in both
-                                                   on="prompt_id", how="inner"))
-    order = {prompt_id: index for index, prompt_id in enumerate(prompts["prompt_id"])}
+    of the documented neurons."""
+    mediated = "mediation" in parts
+    order = {prompt_id: index for index, prompt_id in enumerate(prompt_order)}
     estimates = _load_estimates(estimates_path) if estimates_path is not None else None
     profile_ids = {neuron.neuron_id for neuron in read_neurons(profile_path)}
-    with_edges = set(read_edges(profile_path)) if mediation_out is not None else set()
+    with_edges = set(read_edges(profile_path)) if mediated else set()
     neuron_parts, layer_parts, breakdowns, part_sums, direct_tokens = [], [], [], [], {}
-    with store.atomic_path(per_prompt_out) as temporary:
+    with store.atomic_path(parts["per_prompt"]) as temporary:
         rows_out = None
         try:
             for layer in tqdm(_shard_layers(shard_paths), desc="layers", unit="layer",
@@ -854,7 +847,7 @@ def aggregate_effects(
                                                   on="layer")
                 if census:
                     neurons = census_columns(neurons, frame, profile_ids)
-                if mediation_out is not None:
+                if mediated:
                     part_sums.append(mediation.indirect_part_sums(frame))
                     listed = frame[frame["neuron_id"].isin(with_edges)]
                     direct_tokens.update(listed.groupby("neuron_id")["top_k_direct_tokens"]
@@ -875,42 +868,83 @@ def aggregate_effects(
             if rows_out is not None:
                 rows_out.close()
     neurons = pd.concat(neuron_parts, ignore_index=True)
-    layers = pd.concat(layer_parts, ignore_index=True)
-    split = None
-    if mediation_out is not None:
-        split = aggregate_mediation(mediation_shards, mediator_shards,
-                                    neurons[["neuron_id", "layer", "n_prompts"]],
-                                    pd.concat(part_sums), direct_tokens, profile_path,
-                                    mediator_top_k, mediation_out, mediators_out,
-                                    mediation_layers_out,
-                                    documented=profile_ids if census else None)
-        if edges_out is not None:
+    if mediated:
+        columns, lists = aggregate_mediation(
+            mediation_shards, mediator_shards, neurons[["neuron_id", "layer", "n_prompts"]],
+            pd.concat(part_sums), direct_tokens, profile_path, mediator_top_k,
+            parts["mediation"], parts["mediators"], parts["flow_sums"],
+            documented=profile_ids if census else None)
+        if "edges" in parts:
             gradients = None
             if estimates is not None and "gradient" in estimates[0]:
                 gradients = dict(zip(estimates[1], estimates[0]["gradient"].numpy()))
-            measured = aggregate_edges(edge_shards, profile_path,
-                                       list(neurons["neuron_id"]), gradients,
-                                       edge_min_relative_delta, edges_out)
-            split = (split[0].merge(measured, on="neuron_id", how="left"), split[1])
+            measured = aggregate_edges(edge_shards, profile_path, list(neurons["neuron_id"]),
+                                       gradients, edge_min_relative_delta, parts["edges"])
+            columns = columns.merge(measured, on="neuron_id", how="left")
         else:
-            split[0][["edge_n_measured", "edge_real_fraction"]] = np.nan
+            columns[["edge_n_measured", "edge_real_fraction"]] = np.nan
         # the mediation columns follow the summary's, before the estimates' and the census's
         summary_columns = list(neurons.columns[:neurons.columns.get_loc("mean_norm_mediated")
                                                + 1])
-        neurons = neurons.merge(split[0], on="neuron_id", how="left")
-        neurons = neurons[summary_columns + list(split[0].columns[1:])
+        neurons = neurons.merge(columns, on="neuron_id", how="left")
+        neurons = neurons[summary_columns + list(columns.columns[1:])
                           + [c for c in neurons.columns if c not in summary_columns
-                             and c not in split[0].columns]]
+                             and c not in columns.columns]]
+        store.write_parquet(parts["mediator_lists"], lists)
+    store.write_parquet(parts["neurons"], neurons)
+    store.write_parquet(parts["layers"], pd.concat(layer_parts, ignore_index=True))
+    store.write_parquet(parts["breakdowns"], pd.concat(breakdowns, ignore_index=True))
+
+
+def aggregate_effects(
+    blocks: Sequence[Mapping[str, str]], prompts_table: str, clean_paths: Sequence[str],
+    profile_path: str, per_prompt_out: str, neurons_out: str, neurons_json_out: str,
+    layers_out: str, prompts_out: str, labels_out: str, mediation_out: str | None = None,
+    mediators_out: str | None = None, mediation_layers_out: str | None = None,
+    edges_out: str | None = None, mediator_top_k: int = 10, max_rank: int = 100,
+    census: bool = False,
+) -> None:
+    """The final, light step of the aggregation: the layer blocks' parts (``blocks``, in
+    layer order, each :data:`aggregate.BLOCK_PARTS` -> path, written by :func:`aggregate_block`) into the
+    long table, the neuron and layer summaries, the mediation tables and layer flow, the edge
+    table (each streamed or concatenated), and the prompt table (the prompts'
+    ``target_low_rank``: a given target ranked below the top ``max_rank`` by the clean model),
+    the neuron documents (``neurons.json``: the profile's neurons only with ``census``; every
+    neuron stays in ``neurons.parquet``) and the enriched labels."""
+    prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
+    clean = pd.DataFrame([record for path in clean_paths
+                          for record in store.load_clean_records(path)])
+    clean["target_low_rank"] = [is_low_rank(record, max_rank)
+                                for record in clean.to_dict("records")]
+    for record in clean[clean["target_low_rank"]].to_dict("records"):
+        log.warning("low-ranked target (above targets.max_rank %d): %s", max_rank,
+                    describe_target(record))
+    store.write_parquet(prompts_out, prompts.merge(clean.drop(columns="n_tokens"),  # in both
+                                                   on="prompt_id", how="inner"))
+
+    def read(part: str) -> pd.DataFrame:
+        return pd.concat([pd.read_parquet(block[part]) for block in blocks], ignore_index=True)
+
+    rows = store.concat_parquet([block["per_prompt"] for block in blocks], per_prompt_out)
+    neurons = read("neurons")
+    log.info("%d blocks: %d rows, %d neurons", len(blocks), rows, len(neurons))
     store.write_parquet(neurons_out, neurons)
+    store.write_parquet(layers_out, read("layers"))
     documents = aggregate.neuron_documents(neurons[neurons["in_profile"]] if census else neurons,
-                                           pd.concat(breakdowns, ignore_index=True))
+                                           read("breakdowns"))
     document = aggregate.enrich_profiles(load_profile_document(profile_path), neurons)
-    if split is not None:
-        _with_mediation(documents, *split, listed=mediator_top_k)
+    if mediation_out is not None:
+        store.concat_parquet([block["mediation"] for block in blocks], mediation_out)
+        store.concat_parquet([block["mediators"] for block in blocks], mediators_out)
+        store.write_parquet(mediation_layers_out, mediation.layer_flow(
+            [pd.read_parquet(block["flow_sums"]) for block in blocks]))
+        lists = read("mediator_lists")
+        _with_mediation(documents, neurons, lists, listed=mediator_top_k)
         _with_mediation(document["profiles"] if isinstance(document, dict) else document,
-                        *split, listed=mediator_top_k)
+                        neurons, lists, listed=mediator_top_k)
+    if edges_out is not None:
+        store.write_parquet(edges_out, read("edges"))
     store.write_json(neurons_json_out, documents)
-    store.write_parquet(layers_out, layers)
     store.write_json(labels_out, document)
 
 
@@ -1071,7 +1105,7 @@ def job_timings(jobs: Sequence[tuple[str, str]],
         reused=("reused", lambda values: values.sum(min_count=1))).reset_index()
     table.insert(4, "work_s", table["total_s"] - table["fixed_s"])
     if estimate is not None:
-        aggregation = {"rule": "aggregate_effects", "jobs": 1,
+        aggregation = {"rule": "aggregate_block", "jobs": estimate["aggregate_jobs"],
                        "compute_s": estimate["aggregate_s"], "fixed_s": None}
         planned = pd.DataFrame([*estimate["rules"], aggregation]).rename(columns={
             "jobs": "planned_jobs", "compute_s": "estimated_compute_s",

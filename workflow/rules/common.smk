@@ -14,10 +14,12 @@ from neuron_effects.demo import fetch_demo_model
 from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest
+from neuron_effects.aggregate import BLOCK_PARTS
 from neuron_effects.plan import (
     LAYOUT_ENV,
     Workload,
     aggregate_runtime_minutes,
+    block_aggregate_seconds,
     estimate,
     make_plan,
     resolve_layout,
@@ -136,8 +138,9 @@ AGGREGATE_MINUTES = aggregate_runtime_minutes(ESTIMATE.aggregate_s)
 
 
 def aggregate_runtime(wildcards, attempt):
-    """The aggregation's time limit on a cluster, in minutes: from the plan's estimate, and
-    longer on each retry."""
+    """The final aggregation step's time limit on a cluster, in minutes: from the plan's
+    estimate of the whole aggregation (the step streams every row once more), and longer on
+    each retry."""
     return AGGREGATE_MINUTES * attempt
 
 
@@ -192,14 +195,45 @@ def clean_chunks(wildcards=None):
     )
 
 
-def effect_shards(table=None):
-    """The shards' per-prompt tables, or their ``table`` ("mediation", "mediators") tables."""
+def block_shards(table=None):
+    """An input function: the per-prompt tables of the layer block's shards (every prompt
+    chunk), or their ``table`` ("mediation", "mediators", "edges") tables."""
     suffix = f".{table}" if table else ""
-    return expand(
-        "results/effects/shards/{shard}{suffix}.parquet",
-        shard=[s.name for s in PLAN.shards],
-        suffix=suffix,
-    )
+
+    def shards(wildcards):
+        return [
+            f"results/effects/shards/{shard.name}{suffix}.parquet"
+            for shard in PLAN.shards
+            if shard.block == wildcards.block
+        ]
+
+    return shards
+
+
+def block_parts(wildcards=None):
+    """Every layer block's aggregation parts (aggregate_block), in layer order: one
+    ``{part: path}`` per block."""
+    return [
+        {part: f"results/aggregate/{block}/{part}.parquet" for part in BLOCK_PARTS}
+        for block in BLOCKS
+    ]
+
+
+def block_part_files(wildcards=None):
+    return [path for parts in block_parts() for path in parts.values()]
+
+
+def block_profile(wildcards):
+    """A digest of what a block's aggregation reads of the profile file: the ids and edges of
+    the profile's neurons in the block (the file itself is an ancient() input, so that an edit
+    elsewhere in the profile reruns only the blocks it touches)."""
+    return BLOCK_PROFILE[wildcards.block]
+
+
+def block_runtime(wildcards, attempt):
+    """A block's aggregation time limit on a cluster, in minutes: from the plan's estimate of
+    its rows, and longer on each retry."""
+    return BLOCK_MINUTES[wildcards.block] * attempt
 
 
 def chunk_prompts(wildcards):
@@ -261,6 +295,21 @@ def shard_edges(wildcards):
     return BLOCK_EDGES[wildcards.block]
 
 
+# The aggregation's layer blocks (one job each, in layer order): the shard plan's blocks. What
+# each reads of the profile (its neurons' ids and edges), and its time limit.
+BLOCKS = list(dict.fromkeys(shard.block for shard in PLAN.shards))
+PROFILE_IDS = {neuron.neuron_id for neuron in CHECKED.neurons}
+BLOCK_PROFILE = {}
+for _shard in PLAN.shards:
+    if _shard.block not in BLOCK_PROFILE:
+        _members = [n.neuron_id for n in _shard.neurons if n.neuron_id in PROFILE_IDS]
+        BLOCK_PROFILE[_shard.block] = digest([_members, [EDGES.get(i) for i in _members]])
+BLOCK_MINUTES = {
+    block: aggregate_runtime_minutes(seconds)
+    for block, seconds in block_aggregate_seconds(PLAN, SHAPE.n_layers, WORK).items()
+}
+
+
 def activation_stats_if_needed(wildcards):
     """Shards read the prompt-set means only for mean_ablate (otherwise adding a prompt would
     rerun every shard)."""
@@ -278,6 +327,7 @@ def benchmarked_jobs():
         ("cache_clean_runs", chunks),
         ("compute_effects", shards),
         *([("estimate_attribution", chunks)] if ATP else []),
+        ("aggregate_block", BLOCKS),
     ]
     single = [
         "extract_activations",

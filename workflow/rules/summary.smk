@@ -1,13 +1,42 @@
+# The aggregation, one CPU job per layer block of the shard plan (in parallel on a cluster;
+# only the blocks whose shards or profile neurons changed run again), then a light final step
+# that joins the blocks' parts into the outputs.
+rule aggregate_block:
+    input:
+        shards=block_shards(),
+        mediation_shards=block_shards("mediation"),
+        mediator_shards=block_shards("mediators"),
+        edge_shards=block_shards("edges"),
+        # what the block reads of the profile is in its params (block_profile)
+        profiles=ancient(config["neurons"]),
+        estimates=atp_output("estimates"),
+    output:
+        **{part: f"results/aggregate/{{block}}/{part}.parquet" for part in BLOCK_PARTS},
+    log:
+        "logs/aggregate_block/{block}.log",
+    benchmark:
+        "benchmarks/aggregate_block/{block}.tsv"
+    conda:
+        "../../envs/neuron-effects.yaml"
+    resources:
+        runtime=block_runtime,
+    params:
+        prompt_order=[record.prompt_id for record in CHECKED.records],
+        profile=block_profile,
+        thresholds=config["classification"],
+        mediator_top_k=config["mediators"]["top_k"],
+        edge_min_relative_delta=config["mediators"]["edge_min_relative_delta"],
+        census=CENSUS,
+    script:
+        "../scripts/aggregate_block.py"
+
+
 rule aggregate_effects:
     input:
-        shards=effect_shards(),
-        mediation_shards=effect_shards("mediation"),
-        mediator_shards=effect_shards("mediators"),
-        edge_shards=effect_shards("edges"),
+        parts=block_part_files(),
         prompts=rules.prepare_inputs.output.prompts,
         clean=clean_chunks(),
         profiles=config["neurons"],
-        estimates=atp_output("estimates"),
     output:
         per_prompt=report(
             "results/effects/per_prompt.parquet",
@@ -44,10 +73,9 @@ rule aggregate_effects:
     resources:
         runtime=aggregate_runtime,
     params:
-        thresholds=config["classification"],
+        blocks=block_parts(),
         mediator_top_k=config["mediators"]["top_k"],
         max_rank=config["targets"]["max_rank"],
-        edge_min_relative_delta=config["mediators"]["edge_min_relative_delta"],
         census=CENSUS,
     script:
         "../scripts/aggregate_effects.py"

@@ -1,0 +1,25 @@
+"""Rule aggregate_block: one layer block's part of the aggregation (its rows, summaries,
+mediation and edge tables)."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+
+from neuron_effects.aggregate import BLOCK_PARTS, Thresholds
+from neuron_effects.steps import aggregate_block, configure_job
+
+configure_job(snakemake.threads)
+aggregate_block(
+    shard_paths=list(snakemake.input.shards),
+    prompt_order=snakemake.params.prompt_order,
+    profile_path=snakemake.input.profiles,
+    thresholds=Thresholds(**snakemake.params.thresholds),
+    parts={part: getattr(snakemake.output, part) for part in BLOCK_PARTS},
+    mediation_shards=list(snakemake.input.mediation_shards),
+    mediator_shards=list(snakemake.input.mediator_shards),
+    edge_shards=list(snakemake.input.edge_shards),
+    mediator_top_k=snakemake.params.mediator_top_k,
+    estimates_path=snakemake.input.estimates[0] if snakemake.input.estimates else None,
+    edge_min_relative_delta=snakemake.params.edge_min_relative_delta,
+    census=snakemake.params.census,
+)
