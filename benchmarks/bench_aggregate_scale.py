@@ -305,7 +305,7 @@ def timed(module, name):
 
 for module, name in ((steps, "layer_rows"), (steps, "aggregate_mediation"),
                      (steps, "layer_mediator_summaries"), (steps, "aggregate_edges"),
-                     (steps, "_load_estimates"), (store, "concat_parquet")):
+                     (steps, "_stacked_estimates"), (store, "concat_parquet")):
     timed(module, name)
 res = out / "results"; res.mkdir(exist_ok=True)
 shards = sorted(str(p) for p in (out / "shards").glob("*.parquet") if p.name.count(".") == 1)
@@ -317,7 +317,8 @@ steps.aggregate_block(  # the generated layers are one layer block: one aggregat
     mediation_shards=[s.replace(".parquet", ".mediation.parquet") for s in shards],
     mediator_shards=[s.replace(".parquet", ".mediators.parquet") for s in shards],
     edge_shards=[s.replace(".parquet", ".edges.parquet") for s in shards],
-    mediator_top_k=top_k, estimates_path=str(out / "estimates.safetensors"), census=True)
+    mediator_top_k=top_k, estimate_chunks=[str(out / "estimates.safetensors")],
+    census=True)
 phases["block job"] = time.perf_counter() - started
 steps.aggregate_effects(  # the final step, joining the block's parts
     blocks=[parts], prompts_table=str(out / "prompts.parquet"),

@@ -172,8 +172,14 @@ def test_invariant_to_batch_size_and_neuron_order():
         magnitude = reference["direct"].abs() + reference["indirect"].abs()
         bound = 1e-5 / magnitude + 1e-6
         assert ((other["direct_ratio"] - reference["direct_ratio"]).abs() <= bound).all()
-        assert other["top_k_total_tokens"].map(set).equals(
-            frames[0]["top_k_total_tokens"].map(set))
+        # the top-k tokens: the same, but for a near-tie at the k-th place, which other GEMM
+        # rounding may swap (seen with one CPU thread): at most one token per row differs, and
+        # the top-k values agree
+        shared = [len(set(a) & set(b)) for a, b in zip(other["top_k_total_tokens"],
+                                                        reference["top_k_total_tokens"])]
+        assert min(shared) >= 5 - 1 and sum(shared) >= 5 * len(shared) - 1, shared
+        for column in ("top_k_total_max", "top_k_total_mean"):
+            np.testing.assert_allclose(other[column], reference[column], rtol=1e-5, atol=1e-5)
 
 
 def test_rows_of_several_start_layers_share_one_batch():
@@ -208,9 +214,11 @@ def test_target_only_metrics_match_full_vocab():
     full = compute_effects(model, clean, block, settings(), 7, 11).per_prompt
     cheap = compute_effects(model, clean, neuron_block(model, random_neurons(model, 4, seed=6),
                                                        False), settings(full_vocab=False), 7, 11).per_prompt
-    for column in ("direct", "indirect", "total", "direct_frozen_norm", "total_logit_diff",
-                   "direct_ratio"):
+    for column in ("direct", "indirect", "total", "direct_frozen_norm", "total_logit_diff"):
         np.testing.assert_allclose(cheap[column], full[column], rtol=1e-4, atol=1e-6)
+    # the ratio amplifies float32 rounding (other readout products) by 1 / (|d| + |i|)
+    bound = 1e-5 / (full["direct"].abs() + full["indirect"].abs()) + 1e-6
+    assert ((cheap["direct_ratio"] - full["direct_ratio"]).abs() <= bound).all()
     assert cheap["prob_change_total"].isna().all()
 
 

@@ -557,8 +557,9 @@ def test_seed_scale_plan(seed_scale):
     assert jobs_of(result.stdout, "estimate_attribution") == set(chunks)
     counts = _job_counts(result.stdout)
     assert counts["compute_effects"] == 28 and counts["cache_clean_runs"] == 4
-    # prepare, clean, shards, attribution per chunk, 5 summaries + all
-    assert counts["total"] == 1 + 4 + 28 + 4 + 6
+    assert jobs_of(result.stdout, "aggregate_block") == set(blocks)
+    # prepare, clean, shards, attribution per chunk, aggregation per block, 5 summaries + all
+    assert counts["total"] == 1 + 4 + 28 + 4 + 7 + 6
 
 
 @pytest.mark.slow

@@ -360,15 +360,21 @@ def _load_estimates(path: str) -> tuple[dict[str, torch.Tensor], list[str]]:
     return loaded, json.loads(metadata["prompt_ids"])
 
 
+def _stacked_estimates(paths: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The estimates of several files (:func:`_load_estimates`, e.g. the prompt chunks')
+    stacked along the prompts, and their prompt ids in that order."""
+    parts = [_load_estimates(path) for path in paths]
+    stacked = {name: torch.cat([part[0][name] for part in parts]) for name in parts[0][0]}
+    return stacked, [prompt_id for part in parts for prompt_id in part[1]]
+
+
 def summarize_attribution(chunk_paths: Sequence[str], profile_path: str, n_candidates: int,
                           estimates_out: str, neurons_out: str, candidates_out: str) -> None:
     """Stack the chunks' estimates ([prompts, layers, intermediate] per method, prompt ids in the
     metadata) and write the all-neuron table and the neurons outside the profile file among the
     top ``n_candidates`` of any method."""
-    parts = [_load_estimates(path) for path in chunk_paths]
-    names = list(parts[0][0])
-    stacked = {name: torch.cat([part[0][name] for part in parts]) for name in names}
-    prompt_ids = [prompt_id for part in parts for prompt_id in part[1]]
+    stacked, prompt_ids = _stacked_estimates(chunk_paths)
+    names = list(stacked)
     methods = [name for name in names if name != "gradient"]
     with safe_open(chunk_paths[0], framework="pt") as handle:
         method_rules = handle.metadata().get("methods", '{"atp": []}')
@@ -795,7 +801,7 @@ def aggregate_block(
     thresholds: aggregate.Thresholds, parts: Mapping[str, str],
     mediation_shards: Sequence[str] = (), mediator_shards: Sequence[str] = (),
     edge_shards: Sequence[str] = (), mediator_top_k: int = 10,
-    estimates_path: str | None = None, edge_min_relative_delta: float = 0.01,
+    estimate_chunks: Sequence[str] = (), edge_min_relative_delta: float = 0.01,
     census: bool = False,
 ) -> None:
     """One layer block's part of the aggregation (the block's shards, every prompt chunk),
@@ -805,7 +811,8 @@ def aggregate_block(
     JSON document (the profile's, in a census); with the mediation tables, their rows, the
     partial sums of the layer flow, the per-neuron mediation and edge-agreement columns (in the
     neuron summary) and the documented neurons' top mediators (:func:`aggregate_mediation`);
-    with ``estimates_path`` (attribution patching), the estimates (``total_atp``,
+    with ``estimate_chunks`` (attribution patching: the prompt chunks' estimates files; not
+    the stacked file, which a profile edit rewrites), the estimates (``total_atp``,
     ``indirect_atp``, ``total_relp``...) and their agreement with the exact effects; with the
     edge tables, the exact measurement of the profiles' neuron edges (:func:`aggregate_edges`).
     With ``census``, the neurons gain :func:`census_columns` and the layers the ranking
@@ -817,7 +824,7 @@ def aggregate_block(
     of the documented neurons."""
     mediated = "mediation" in parts
     order = {prompt_id: index for index, prompt_id in enumerate(prompt_order)}
-    estimates = _load_estimates(estimates_path) if estimates_path is not None else None
+    estimates = _stacked_estimates(estimate_chunks) if estimate_chunks else None
     profile_ids = {neuron.neuron_id for neuron in read_neurons(profile_path)}
     with_edges = set(read_edges(profile_path)) if mediated else set()
     neuron_parts, layer_parts, breakdowns, part_sums, direct_tokens = [], [], [], [], {}

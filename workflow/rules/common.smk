@@ -7,6 +7,7 @@ from pathlib import Path
 from snakemake.logging import logger
 from snakemake.utils import validate
 
+from neuron_effects.aggregate import BLOCK_PARTS
 from neuron_effects.census import census_layers, census_neurons
 from neuron_effects.cost import ModelShape, device_rates, planning_device
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
@@ -14,7 +15,6 @@ from neuron_effects.demo import fetch_demo_model
 from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest
-from neuron_effects.aggregate import BLOCK_PARTS
 from neuron_effects.plan import (
     LAYOUT_ENV,
     Workload,
@@ -253,6 +253,11 @@ def atp_chunks(wildcards=None):
     )
 
 
+def atp_chunks_if_enabled(wildcards):
+    """The prompt chunks' attribution estimates, or nothing when attribution patching is off."""
+    return atp_chunks() if ATP else []
+
+
 def atp_output(name):
     """An input function: the output ``name`` of summarize_attribution, or nothing when
     attribution patching is off."""
@@ -303,7 +308,9 @@ BLOCK_PROFILE = {}
 for _shard in PLAN.shards:
     if _shard.block not in BLOCK_PROFILE:
         _members = [n.neuron_id for n in _shard.neurons if n.neuron_id in PROFILE_IDS]
-        BLOCK_PROFILE[_shard.block] = digest([_members, [EDGES.get(i) for i in _members]])
+        BLOCK_PROFILE[_shard.block] = digest(
+            [_members, [EDGES.get(i) for i in _members]]
+        )
 BLOCK_MINUTES = {
     block: aggregate_runtime_minutes(seconds)
     for block, seconds in block_aggregate_seconds(PLAN, SHAPE.n_layers, WORK).items()

@@ -9,7 +9,9 @@ rule aggregate_block:
         edge_shards=block_shards("edges"),
         # what the block reads of the profile is in its params (block_profile)
         profiles=ancient(config["neurons"]),
-        estimates=atp_output("estimates"),
+        # the chunks' estimates, not the stacked file: summarize_attribution rewrites that one
+        # after any profile edit
+        estimates=atp_chunks_if_enabled,
     output:
         **{part: f"results/aggregate/{{block}}/{part}.parquet" for part in BLOCK_PARTS},
     log:

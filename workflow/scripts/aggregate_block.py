@@ -19,7 +19,7 @@ aggregate_block(
     mediator_shards=list(snakemake.input.mediator_shards),
     edge_shards=list(snakemake.input.edge_shards),
     mediator_top_k=snakemake.params.mediator_top_k,
-    estimates_path=snakemake.input.estimates[0] if snakemake.input.estimates else None,
+    estimate_chunks=list(snakemake.input.estimates),
     edge_min_relative_delta=snakemake.params.edge_min_relative_delta,
     census=snakemake.params.census,
 )
