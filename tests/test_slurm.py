@@ -54,6 +54,7 @@ LOCAL_SLURM = REPO / "tools" / "local-slurm.sh"
 PROFILE = REPO / "profiles" / "slurm"
 PARTITION, ACCOUNT = "gpu", "root"  # what tools/local-slurm.sh sets up (root's default account)
 N_SHARDS = 6  # the tiny_workflow config: 3 layer blocks x 2 prompt chunks
+N_BLOCKS = 3  # one aggregate_block job per layer block
 C000 = ["L00-01_c000", "L02-03_c000", "L04-05_c000"]  # the shards of the 4-prompt chunk
 RESULT_TABLES = ["results/effects/per_prompt.parquet", "results/summary/neurons.parquet",
                  "results/summary/layers.parquet", "results/summary/prompts.parquet"]
@@ -201,7 +202,7 @@ def slurm_run(slurm_cluster, test_profile, tiny_model_dir, tmp_path_factory):
     output = run_slurm(workdir, test_profile).stdout
     name = run_id(output)
     return {"workdir": workdir, "output": output, "run_id": name,
-            "jobs": sacct_jobs(name, expected=N_SHARDS + 8)}
+            "jobs": sacct_jobs(name, expected=N_SHARDS + 8 + N_BLOCKS)}
 
 
 def test_effect_shards_are_one_gpu_slurm_jobs(slurm_run):
@@ -222,9 +223,11 @@ def test_effect_shards_are_one_gpu_slurm_jobs(slurm_run):
             assert {"gres/gpu=1", "gres/gpu:h200=1", "cpu=1", "node=1"} <= tres, row
     for rule in ("extract_activations", "aggregate_effects", "summarize_attribution"):
         assert len(by_rule[rule]) == 1 and "gres/gpu" not in by_rule[rule][0]["tres"]
+    assert {rule_of(r)[1] for r in by_rule["aggregate_block"]} == {"L00-01", "L02-03", "L04-05"}
+    assert not any("gres/gpu" in row["tres"] for row in by_rule["aggregate_block"])
     assert set(by_rule) == {"compute_effects", "cache_clean_runs", "validate_sample",
-                            "extract_activations", "aggregate_effects", "estimate_attribution",
-                            "summarize_attribution"}
+                            "extract_activations", "aggregate_block", "aggregate_effects",
+                            "estimate_attribution", "summarize_attribution"}
     assert all(row["state"] == "COMPLETED" for row in jobs), jobs
     # the sbatch request itself (slurmctld keeps finished jobs for MinJobAge = 300 s): one h200,
     # --cpus-per-gpu, --requeue (preemption), the partition and account given
@@ -280,11 +283,13 @@ def test_edit_reruns_only_the_affected_shards(slurm_run, test_profile, tmp_path)
     assert dry.count("reason: Params have changed since last execution") == 2
     output = run_slurm(workdir, test_profile).stdout
     assert jobs_of(output, "compute_effects") == {"L02-03_c000", "L02-03_c001"}
-    jobs = sacct_jobs(run_id(output), expected=5)
+    jobs = sacct_jobs(run_id(output), expected=6)
     submitted = sorted(rule_of(row) for row in jobs)
-    # the two shards of layer block L02-03, then the aggregation, the AtP comparison and the
-    # validation that read them (the gradients themselves do not depend on the neuron list)
-    assert submitted == [("aggregate_effects", ""), ("compute_effects", "L02-03_c000"),
+    # the two shards of layer block L02-03, then that block's aggregation (the other blocks'
+    # parts are kept), the final aggregation, the AtP comparison and the validation that read
+    # them (the gradients themselves do not depend on the neuron list)
+    assert submitted == [("aggregate_block", "L02-03"), ("aggregate_effects", ""),
+                         ("compute_effects", "L02-03_c000"),
                          ("compute_effects", "L02-03_c001"), ("summarize_attribution", ""),
                          ("validate_sample", "")], submitted
     after = pd.read_parquet(workdir / RESULT_TABLES[0])
@@ -487,7 +492,8 @@ def test_scancel_sigkill_and_requeue_of_running_shards(slurm_run, test_profile, 
     assert f"SLURM-job '{killed_job}' failed, SLURM status is: 'FAILED'" in output
     assert len(submissions(output, cancelled)) == 2 and len(submissions(output, killed)) == 2
     assert submissions(output, requeued) == [requeued_job]  # not resubmitted: requeued by Slurm
-    jobs = {row["id"]: row for row in sacct_jobs(name, expected=6)}
+    # 5 shard submissions, the 3 blocks' aggregations (each block lost a shard), the final step
+    jobs = {row["id"]: row for row in sacct_jobs(name, expected=6 + N_BLOCKS)}
     states = subprocess.run(["sacct", "-X", "-D", "-n", "-P", "-j", requeued_job,
                              "--format=State"], capture_output=True, text=True).stdout.split()
     assert "REQUEUED" in states and states[-1] == "COMPLETED", states
