@@ -354,12 +354,13 @@ def slow_units(tmp_path_factory) -> dict[str, str]:
 
 def _fault_workdir(slurm_run, destination: Path) -> Path:
     """A copy of the finished run without the outputs of the 4-prompt chunk's three shards
-    (4 units each), the cached effect rows and the aggregated table, so that the aggregation
-    (the target) reruns and computes those shards again."""
+    (4 units each), the cached effect rows, the blocks' aggregation parts and the aggregated
+    table, so that the aggregation (the target) reruns and computes those shards again."""
     workdir = copy_run(slurm_run["workdir"], destination)
     for shard in C000:
         (workdir / f"results/effects/shards/{shard}.parquet").unlink()
     shutil.rmtree(workdir / "results/cache/effects")
+    shutil.rmtree(workdir / "results/aggregate")
     (workdir / RESULT_TABLES[0]).unlink()
     return workdir
 
