@@ -25,7 +25,6 @@ other settings is ever served: a different key is a different folder or name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import pandas as pd
 
 from .inputs import digest
+from .prepare import file_sha256
 from .store import write_json
 
 log = logging.getLogger("neuron_effects")
@@ -64,14 +64,6 @@ def row_key(layer: int, neuron: int, edge_targets: Iterable[Sequence[int]] = ())
     return f"{layer}:{neuron}:{digest(targets) if targets else '-'}"
 
 
-def _sha256(path: Path) -> str:
-    sha = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            sha.update(block)
-    return sha.hexdigest()
-
-
 def write_entry(folder: str | Path, name: str, writers: Mapping[str, Callable[[Path], None]],
                 meta: Mapping[str, Any]) -> None:
     """Write an entry: each file ``<name>.<suffix>`` by its writer (given a temporary path,
@@ -84,7 +76,7 @@ def write_entry(folder: str | Path, name: str, writers: Mapping[str, Callable[[P
         path = folder / f"{name}.{suffix}"
         with atomic_path(path) as temporary:
             write(temporary)
-        files[suffix] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        files[suffix] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     write_json(folder / f"{name}{MANIFEST}", {**meta, "files": files})
 
 
@@ -101,7 +93,7 @@ def _damage(folder: Path, name: str) -> str | None:
             return f"{path.name} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{path.name} has {path.stat().st_size} bytes, {expected['bytes']} recorded"
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{path.name} does not match its recorded SHA-256"
     return None
 
