@@ -277,7 +277,13 @@ def shard_neurons(wildcards):
     return PLAN.shard(f"{wildcards.block}_{wildcards.chunk}").neuron_table
 
 
-# Per layer block: the neuron targets [layer, neuron] of its neurons with profile edges, in the
+# The layer blocks of the plan, in layer order, with their neurons (every prompt chunk's shard
+# of a block holds the same neurons): the aggregation runs one job per block.
+BLOCK_NEURONS = {}
+for _shard in PLAN.shards:
+    BLOCK_NEURONS.setdefault(_shard.block, _shard.neurons)
+BLOCKS = list(BLOCK_NEURONS)
+# Per block: the neuron targets [layer, neuron] of its neurons with profile edges, in the
 # profile's order; built once (looked up per shard: a scan of the profile per shard neuron made
 # the parse quadratic in the neurons).
 EDGE_TARGETS = {
@@ -285,14 +291,13 @@ EDGE_TARGETS = {
     for neuron_id, edges in EDGES.items()
 }
 BLOCK_EDGES = {}
-for _shard in PLAN.shards:
-    if _shard.block not in BLOCK_EDGES:
-        _members = {n.neuron_id for n in _shard.neurons if n.neuron_id in EDGE_TARGETS}
-        BLOCK_EDGES[_shard.block] = {
-            neuron_id: targets
-            for neuron_id, targets in EDGE_TARGETS.items()
-            if neuron_id in _members
-        }
+for _block, _neurons in BLOCK_NEURONS.items():
+    _members = {n.neuron_id for n in _neurons if n.neuron_id in EDGE_TARGETS}
+    BLOCK_EDGES[_block] = {
+        neuron_id: targets
+        for neuron_id, targets in EDGE_TARGETS.items()
+        if neuron_id in _members
+    }
 
 
 def shard_edges(wildcards):
@@ -300,17 +305,13 @@ def shard_edges(wildcards):
     return BLOCK_EDGES[wildcards.block]
 
 
-# The aggregation's layer blocks (one job each, in layer order): the shard plan's blocks. What
-# each reads of the profile (its neurons' ids and edges), and its time limit.
-BLOCKS = list(dict.fromkeys(shard.block for shard in PLAN.shards))
+# What each block's aggregation reads of the profile (its neurons' ids and edges), and its
+# time limit.
 PROFILE_IDS = {neuron.neuron_id for neuron in CHECKED.neurons}
 BLOCK_PROFILE = {}
-for _shard in PLAN.shards:
-    if _shard.block not in BLOCK_PROFILE:
-        _members = [n.neuron_id for n in _shard.neurons if n.neuron_id in PROFILE_IDS]
-        BLOCK_PROFILE[_shard.block] = digest(
-            [_members, [EDGES.get(i) for i in _members]]
-        )
+for _block, _neurons in BLOCK_NEURONS.items():
+    _members = [n.neuron_id for n in _neurons if n.neuron_id in PROFILE_IDS]
+    BLOCK_PROFILE[_block] = digest([_members, [EDGES.get(i) for i in _members]])
 BLOCK_MINUTES = {
     block: aggregate_runtime_minutes(seconds)
     for block, seconds in block_aggregate_seconds(PLAN, SHAPE.n_layers, WORK).items()
