@@ -15,6 +15,7 @@ import csv
 import difflib
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
@@ -149,6 +150,43 @@ def read_neurons(path: str | Path) -> list[Neuron]:
         seen_units[(layer, unit)] = index
         neurons.append(Neuron(neuron_id=neuron_id, layer=layer, neuron=unit))
     return neurons
+
+
+def _score_value(record: dict[str, Any], field: str) -> Any:
+    """The value of ``field`` in a profile record: a top-level key, else a dotted path into
+    nested objects (``stats.attribution``); ``None`` when absent."""
+    if field in record:
+        return record[field]
+    value: Any = record
+    for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def read_profile_scores(path: str | Path, fields: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per field of ``fields``: ``{neuron_id: value}`` of the profiles that give it (a key of the
+    record or a dotted path; absent or null: the neuron is left out). Any other value than a
+    finite number (a string, a boolean, a list, NaN, infinity) raises :class:`InputError` naming
+    the file, the profile and the field. Assumes :func:`read_neurons` accepted the file."""
+    path = Path(path)
+    scores: dict[str, dict[str, float]] = {field: {} for field in fields}
+    if not fields:
+        return scores
+    for index, record in enumerate(profile_list(load_profile_document(path), path)):
+        neuron_id = record.get("neuron_id", f"L{record['layer']}/N{record['neuron']}")
+        for field in fields:
+            value = _score_value(record, field)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise InputError(f"{path}: profile #{index} (neuron_id {neuron_id!r}): "
+                                 f"profile score {field!r} must be a finite number, got "
+                                 f"{value!r}")
+            scores[field][str(neuron_id)] = float(value)
+    return scores
 
 
 def _optional_text(value: Any, field: str, where: str, empty_is_missing: bool) -> str | None:

@@ -423,6 +423,21 @@ def edges_section(edges: pd.DataFrame, neurons: pd.DataFrame, min_relative_delta
     ])
 
 
+def profile_scores_section(table: pd.DataFrame) -> str:
+    """The profile's own scores judged against the exact effects
+    (results/summary/profile_scores.parquet, :mod:`neuron_effects.profile_scores`)."""
+    return "".join([
+        "<h2>The profile's own scores against the exact effects</h2>",
+        "<p>Per score field of the profile (<code>profile_scores</code>), over the profile "
+        "neurons that give it: Spearman with the neuron's exact mean total over the prompts "
+        "(<code>spearman_abs</code>: |field| with the mean |total|), the fraction of neurons "
+        "whose sign agrees with the mean total's, and precision@k of the top k by |field| "
+        "among the top k by mean |total| (k = 10, 100 and a tenth of the neurons; – unless "
+        "more than k neurons give the field). The exact effects are the ground truth: a score "
+        "far from them ranks the neurons differently from what they do.</p>",
+        _table(table)])
+
+
 def render_report(
     metadata: dict[str, Any], per_prompt: pd.DataFrame, neurons: pd.DataFrame,
     layers: pd.DataFrame, prompts: pd.DataFrame, validation: dict[str, Any],
@@ -431,7 +446,7 @@ def render_report(
     mediation_layers: pd.DataFrame | None = None,
     atp_candidates: pd.DataFrame | None = None,
     edges: pd.DataFrame | None = None, edge_min_relative_delta: float = 0.01,
-    census_table_top: int = 200,
+    census_table_top: int = 200, profile_scores: pd.DataFrame | None = None,
 ) -> str:
     """The report page as one HTML string (``figures``: from :func:`report_figures`, made here
     when not given; ``edges``: results/summary/edges.parquet). A census run (``neurons`` with
@@ -522,6 +537,7 @@ def render_report(
         if edges is not None else "",
         *(attribution_section(per_prompt, layers, atp_candidates, top_n)
           if atp_candidates is not None and estimate_methods(per_prompt.columns) else []),
+        profile_scores_section(profile_scores) if profile_scores is not None else "",
         *(census_section(neurons, per_prompt, layers, census_table_top) if census else []),
         neuron_table_section(table_neurons(neurons, census_table_top), per_prompt,
                              f": the profile's and the {census_table_top:,} other census "

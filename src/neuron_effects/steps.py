@@ -38,7 +38,8 @@ from .edges import (EDGE_COLUMNS, edge_agreement, edge_table, measurable_targets
                     neuron_target_weights, read_edges, real_edges)
 from .effects import EffectSettings, EffectTables, compute_effects, neuron_block
 from .input_checks import checked_inputs
-from .inputs import InputError, Neuron, extra_columns, load_profile_document, read_neurons
+from .inputs import (InputError, Neuron, extra_columns, load_profile_document, read_neurons,
+                     read_profile_scores)
 from .error_scale import (ERROR_FACTOR, RELATIVE_FLOOR_FACTOR, float32_error_bound, logit_scale,
                           ratio_noise_floor)
 from .model import (ModelSpec, load_config, load_model, load_tokenizer, parameter_sizes,
@@ -46,6 +47,7 @@ from .model import (ModelSpec, load_config, load_model, load_tokenizer, paramete
 from .precision import low_precision_warning
 from .prepare import model_digest
 from .products import use_products
+from .profile_scores import judge_profile_scores as judged_scores
 from .reference import reference_clean_logits
 from .targets import check_target_ranks, is_low_rank
 from .targets import describe as describe_target
@@ -955,6 +957,21 @@ def aggregate_effects(
     store.write_json(labels_out, document)
 
 
+def judge_profile_scores(neurons_path: str, profile_path: str, fields: Sequence[str],
+                         output: str) -> None:
+    """``results/summary/profile_scores.parquet``: each profile score field of ``fields`` judged
+    against the profile neurons' exact mean total (:mod:`neuron_effects.profile_scores`)."""
+    neurons = pd.read_parquet(neurons_path)
+    if "in_profile" in neurons:  # a census: the profile's neurons only
+        neurons = neurons[neurons["in_profile"]]
+    table = judged_scores(read_profile_scores(profile_path, fields), neurons)
+    for row in table.itertuples(index=False):
+        log.info("profile score %r: %d neurons (%d without it), Spearman with the exact mean "
+                 "total %.3g, sign agreement %.3g", row.field, row.n_neurons, row.n_missing,
+                 row.spearman, row.sign_agreement)
+    store.write_parquet(output, table)
+
+
 def _reference_needs(spec: ModelSpec, max_tokens: int) -> int:
     """Bytes the float64 reference model needs for prompts of up to ``max_tokens`` tokens
     (:func:`neuron_effects.validation.reference_bytes`), from the model config alone."""
@@ -1129,9 +1146,10 @@ def render_report(
     mediation_layers_path: str | None = None,
     atp_candidates: str | None = None, edges_path: str | None = None,
     plan_estimate: Mapping[str, Any] | None = None, census_table_top: int = 200,
+    profile_scores: str | None = None,
 ) -> None:
     """Write the self-contained HTML report (with the attribution-patching section when
-    ``atp_candidates`` is given) and, into ``figures_dir``, its figures as ``<name>.png`` (for
+    ``atp_candidates`` is given, the profile scores' table when ``profile_scores`` is) and, into ``figures_dir``, its figures as ``<name>.png`` (for
     Snakemake's report)."""
     import platform
 
@@ -1164,7 +1182,8 @@ def render_report(
         atp_candidates=None if atp_candidates is None else pd.read_parquet(atp_candidates),
         edges=None if edges_path is None else pd.read_parquet(edges_path),
         edge_min_relative_delta=settings.get("edge_min_relative_delta", 0.01),
-        census_table_top=census_table_top)
+        census_table_top=census_table_top,
+        profile_scores=None if profile_scores is None else pd.read_parquet(profile_scores))
     if figures_dir is not None:
         for name, uri in figures.items():
             with store.atomic_path(Path(figures_dir) / f"{name}.png") as temporary:

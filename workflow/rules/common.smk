@@ -14,7 +14,7 @@ from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.demo import fetch_demo_model
 from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
-from neuron_effects.inputs import digest
+from neuron_effects.inputs import digest, read_profile_scores
 from neuron_effects.plan import (
     LAYOUT_ENV,
     Workload,
@@ -64,6 +64,8 @@ CHECKED = checked_inputs(
 )
 # Malformed top_downstream_targets stop the run here; the neuron targets go to the shards.
 EDGES = read_edges(config["neurons"])
+# A profile score field with another value than a finite number stops the run here.
+read_profile_scores(config["neurons"], config["profile_scores"])
 PREPARED_PROMPTS = {row["prompt_id"]: row for row in CHECKED.prepared}
 if not workflow.remote_exec:
     for row in CHECKED.prepared:  # e.g. a target with a leading space in chat mode
@@ -266,6 +268,12 @@ def atp_output(name):
         return [getattr(rules.summarize_attribution.output, name)] if ATP else []
 
     return output
+
+
+def profile_scores_if_any(wildcards):
+    """The profile scores' judgement (judge_profile_scores), or nothing when the config names
+    no profile_scores field."""
+    return rules.judge_profile_scores.output.table if config["profile_scores"] else []
 
 
 def chunk_fingerprint(wildcards):

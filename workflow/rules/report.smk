@@ -10,6 +10,7 @@ rule render_report:
         validation_summary=rules.validate_sample.output.summary,
         activation_stats=rules.extract_activations.output.stats,
         atp_candidates=atp_output("candidates"),
+        profile_scores=profile_scores_if_any,
     output:
         page=report(
             "results/report/report.html",

@@ -110,3 +110,27 @@ rule validate_sample:
         validation=config["validation"],
     script:
         "../scripts/validate_sample.py"
+
+
+# The profile's own scores (profile_scores fields) judged against the exact mean totals: a light
+# job of its own, so that changing profile_scores reruns only it and the report (a score edited
+# in the profile file reruns no block: their params digest only ids and edges).
+rule judge_profile_scores:
+    input:
+        neurons=rules.aggregate_effects.output.neurons,
+        profiles=config["neurons"],
+    output:
+        table=report(
+            "results/summary/profile_scores.parquet",
+            caption="../report/profile_scores.rst",
+            category="Tables",
+        ),
+    log:
+        "logs/judge_profile_scores.log",
+    localrule: True
+    conda:
+        "../../envs/neuron-effects.yaml"
+    params:
+        fields=config["profile_scores"],
+    script:
+        "../scripts/judge_profile_scores.py"

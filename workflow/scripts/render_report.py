@@ -27,5 +27,6 @@ render_report(
     if snakemake.input.atp_candidates
     else None,
     plan_estimate=snakemake.params.estimate,
+    profile_scores=snakemake.input.profile_scores or None,
     census_table_top=snakemake.params.census_table_top,
 )
