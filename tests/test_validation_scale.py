@@ -27,10 +27,12 @@ PROMPTS = {"p0": [5, 17, 2, 99, 43, 8, 61, 30, 12, 77, 3], "p1": [9, 4, 71, 33, 
 
 
 def _validated_run(folder, dtype: str, tmp_path, tolerance: float | None = None,
-                   settings: EffectSettings = DEFAULTS) -> dict:
+                   settings: EffectSettings = DEFAULTS, stored_logits_factor: float = 1.0
+                   ) -> dict:
     """The fast path's table in ``dtype`` for the model saved in ``folder`` (2 prompts x 12
     neurons, target 7, distractor 11), checked by the workflow's validation step (float64
-    reference for float32, float32 for bf16); returns the summary."""
+    reference for float32, float32 for bf16); returns the summary. ``stored_logits_factor``
+    scales the clean logits saved for the validation (the run's; not the reference's)."""
     spec = ModelSpec(str(folder), dtype=dtype, device="cpu")
     model = load_model(spec)
     block = neuron_block(model, random_neurons(model, 3, seed=4), True)
@@ -39,6 +41,7 @@ def _validated_run(folder, dtype: str, tmp_path, tolerance: float | None = None,
         clean = run_clean(model, input_ids, prompt_id)
         table = compute_effects(model, clean, block, settings, 7, 11).per_prompt
         tables.append(table.assign(prompt_id=prompt_id, target_id=7, distractor_id=11))
+        clean.logits = clean.logits * stored_logits_factor
         runs.append(clean)
     store.save_clean_runs(tmp_path / "c000.safetensors", runs,
                           [{"prompt_id": prompt_id} for prompt_id in PROMPTS])
@@ -60,7 +63,8 @@ def test_float32_passes_and_bf16_fails_at_every_scale(logits, residual, tmp_path
     assert 4 * logits < exact["logit_scale"]["max"] < 8 * logits
     assert exact["tolerance"] == pytest.approx(
         ERROR_FACTOR * FLOAT32_EPS * exact["logit_scale"]["max"])
-    assert exact["ratio_noise_floor"]["max"] <= exact["tolerance"]
+    # the same bound, at the run's scale (the floor) and at the reference's (the tolerance)
+    assert exact["ratio_noise_floor"]["max"] <= exact["tolerance"] * (1 + 1e-6)
     assert exact["relative_error_floor"] == pytest.approx(10 * exact["tolerance"])
     assert exact["passed"] is True, exact["failure"]
     assert exact["pairs_above_floor"]["total"] >= 12
@@ -80,6 +84,19 @@ def test_configured_tolerance_and_noise_floor_are_used(tmp_path):
     assert strict["ratio_noise_floor"] == {"min": 0.05, "max": 0.05,
                                            "source": "metrics.ratio_noise_floor"}
     assert strict["passed"] is False and "tolerance 1e-12" in strict["failure"]
+
+
+def test_the_tolerance_scale_comes_from_the_reference_clean_logits(tmp_path):
+    """The run's stored clean logits scaled x3: the derived tolerance still follows the
+    float64 reference's own clean logits."""
+    folder = tmp_path / "model"
+    tiny_model(seed=3).causal_lm.save_pretrained(folder)
+    plain = _validated_run(folder, "float32", tmp_path / "plain")
+    tampered = _validated_run(folder, "float32", tmp_path / "tampered", stored_logits_factor=3.0,
+                              settings=EffectSettings(noise_floor=1e-4))
+    assert tampered["logit_scale"] == pytest.approx(plain["logit_scale"], rel=1e-5)
+    assert tampered["tolerance"] == pytest.approx(plain["tolerance"], rel=1e-5)
+    assert "reference float64" in tampered["tolerance_source"]
 
 
 def _reference(**values) -> ReferenceRow:
@@ -143,3 +160,48 @@ def test_reference_dtype_fits_float64_on_an_h100():
     assert dtype == torch.float32 and f"{needed / 1e9:.1f} GB" in note
     assert reference_dtype(torch.bfloat16, gpu, needed, 10**12) == (torch.float32, None)
     assert reference_dtype(torch.float32, torch.device("cpu"), needed, None)[0] == torch.float64
+
+
+@pytest.mark.parametrize("name", ["direct_ratio", "cancellation", "direct_ratio_frozen_norm"])
+def test_a_wrong_ratio_is_weighed_in_logit_units(name):
+    """A ratio off by 0.01 at |d| + |i| = 0.75 differs by 0.01 x 0.75 / 3 = 2.5e-3 in logit
+    units: far past a 1e-5 tolerance (a difference scaled down 3000-fold would pass it)."""
+    reference = _reference()
+    row = pd.Series({**reference.values, "distractor_id": 3})
+    row[name] = reference.values[name] + 0.01
+    differences = absolute_differences(row, reference, 1e-5)
+    assert differences[name] == pytest.approx(0.01 * 0.75 / 3)
+    others = {key: value for key, value in differences.items() if key != name}
+    assert max(others.values()) == 0.0
+
+
+def test_a_wrong_ratio_defined_fails_away_from_the_noise_floor():
+    """|d| + |i| = 0.75, noise floor 1e-4: a row calling the ratio undefined is wrong (inf);
+    within 2 x tolerance of the floor either answer passes."""
+    reference = _reference()
+    row = pd.Series({**reference.values, "distractor_id": 3, "ratio_defined": False})
+    assert np.isinf(absolute_differences(row, reference, 1e-5)["ratio_defined"])
+    undefined = _reference(ratio_defined=False, direct_ratio=np.nan, cancellation=np.nan,
+                           direct_ratio_frozen_norm=np.nan)
+    defined_row = pd.Series({**reference.values, "distractor_id": 3})
+    assert np.isinf(absolute_differences(defined_row, undefined, 1e-5)["ratio_defined"])
+    near = ReferenceRow(undefined.values, undefined.effects, noise_floor=0.75 + 1e-5)
+    assert absolute_differences(defined_row, near, 1e-5)["ratio_defined"] == 0.0
+    verdict = summarize(pd.DataFrame({"max_abs_diff": [np.inf], "diff_ratio_defined": [np.inf],
+                                      **{f"relative_error_{name}": [0.0] for name in
+                                         ("direct", "indirect", "total")}}),
+                        "float32", "float64", 1e-5, 0.05, 1e-4)
+    assert verdict["passed"] is False and verdict["non_finite_columns"] == ["ratio_defined"]
+
+
+def test_non_finite_rows_of_the_whole_table_fail_naming_them():
+    pairs = pd.DataFrame({"max_abs_diff": [0.0], "diff_total": [0.0],
+                          **{f"relative_error_{name}": [0.0] for name in
+                             ("direct", "indirect", "total")}})
+    assert summarize(pairs, "float32", "float64", 1e-4, 0.05, 1e-3)["passed"] is True
+    rows = [{"prompt_id": "q7", "neuron_id": "L3/N9", "layer": 3, "columns": "total, indirect"}]
+    verdict = summarize(pairs, "float32", "float64", 1e-4, 0.05, 1e-3,
+                        {"n_rows": 5, "rows": rows, "columns": ["indirect", "total"]})
+    assert verdict["passed"] is False and verdict["non_finite"]["n_rows"] == 5
+    assert "5 (prompt, neuron) rows" in verdict["failure"]
+    assert "prompt 'q7', neuron L3/N9 (total, indirect) and 4 more" in verdict["failure"]

@@ -135,9 +135,74 @@ def _clean_float(value: Any) -> Any:
 # What one layer block's aggregation job writes (steps.aggregate_block, a file each under
 # results/aggregate/<block>/) and the final step (steps.aggregate_effects) reads.
 BLOCK_PARTS = ("per_prompt", "neurons", "layers", "breakdowns", "mediation", "mediators",
-               "flow_sums", "mediator_lists", "edges")
+               "flow_sums", "mediator_lists", "edges", "non_finite")
 BREAKDOWN_COLUMNS = ("prompt_id", "target_token", "activation", "direct", "indirect", "total",
                      "direct_frozen_norm", "direct_ratio", "cancellation", "sign_aligned")
+# Per-prompt columns that every row must hold as finite numbers (with the estimates, the
+# total_<method> and indirect_atp columns); the _logit_diff ones where the row has a distractor.
+ALWAYS_FINITE = ("activation", "scale", "direct", "indirect", "total", "direct_frozen_norm",
+                 "norm_mediated")
+WITH_DISTRACTOR = tuple(f"{name}_logit_diff" for name in ALWAYS_FINITE[2:])
+# NaN by design: no distractor; the frozen-norm ratio below its noise floor (its inputs,
+# direct_frozen_norm and total, are checked).
+MAY_BE_NAN = ("distractor_id", "direct_ratio_frozen_norm")
+NON_FINITE_LISTED = 10  # rows named per layer block (all of them are counted)
+
+
+def non_finite_mask(frame: pd.DataFrame) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Which rows of a per-prompt table hold a value NaN or infinite where it must be finite,
+    and per offending column its rows: infinity in any float column; NaN in
+    :data:`ALWAYS_FINITE` and the estimates, in ``direct_ratio`` and ``cancellation`` where
+    ``ratio_defined``, in :data:`WITH_DISTRACTOR` where the row has a distractor, and in any
+    other float column (the full-vocabulary metrics, the mediation split) that holds a finite
+    value on another row of the table (a column of an option that is off is NaN throughout; the
+    split's _logit_diff columns only on rows with a distractor)."""
+    distractor = frame["distractor_id"].notna().to_numpy()
+    estimates = {f"total_{method}" for method in estimate_methods(frame.columns)}
+    by_column: dict[str, np.ndarray] = {}
+    for column in frame.columns:
+        if frame[column].dtype.kind != "f":
+            continue
+        values = frame[column].to_numpy()
+        nan = np.isnan(values)
+        if not nan.any() and np.isfinite(values).all():
+            continue
+        if column in ALWAYS_FINITE or column in estimates or column == "indirect_atp":
+            required = np.ones(len(frame), dtype=bool)
+        elif column in ("direct_ratio", "cancellation"):
+            required = frame["ratio_defined"].to_numpy(dtype=bool)
+        elif column in WITH_DISTRACTOR:
+            required = distractor
+        elif column in MAY_BE_NAN:
+            required = np.zeros(len(frame), dtype=bool)
+        else:  # an option's column: required where it holds a number on another row
+            scope = distractor if column.endswith("_logit_diff") else np.ones(len(frame),
+                                                                               dtype=bool)
+            required = scope & bool(np.isfinite(values[scope]).any())
+        bad = np.isinf(values) | (nan & required)
+        if bad.any():
+            by_column[column] = bad
+    rows = np.zeros(len(frame), dtype=bool)
+    for bad in by_column.values():
+        rows |= bad
+    return rows, by_column
+
+
+def non_finite_rows(frame: pd.DataFrame, limit: int = NON_FINITE_LISTED
+                    ) -> tuple[pd.Series, pd.DataFrame]:
+    """Per neuron (``neuron_id`` in order of first appearance) the number of its rows with a
+    non-finite value (:func:`non_finite_mask`), and the first ``limit`` such rows:
+    ``prompt_id, neuron_id, layer, columns`` (the offending columns, comma-separated)."""
+    rows, by_column = non_finite_mask(frame)
+    ids = frame["neuron_id"].to_numpy()
+    counts = pd.Series(rows.astype(np.int64)).groupby(ids, sort=False).sum()
+    listed = np.flatnonzero(rows)[:limit]
+    named = frame.iloc[listed][["prompt_id", "neuron_id", "layer"]].assign(
+        columns=[", ".join(column for column, bad in by_column.items() if bad[index])
+                 for index in listed])
+    return counts.reindex(pd.unique(ids)), named.reset_index(drop=True)
+
+
 def estimate_methods(columns: Iterable[str], prefix: str = "total_") -> list[str]:
     """The estimate methods (``atp``, ``relp``, ``relp_ln``...) whose ``<prefix><method>``
     columns are among ``columns`` (per-prompt ``total_<method>``; per-neuron

@@ -466,7 +466,9 @@ def render_report(
         f"reference paths in {html.escape(validation.get('reference_dtype', validation['dtype']))}"
         f"; max |run − reference| over every metric = "
         f"{largest} (tolerance {validation['tolerance']:.3g}, "
-        f"{html.escape(validation['dtype'])} on {html.escape(validation['device'])}).</div>"
+        f"{html.escape(validation['dtype'])} on {html.escape(validation['device'])}). "
+        f"Rows of the whole table with a NaN or infinite value: "
+        f"{validation.get('non_finite', {}).get('n_rows', '–')} of {len(per_prompt)}.</div>"
     )
     per_metric = pd.DataFrame(sorted(validation["max_abs_diff_by_metric"].items()),
                               columns=["metric", "max |run − reference|"])

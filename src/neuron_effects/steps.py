@@ -830,6 +830,7 @@ def aggregate_block(
     profile_ids = {neuron.neuron_id for neuron in read_neurons(profile_path)}
     with_edges = set(read_edges(profile_path)) if mediated else set()
     neuron_parts, layer_parts, breakdowns, part_sums, direct_tokens = [], [], [], [], {}
+    non_finite: list[pd.DataFrame] = []
     with store.atomic_path(parts["per_prompt"]) as temporary:
         rows_out = None
         try:
@@ -856,6 +857,13 @@ def aggregate_block(
                                                   on="layer")
                 if census:
                     neurons = census_columns(neurons, frame, profile_ids)
+                counts, named = aggregate.non_finite_rows(frame)
+                neurons.insert(neurons.columns.get_loc("n_prompts") + 1, "n_non_finite",
+                               counts.reindex(neurons["neuron_id"]).to_numpy())
+                if len(named):
+                    log.warning("layer %d: %d rows with a NaN or infinite value, first: %s",
+                                layer, int(counts.sum()), named.to_dict("records"))
+                    non_finite.append(named)
                 if mediated:
                     part_sums.append(mediation.indirect_part_sums(frame))
                     listed = frame[frame["neuron_id"].isin(with_edges)]
@@ -903,6 +911,25 @@ def aggregate_block(
     store.write_parquet(parts["neurons"], neurons)
     store.write_parquet(parts["layers"], pd.concat(layer_parts, ignore_index=True))
     store.write_parquet(parts["breakdowns"], pd.concat(breakdowns, ignore_index=True))
+    store.write_parquet(parts["non_finite"], pd.concat(
+        non_finite, ignore_index=True).head(aggregate.NON_FINITE_LISTED) if non_finite else
+        pd.DataFrame(columns=["prompt_id", "neuron_id", "layer", "columns"]))
+
+
+def non_finite_summary(neurons: pd.DataFrame, listed: pd.DataFrame) -> dict[str, Any]:
+    """``n_rows``: the rows with a non-finite value (the sum of the neurons' ``n_non_finite``,
+    counted over every row by :func:`aggregate_block`), ``rows``: the first
+    :data:`aggregate.NON_FINITE_LISTED` of those the blocks named (``prompt_id, neuron_id,
+    layer, columns``), ``columns``: the offending columns among them."""
+    n_rows = int(neurons["n_non_finite"].sum())
+    rows = [{"prompt_id": str(row.prompt_id), "neuron_id": str(row.neuron_id),
+             "layer": int(row.layer), "columns": str(row.columns)}
+            for row in listed.head(aggregate.NON_FINITE_LISTED).itertuples(index=False)]
+    if n_rows:
+        log.warning("%d (prompt, neuron) rows hold a NaN or infinite value; first: %s", n_rows,
+                    rows)
+    return {"n_rows": n_rows, "rows": rows,
+            "columns": sorted({name for row in rows for name in row["columns"].split(", ")})}
 
 
 def aggregate_effects(
@@ -911,7 +938,7 @@ def aggregate_effects(
     layers_out: str, prompts_out: str, labels_out: str, mediation_out: str | None = None,
     mediators_out: str | None = None, mediation_layers_out: str | None = None,
     edges_out: str | None = None, mediator_top_k: int = 10, max_rank: int = 100,
-    census: bool = False,
+    census: bool = False, non_finite_out: str | None = None,
 ) -> None:
     """The final, light step of the aggregation: the layer blocks' parts (``blocks``, in
     layer order, each :data:`aggregate.BLOCK_PARTS` -> path, written by :func:`aggregate_block`) into the
@@ -919,7 +946,9 @@ def aggregate_effects(
     table (each streamed or concatenated), and the prompt table (the prompts'
     ``target_low_rank``: a given target ranked below the top ``max_rank`` by the clean model),
     the neuron documents (``neurons.json``: the profile's neurons only with ``census``; every
-    neuron stays in ``neurons.parquet``) and the enriched labels."""
+    neuron stays in ``neurons.parquet``) and the enriched labels; ``non_finite_out``: the rows
+    with a value NaN or infinite where it must be finite, counted over every row by the blocks
+    (:func:`non_finite_summary`), for the validation's verdict."""
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
                           for record in store.load_clean_records(path)])
@@ -938,6 +967,8 @@ def aggregate_effects(
     neurons = read("neurons")
     log.info("%d blocks: %d rows, %d neurons", len(blocks), rows, len(neurons))
     store.write_parquet(neurons_out, neurons)
+    if non_finite_out is not None:
+        store.write_json(non_finite_out, non_finite_summary(neurons, read("non_finite")))
     store.write_parquet(layers_out, read("layers"))
     documents = aggregate.neuron_documents(neurons[neurons["in_profile"]] if census else neurons,
                                            read("breakdowns"))
@@ -990,36 +1021,40 @@ def _reference_needs(spec: ModelSpec, max_tokens: int) -> int:
 def validate_sample(
     spec: ModelSpec, clean_paths: Sequence[str], per_prompt_path: str, settings: EffectSettings,
     n_pairs: int, seed: int, tolerance: float | None, max_relative_error: float, table_out: str,
-    summary_out: str,
+    summary_out: str, non_finite_path: str | None = None,
 ) -> None:
     """Recompute ``n_pairs`` sampled rows of the run's table with the reference paths at a
     higher precision than the run (:func:`neuron_effects.validation.reference_dtype`), on the
     run's own rounded weights; write the per-pair values and differences and a summary (see
-    :func:`neuron_effects.validation.summarize`). The run's dtype model is not loaded: its values
-    are read from ``per_prompt_path``; the clean runs give the prompts' token ids and logit
-    scales. ``tolerance`` None: float32's error bound at the largest logit scale of the sampled
-    prompts (:mod:`neuron_effects.error_scale`), whatever the run's dtype; the ratios' noise
-    floor is the shards' (``settings.noise_floor``, or per prompt the bound at its scale)."""
+    :func:`neuron_effects.validation.summarize`; ``non_finite_path``: the aggregation's count of
+    the rows with a non-finite value, any of which fails it). The run's dtype model is not
+    loaded: its values are read from ``per_prompt_path``; the clean runs give the prompts' token
+    ids and the run's logit scales. ``tolerance`` None: float32's error bound at the largest
+    logit scale of the sampled prompts (:mod:`neuron_effects.error_scale`), that scale taken
+    from the reference's clean logits (not the run's, whose rounding is what is checked),
+    whatever the run's dtype; the ratios' noise floor is the shards' (``settings.noise_floor``,
+    or per prompt the bound at the run's scale)."""
     run_dtype = resolve_dtype(spec.dtype)
     run_dtype_name = str(run_dtype).replace("torch.", "")
     device = resolve_device(spec.device)
     runs = {run.prompt_id: run for path in clean_paths for run in store.load_clean_runs(path)[0]}
     chosen = sample_pairs(pd.read_parquet(per_prompt_path, columns=["layer"]), n_pairs, seed)
     pairs = store.read_rows(per_prompt_path, chosen.index)  # only their row groups are read
-    scales = {prompt_id: logit_scale(runs[prompt_id].logits)
-              for prompt_id in pairs["prompt_id"].unique()}
     floors = {prompt_id: ratio_noise_floor(settings.noise_floor, runs[prompt_id].logits)
-              for prompt_id in scales}
-    derived = tolerance is None
-    if derived:
-        tolerance = float32_error_bound(max(scales.values()))
-    relative_floor = RELATIVE_FLOOR_FACTOR * tolerance
+              for prompt_id in pairs["prompt_id"].unique()}
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     needed = _reference_needs(spec, max(run.n_tokens for run in runs.values()))
     compute_dtype, note = reference_dtype(run_dtype, device, needed, free)
     if note:
         log.warning("%s", note)
     model = _load_model(spec, compute_dtype)
+    clean_logits = {prompt_id: reference_clean_logits(model, runs[prompt_id].input_ids)
+                    for prompt_id in floors}
+    scales = {prompt_id: logit_scale(logits) for prompt_id, logits in clean_logits.items()}
+    derived = tolerance is None
+    if derived:
+        tolerance = float32_error_bound(max(scales.values()))
+    relative_floor = RELATIVE_FLOOR_FACTOR * tolerance
     log.info("%d pairs (%d prompts), run %s, reference %s on %s; tolerance %.3g (%s), "
              "relative errors above %.3g", len(pairs), pairs["prompt_id"].nunique(),
              run_dtype_name, model.dtype, model.device, tolerance,
@@ -1030,11 +1065,11 @@ def validate_sample(
         started = time.perf_counter()
         full_layers = sorted(set(group["layer"])) if settings.positions == "all" else ()
         clean = run_clean(model, runs[prompt_id].input_ids, prompt_id, full_layers)
-        clean_logits = reference_clean_logits(model, clean.input_ids)
         for _, row in group.iterrows():
             reference = reference_metrics(model, clean, row, settings.treatment,
                                           settings.positions, settings.full_vocab,
-                                          settings.top_k, floors[prompt_id], clean_logits)
+                                          settings.top_k, floors[prompt_id],
+                                          clean_logits[prompt_id])
             differences = absolute_differences(row, reference, tolerance)
             rows.append({
                 "prompt_id": prompt_id, "neuron_id": row["neuron_id"], "layer": int(row["layer"]),
@@ -1059,14 +1094,16 @@ def validate_sample(
         "dtype_warning": low_precision_warning(run_dtype_name),
         "device": str(model.device), "tolerance": tolerance,
         "tolerance_source": (f"derived: {ERROR_FACTOR:g} x float32 eps x max |clean logit| "
-                             f"{max(scales.values()):.4g}" if derived
+                             f"{max(scales.values()):.4g} (reference {reference_name})"
+                             if derived
                              else "validation.tolerance"),
         "logit_scale": {"min": min(scales.values()), "max": max(scales.values())},
         "ratio_noise_floor": {"min": min(floors.values()), "max": max(floors.values()),
                               "source": ("derived per prompt" if settings.noise_floor is None
                                          else "metrics.ratio_noise_floor")},
         **summarize(table, run_dtype_name, reference_name, tolerance, max_relative_error,
-                    relative_floor),
+                    relative_floor, None if non_finite_path is None
+                    else json.loads(Path(non_finite_path).read_text())),
         "precision_flags": precision_flags(),
     }
     store.write_json(summary_out, summary)

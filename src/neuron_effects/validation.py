@@ -15,15 +15,18 @@ model.
 Every metric, both ratios, both flags and the top-k token lists are checked; the metrics are
 computed from the reference's effect vectors by plain code of their own
 (:func:`neuron_effects.reference.plain_metrics`), never by the fast path's formulas. A value NaN
-or infinite on either side fails. The tolerance on ``|run - reference|``, the ratio's noise
-floor and the floor of the relative errors derive from the run's own logit scale
-(:mod:`neuron_effects.error_scale`). Relative error of a metric over the pairs: the median of
+or infinite on either side fails, and so does any row of the whole table with a non-finite
+value (counted over every row by the aggregation: :func:`non_finite_failure`). The tolerance on
+``|run - reference|`` and the floor of the relative errors derive from the logit scale of the
+reference's clean logits (:mod:`neuron_effects.error_scale`); the ratio's noise floor is the
+run's own (the one its ``ratio_defined`` used). Relative error of a metric over the pairs: the median of
 ``|run - reference| / |reference|`` over the pairs whose ``|reference|`` is above that floor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
@@ -249,9 +252,25 @@ def _finite_or_none(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
+def non_finite_failure(non_finite: Mapping[str, Any]) -> str | None:
+    """The failure naming the run's rows with a NaN or infinite value (``non_finite``:
+    ``n_rows`` and the first ``rows``, :func:`neuron_effects.steps.non_finite_summary`), or
+    None when there is none."""
+    if not non_finite["n_rows"]:
+        return None
+    named = "; ".join(f"prompt {row['prompt_id']!r}, neuron {row['neuron_id']} "
+                      f"({row['columns']})" for row in non_finite["rows"])
+    more = f" and {non_finite['n_rows'] - len(non_finite['rows'])} more" \
+        if non_finite["n_rows"] > len(non_finite["rows"]) else ""
+    return (f"{non_finite['n_rows']} (prompt, neuron) rows of the run's table hold a NaN or "
+            f"infinite value: {named}{more}. The means and rankings leave them out; the effect "
+            "jobs of their layer blocks computed them (see their logs): report it as a defect.")
+
+
 def summarize(
     pairs: pd.DataFrame, run_dtype: str, reference: str, tolerance: float,
     max_relative_error: float, relative_error_floor: float,
+    non_finite: Mapping[str, Any] | None = None,
 ) -> dict[str, object]:
     """The verdict on a table of pairs (columns ``diff_<column>``, ``max_abs_diff`` and
     ``relative_error_<metric>`` for direct, indirect and total).
@@ -260,8 +279,10 @@ def summarize(
     ``relative_error_floor`` (None if none is); ``rows_off_10pct``: the fraction of the pairs
     with total or indirect above the floor whose relative error on either is above 10 %.
     ``passed``: max |run - reference| <= ``tolerance`` and the relative errors of total and
-    indirect <= ``max_relative_error``, none of them NaN or infinite; ``failure`` says why not,
-    naming the dtype and the fix."""
+    indirect <= ``max_relative_error``, none of them NaN or infinite, and no row of the whole
+    run's table with a non-finite value (``non_finite``, counted over every row by the
+    aggregation: :func:`non_finite_failure`); ``failure`` says why not, naming the dtype and
+    the fix, or the rows."""
     relative = {name: (None if pairs[f"relative_error_{name}"].isna().all()
                        else float(pairs[f"relative_error_{name}"].median()))
                 for name in RELATIVE_METRICS}
@@ -291,6 +312,9 @@ def summarize(
                      "(precision_flags) and report it as a defect of the fast path")
         failure = (f"{found} (run {run_dtype} against a {reference} reference, "
                    f"{len(pairs)} pairs): {cause}.")
+    non_finite = non_finite or {"n_rows": 0, "rows": [], "columns": []}
+    failures = [text for text in (failure, non_finite_failure(non_finite)) if text]
+    failure = " ".join(failures) or None
     return {
         "relative_error": relative,
         "relative_error_floor": relative_error_floor,
@@ -304,6 +328,7 @@ def summarize(
                                    for column in by_column},
         "non_finite_columns": sorted(column[len("diff_"):] for column, value in by_column.items()
                                      if not np.isfinite(value)),
+        "non_finite": dict(non_finite),
         "passed": failure is None,
         "failure": failure,
     }

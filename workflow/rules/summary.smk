@@ -65,6 +65,7 @@ rule aggregate_effects:
         mediation_layers="results/summary/mediation_layers.parquet",
         edges="results/summary/edges.parquet",
         prompts="results/summary/prompts.parquet",
+        non_finite="results/validation/non_finite.json",
         labels=report(LABELS, caption="../report/labels.rst", category="Labels"),
     log:
         "logs/aggregate_effects.log",
@@ -86,6 +87,7 @@ rule aggregate_effects:
 rule validate_sample:
     input:
         per_prompt=rules.aggregate_effects.output.per_prompt,
+        non_finite=rules.aggregate_effects.output.non_finite,
         clean=clean_chunks(),
         model=ancient(model_ready),
     output:

@@ -26,4 +26,5 @@ aggregate_effects(
     mediator_top_k=snakemake.params.mediator_top_k,
     max_rank=snakemake.params.max_rank,
     census=snakemake.params.census,
+    non_finite_out=snakemake.output.non_finite,
 )

@@ -21,4 +21,5 @@ validate_sample(
     max_relative_error=validation["max_relative_error"],
     table_out=snakemake.output.table,
     summary_out=snakemake.output.summary,
+    non_finite_path=snakemake.input.non_finite,
 )
