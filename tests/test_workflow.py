@@ -433,6 +433,44 @@ def test_attribution_can_be_turned_off(tiny_workflow, tmp_path):
 
 
 @pytest.mark.slow
+def test_profile_scores_judged_against_the_exact_means(tiny_workflow, tmp_path):
+    """Profile score fields equal to the exact mean total and to its negation (one neuron
+    without them): Spearman >= 0.99 and <= -0.99 in profile_scores.parquet and the report; the
+    edit reruns no block and no effect job; a non-numeric score stops the parse naming it."""
+    workdir = copy_run(tiny_workflow[0], tmp_path / "run")
+    means = pd.read_parquet(workdir / "results/summary/neurons.parquet").set_index(
+        "neuron_id")["mean_total"]
+    document = json.loads((workdir / "neurons.json").read_text())
+    for profile in document["profiles"][1:]:
+        profile["graph"] = {"attribution": float(means[profile["neuron_id"]])}
+        profile["negated"] = -float(means[profile["neuron_id"]])
+    (workdir / "neurons.json").write_text(json.dumps(document, indent=1))
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["profile_scores"] = ["graph.attribution", "negated"]
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    output = snakemake(workdir, "--cores", "2").stdout
+    assert jobs_of(output, "judge_profile_scores") == {""}
+    for rule in ("aggregate_block", "compute_effects", "estimate_attribution"):
+        assert not jobs_of(output, rule), rule
+    table = pd.read_parquet(workdir / "results/summary/profile_scores.parquet").set_index("field")
+    assert list(table.index) == ["graph.attribution", "negated"]
+    assert (table["n_neurons"] == len(means) - 1).all() and (table["n_missing"] == 1).all()
+    assert table.loc["graph.attribution", "spearman"] >= 0.99
+    assert table.loc["negated", "spearman"] <= -0.99
+    assert table.loc["graph.attribution", "sign_agreement"] == 1.0
+    assert table.loc["negated", "sign_agreement"] == 0.0
+    assert table["precision_at_tenth"].notna().all() and table["precision_at_100"].isna().all()
+    assert "The profile's own scores against the exact effects" in (
+        workdir / "results/report/report.html").read_text()
+    document["profiles"][2]["negated"] = "high"
+    (workdir / "neurons.json").write_text(json.dumps(document, indent=1))
+    failed = snakemake(workdir, "-n", check=False)
+    assert failed.returncode != 0
+    assert f"neuron_id {document['profiles'][2]['neuron_id']!r}" in failed.stdout
+    assert "profile score 'negated' must be a finite number" in failed.stdout
+
+
+@pytest.mark.slow
 def test_validation_passed(outputs):
     validation = outputs["validation"]
     assert validation["passed"] is True
@@ -444,6 +482,9 @@ def test_validation_passed(outputs):
         64 * np.finfo(np.float32).eps * validation["logit_scale"]["max"])
     assert 0 <= validation["max_abs_diff"] <= validation["tolerance"]
     assert validation["non_finite_columns"] == []
+    # every row of the table was checked for NaN and infinity by the aggregation: none
+    assert validation["non_finite"] == {"n_rows": 0, "rows": [], "columns": []}
+    assert (outputs["neurons"]["n_non_finite"] == 0).all()
     assert {"top_k_total_tokens", "direct_ratio", "cancellation", "sign_aligned"} <= set(
         validation["max_abs_diff_by_metric"])
     # the reference ran at a higher precision than the run, on the same weights
