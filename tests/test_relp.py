@@ -84,7 +84,7 @@ RULE_SETS = [(rule,) for rule in relp.RULES] + [relp.RULES]
 def test_relp_gradients_match_the_detached_implementation(architecture):
     model = tiny_model(architecture)
     methods = {"atp": (), **{relp.method_name(rules): rules for rules in RULE_SETS}}
-    projections, _ = attribution.method_gradients(model, PROMPT, TARGET, "last", methods)
+    projections, _, _ = attribution.method_gradients(model, PROMPT, TARGET, "last", methods)
     plain, _ = attribution.neuron_gradients(model, PROMPT, TARGET)
     torch.testing.assert_close(projections["atp"], plain, rtol=0, atol=0)
     for rules in RULE_SETS:
@@ -131,7 +131,7 @@ def test_relp_gradients_match_the_detached_implementation_on_smollm2(smollm2):
     model, tokenizer = smollm2
     ids = tokenizer("Insulin is a hormone produced by the")["input_ids"]
     target = tokenizer(" pancreas", add_special_tokens=False)["input_ids"][0]
-    projections, _ = attribution.method_gradients(model, ids, target, "last",
+    projections, _, _ = attribution.method_gradients(model, ids, target, "last",
                                                   {"relp": relp.RULES})
     expected = independent_projections(model, ids, target, relp.RULES)
     torch.testing.assert_close(projections["relp"], expected, rtol=0, atol=1e-4)
