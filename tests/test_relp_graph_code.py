@@ -157,3 +157,13 @@ def test_default_relp_and_relp_unmasked_match_the_hand_written_forward_on_smollm
     frozen = hand_written_estimates(model, ids, target, (*GRAPH_RULES, "frozen_attention"),
                                     True, "add")
     assert relative_error(got["relp"], frozen) > 1e-2
+
+
+def test_the_unmasked_forward_refuses_an_attention_that_ignores_the_mask():
+    from neuron_effects import attribution
+
+    model = tiny_model()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="not 'flash_attention_2'"):
+        attribution.method_gradients(model, PROMPT, TARGET, "last", {"relp": GRAPH_RULES},
+                                     causal=False)

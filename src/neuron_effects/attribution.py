@@ -68,6 +68,10 @@ def method_gradients(
     (every position attends to every position, as the attribution graphs' released code runs
     it: :data:`neuron_effects.relp.UNMASKED`). Also returns the target logit and that forward's
     MLP activations (``down_proj``'s input, float32, the positions of the projections)."""
+    implementation = model.config._attn_implementation
+    if not causal and implementation not in ("eager", "sdpa"):
+        raise ValueError(f"the unmasked forward needs eager or sdpa attention (an additive 4D "
+                         f"mask), not {implementation!r}")
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=model.device).reshape(1, -1)
     projections: list[torch.Tensor | None] = [None] * model.n_layers
     activations: list[torch.Tensor | None] = [None] * model.n_layers
