@@ -36,7 +36,7 @@ from neuron_effects.demo import prepared_demo_model
 from neuron_effects.inputs import read_prompts
 from neuron_effects.model import ModelSpec, load_model, load_tokenizer
 from neuron_effects.prompts import prepare_prompt
-from neuron_effects.relp import RULES
+from neuron_effects.relp import DEFAULT_RULES
 
 
 def saved_activation_bytes(model, input_ids: list[int], target: int) -> int:
@@ -70,7 +70,7 @@ def main() -> None:
     prepared = [prepare_prompt(tokenizer, record, args.chat_template)
                 for record in read_prompts(args.prompts)]
     clean_seconds = attribution_seconds = relp_seconds = 0.0
-    both = {"atp": (), "relp": RULES}
+    both = {"atp": (), "relp": DEFAULT_RULES}
     run_clean(model, prepared[0].input_ids, "warm-up")
     neuron_gradients(model, prepared[0].input_ids, 0)
     method_gradients(model, prepared[0].input_ids, 0, "last", both)
@@ -85,7 +85,7 @@ def main() -> None:
             first_order_estimates(projections, clean.activations, "add")
             attribution_seconds += time.perf_counter() - started
             started = time.perf_counter()
-            gradients, _ = method_gradients(model, p.input_ids, target, "last", both)
+            gradients, _, _ = method_gradients(model, p.input_ids, target, "last", both)
             for projections in gradients.values():
                 first_order_estimates(projections, clean.activations, "add")
             relp_seconds += time.perf_counter() - started

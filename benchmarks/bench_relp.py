@@ -17,7 +17,14 @@ and by layer band (``--bands``, default thirds of the model). Edge exactness: Δ
 ``--edge-checks`` measured edges on the first prompt against
 :func:`neuron_effects.reference.reference_activation_changes` (hooked full forwards).
 
+With ``--from-results TREATMENT=DIR ...`` it computes nothing: it reads each finished run's
+``DIR/effects/per_prompt.parquet`` (a demo run with the estimates of your choice, e.g.
+``atp.methods: [atp, relp, relp_unmasked]``) and prints, as a Markdown table, every estimate's
+Spearman and sign agreement with the exact total by band of layers
+(:func:`neuron_effects.attribution.band_agreement`; thirds of the layers).
+
 Usage: .venv/bin/python benchmarks/bench_relp.py [--treatment add] [--prompts N]
+       .venv/bin/python benchmarks/bench_relp.py --from-results add=results [zero_ablate=...]
 The last line printed is one JSON object.
 """
 
@@ -32,7 +39,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from neuron_effects.attribution import agreement, first_order_estimates, method_gradients
+from neuron_effects.aggregate import estimate_methods
+from neuron_effects.attribution import (agreement, band_agreement, first_order_estimates,
+                                        layer_bands, method_gradients)
 from neuron_effects.clean import run_clean
 from neuron_effects.demo import prepared_demo_model
 from neuron_effects.edges import measurable_targets, neuron_target_weights, read_edges
@@ -58,7 +67,11 @@ def main() -> None:
     parser.add_argument("--timing-prompts", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--from-results", nargs="+", metavar="TREATMENT=DIR")
     args = parser.parse_args()
+    if args.from_results:
+        results_by_band(dict(item.split("=", 1) for item in args.from_results))
+        return
     torch.set_num_threads(args.threads)
 
     spec = ModelSpec(str(prepared_demo_model()), dtype="float32", device="cpu")
@@ -91,7 +104,7 @@ def main() -> None:
                     fastest[name] = min(fastest[name], time.perf_counter() - started)
             for name in seconds:
                 seconds[name] += fastest[name]
-        gradients, _ = method_gradients(model, p.input_ids, target, "last", METHODS)
+        gradients, _, _ = method_gradients(model, p.input_ids, target, "last", METHODS)
         rows = (exact["layer"].to_numpy(), exact["neuron"].to_numpy())
         frames.append(exact[["neuron_id", "layer", "neuron", "total"]].assign(
             prompt_id=p.prompt_id, **{f"total_{name}": first_order_estimates(
@@ -101,13 +114,10 @@ def main() -> None:
             edge_check = check_edges(model, clean, edges.head(args.edge_checks), neurons,
                                      args.treatment)
     table = pd.concat(frames, ignore_index=True)
-    width = -(-model.n_layers // args.bands)
-    bands = [(start, min(start + width, model.n_layers) - 1)
-             for start in range(0, model.n_layers, width)]
     result = {}
     for name in METHODS:
         result[name] = {"all": agreement(table[f"total_{name}"], table["total"], name)}
-        for first, last in bands:
+        for _, first, last in layer_bands(model.n_layers):
             rows = table[table["layer"].between(first, last)]
             result[name][f"layers {first}-{last}"] = agreement(rows[f"total_{name}"],
                                                                rows["total"], name)
@@ -129,6 +139,31 @@ def main() -> None:
         "threads": args.threads, "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
     }))
+
+
+def results_by_band(results: dict[str, str]) -> None:
+    """Print, per treatment's results folder, every estimate's agreement with the exact total
+    over all rows and by band of layers, as one Markdown table, then the same as JSON."""
+    print("| treatment | estimate | band (layers) | rows | Spearman | sign agreement |")
+    print("| --- | --- | --- | ---: | ---: | ---: |")
+    found = {}
+    for treatment, folder in results.items():
+        per_prompt = pd.read_parquet(f"{folder}/effects/per_prompt.parquet")
+        methods = estimate_methods(per_prompt.columns)
+        n_layers = int(per_prompt["layer"].max()) + 1
+        overall = pd.DataFrame([
+            {"method": method, "band": "all", "layers": f"0-{n_layers - 1}",
+             "rows": len(per_prompt), "spearman": values[f"{method}_spearman"],
+             "sign_agreement": values[f"{method}_sign_agreement"]}
+            for method in methods
+            for values in [agreement(per_prompt[f"total_{method}"], per_prompt["total"], method)]])
+        bands = pd.concat([overall, band_agreement(per_prompt, n_layers, methods)])
+        bands = bands.sort_values("method", key=lambda m: m.map(methods.index), kind="stable")
+        for row in bands.itertuples():
+            print(f"| {treatment} | {row.method} | {row.band} ({row.layers}) | {row.rows:,} | "
+                  f"{row.spearman:.3f} | {100 * row.sign_agreement:.1f} % |")
+        found[treatment] = bands.to_dict("records")
+    print(json.dumps(found))
 
 
 def check_edges(model, clean, edges: pd.DataFrame, neurons, treatment: str) -> dict:

@@ -254,3 +254,41 @@ def test_neuron_table_and_candidates():
     assert top["neuron_id"].tolist()[0] == "L2/N6" and len(top) == 3
     assert "L1/N3" not in set(top["neuron_id"]) and "in_profile" not in top
     assert len(attribution.candidates(table, 100)) == 22
+
+
+def test_layer_bands_are_thirds():
+    assert attribution.layer_bands(30) == [("early", 0, 9), ("middle", 10, 19), ("late", 20, 29)]
+    assert attribution.layer_bands(32) == [("early", 0, 10), ("middle", 11, 21),
+                                           ("late", 22, 31)]
+    assert attribution.layer_bands(3) == [("early", 0, 0), ("middle", 1, 1), ("late", 2, 2)]
+    with pytest.raises(ValueError, match="2 layers"):
+        attribution.layer_bands(2)
+
+
+def test_band_agreement_against_each_band_by_hand():
+    """Per (method, band): Spearman and sign agreement over the band's rows only, each against
+    a direct computation on the band's rows (a band mixing in other layers would differ)."""
+    rng = np.random.default_rng(1)
+    layer = np.repeat(np.arange(6), 20)
+    exact = rng.normal(size=layer.size)
+    # the estimate agrees in the early band, is reversed in the middle, noise in the late one
+    estimate = np.where(layer < 2, exact, np.where(layer < 4, -exact, rng.normal(size=layer.size)))
+    per_prompt = pd.DataFrame({"layer": layer, "total": exact, "total_atp": estimate,
+                               "total_relp": 2 * exact})
+    bands = attribution.band_agreement(per_prompt, 6, ["atp", "relp"])
+    assert list(bands["band"]) == ["early", "middle", "late"] * 2
+    assert list(bands["layers"]) == ["0-1", "2-3", "4-5"] * 2
+    assert (bands["rows"] == 40).all()
+    atp = bands[bands["method"] == "atp"].set_index("band")
+    assert atp.loc["early", "spearman"] == pytest.approx(1.0)
+    assert atp.loc["middle", "spearman"] == pytest.approx(-1.0)
+    assert atp.loc["middle", "sign_agreement"] == 0.0
+    late = layer >= 4
+    ranks = np.argsort(np.argsort(estimate[late])), np.argsort(np.argsort(exact[late]))  # no ties
+    assert atp.loc["late", "spearman"] == pytest.approx(np.corrcoef(*ranks)[0, 1])
+    assert atp.loc["late", "sign_agreement"] == pytest.approx(
+        np.mean(np.sign(estimate[late]) == np.sign(exact[late])))
+    assert (bands[bands["method"] == "relp"][["spearman", "sign_agreement"]] == 1.0).all().all()
+    # a band without studied neurons: no rows, no agreement
+    empty = attribution.band_agreement(per_prompt[per_prompt["layer"] < 4], 6, ["atp"])
+    assert empty["rows"].tolist() == [40, 40, 0] and math.isnan(empty["spearman"].iloc[2])

@@ -282,3 +282,11 @@ def test_clean_runs_and_estimates_are_computed_once_per_prompt(tiny_model_dir, t
     records = steps.store.load_clean_records(str(tmp_path / "second.safetensors"))
     assert [r["prompt_id"] for r in records] == ["a", "renamed", "c"]
     assert records[0]["target_id"] == 9
+    # the same estimate name with other rules (as when the default rule set changed): the rules
+    # are in the key, so no entry is reused
+    monkeypatch.undo()
+    methods["relp"] = ["ln", "identity", "half", "frozen_attention"]
+    with caplog.at_level(logging.INFO, logger="neuron_effects"):
+        fourth = run("fourth", PROMPTS)
+        assert computed(caplog, "prompts") == (3, 0)
+    assert not (fourth[1]["relp"] == first[1]["relp"]).all()

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 from neuron_effects import attribution, relp
 from neuron_effects.model import LlamaFamily
 
@@ -77,14 +77,14 @@ def independent_projections(model: LlamaFamily, input_ids: list[int], target_id:
                         for gradient, block in zip(gradients, model.layers)])
 
 
-RULE_SETS = [(rule,) for rule in relp.RULES] + [relp.RULES]
+RULE_SETS = [(rule,) for rule in relp.RULES] + [relp.DEFAULT_RULES, relp.RULES]
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen3"])
 def test_relp_gradients_match_the_detached_implementation(architecture):
     model = tiny_model(architecture)
     methods = {"atp": (), **{relp.method_name(rules): rules for rules in RULE_SETS}}
-    projections, _ = attribution.method_gradients(model, PROMPT, TARGET, "last", methods)
+    projections, _, _ = attribution.method_gradients(model, PROMPT, TARGET, "last", methods)
     plain, _ = attribution.neuron_gradients(model, PROMPT, TARGET)
     torch.testing.assert_close(projections["atp"], plain, rtol=0, atol=0)
     for rules in RULE_SETS:
@@ -93,6 +93,8 @@ def test_relp_gradients_match_the_detached_implementation(architecture):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=str(rules))
         assert (got - plain).abs().max() > 1e-2, rules  # each rule changes the gradient
     assert projections["relp"].abs().max() > 0.05
+    assert (projections["relp"] - projections["relp_ln_identity_half_frozen_attention"]
+            ).abs().max() > 1e-2
 
 
 def test_forward_values_are_unchanged_by_the_rules():
@@ -120,10 +122,13 @@ def test_rule_sets_and_names():
     assert relp.rule_sets(["half", "ln"]) == [("ln", "half")]
     assert relp.rule_sets([["ln"], ["frozen_attention", "identity"], ["ln"]]) == [
         ("ln",), ("identity", "frozen_attention")]
-    assert relp.method_name(relp.RULES) == "relp"
+    assert relp.method_name(["half", "identity", "ln"]) == "relp"  # the graphs' code's rules
+    assert relp.method_name(relp.RULES) == "relp_ln_identity_half_frozen_attention"
     assert relp.method_name(["half", "ln"]) == "relp_ln_half"
     with pytest.raises(ValueError, match="unknown RelP rules"):
         relp.rule_sets(["lrp"])
+    with pytest.raises(ValueError, match="unknown RelP rules"):  # a forward, not a rule
+        relp.rule_sets([relp.UNMASKED])
 
 
 @pytest.mark.slow
@@ -131,7 +136,7 @@ def test_relp_gradients_match_the_detached_implementation_on_smollm2(smollm2):
     model, tokenizer = smollm2
     ids = tokenizer("Insulin is a hormone produced by the")["input_ids"]
     target = tokenizer(" pancreas", add_special_tokens=False)["input_ids"][0]
-    projections, _ = attribution.method_gradients(model, ids, target, "last",
+    projections, _, _ = attribution.method_gradients(model, ids, target, "last",
                                                   {"relp": relp.RULES})
     expected = independent_projections(model, ids, target, relp.RULES)
     torch.testing.assert_close(projections["relp"], expected, rtol=0, atol=1e-4)
@@ -139,10 +144,36 @@ def test_relp_gradients_match_the_detached_implementation_on_smollm2(smollm2):
 
 
 def test_method_rules_from_the_config():
-    assert relp.method_rules(["atp", "relp"], list(relp.RULES)) == {"atp": (), "relp": relp.RULES}
-    assert relp.method_rules(["relp"], [["ln"], list(relp.RULES), ["half", "identity"]]) == {
-        "relp_ln": ("ln",), "relp": relp.RULES, "relp_identity_half": ("identity", "half")}
-    assert relp.method_rules(["atp"], list(relp.RULES)) == {"atp": ()}
+    four = relp.RULES
+    assert relp.method_rules(["atp", "relp"], list(relp.DEFAULT_RULES)) == {
+        "atp": (), "relp": relp.DEFAULT_RULES}
+    assert relp.method_rules(["relp"], [["ln"], list(four), ["half", "identity", "ln"]]) == {
+        "relp_ln": ("ln",), "relp_ln_identity_half_frozen_attention": four,
+        "relp": ("ln", "identity", "half")}
+    assert relp.method_rules(["atp"], list(four)) == {"atp": ()}
+    unmasked = relp.method_rules(["relp_unmasked"], list(four))  # always the default rules
+    assert unmasked == {"relp_unmasked": ("ln", "identity", "half", relp.UNMASKED)}
+    assert relp.forward_rules(unmasked["relp_unmasked"]) == (False, ("ln", "identity", "half"))
+    assert relp.forward_rules(four) == (True, four)
+
+
+def test_the_default_rules_are_the_graph_codes_everywhere():
+    """config.yaml, the schema's defaults and the user's 8B config: [ln, identity, half]
+    (no frozen_attention), relp_unmasked off; the default set is the estimate ``relp``."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())["atp"]
+    schema = yaml.safe_load((REPO / "config/config.schema.yaml").read_text())
+    atp = schema["properties"]["atp"]
+    real = yaml.safe_load((REPO / "config/llama-3.1-8b.yaml").read_text())["atp"]
+    for rules in (config["relp_rules"], atp["default"]["relp_rules"],
+                  atp["properties"]["relp_rules"]["default"], real["relp_rules"]):
+        assert rules == ["ln", "identity", "half"]
+    for methods in (config["methods"], atp["default"]["methods"],
+                    atp["properties"]["methods"]["default"], real["methods"]):
+        assert methods == ["atp", "relp"]
+    assert relp.method_rules(config["methods"], config["relp_rules"])["relp"] == \
+        relp.DEFAULT_RULES
 
 
 def test_report_compares_every_rule_set():
@@ -159,14 +190,20 @@ def test_report_compares_every_rule_set():
                                "neuron_id": np.tile([f"L{i // 2}/N{i}" for i in range(8)], 3),
                                "layer": np.tile(np.arange(8) // 2, 3),
                                "total": rng.normal(size=24)})
-    for method in ("atp", "relp", "relp_ln"):
+    methods = ("atp", "relp", "relp_ln", "relp_unmasked")
+    for method in methods:
         per_prompt[f"total_{method}"] = per_prompt["total"] + rng.normal(0, 0.3, 24)
     layers = pd.DataFrame({"layer": range(4), "n_neurons": 2})
-    for method in ("atp", "relp", "relp_ln"):
+    for method in methods:
         layers = layers.merge(layer_agreement(per_prompt, method), on="layer")
     candidates = pd.DataFrame({"neuron_id": ["L0/N9"], "layer": [0], "neuron": [9],
                                "listed_by": ["atp, relp"], "rank": [1], "rank_relp": [1]})
-    page = "".join(attribution_section(per_prompt, layers, candidates, 5))
-    for method in ("atp", "relp", "relp_ln"):
+    page = "".join(attribution_section(per_prompt, layers, candidates, 5, n_layers=6))
+    for method in methods:
         assert f"<td>{method}</td>" in page and f"{method}: first-order estimate" in page
-    assert page.count("<img") == 1 + 3 and "L0/N9" in page
+    assert page.count("<img") == 1 + 4 and "L0/N9" in page
+    # by band: one row per (method, band of the model's 6 layers)
+    assert "thirds of the model's 6 layers" in page
+    assert page.count("<td>early</td>") == page.count("<td>late</td>") == len(methods)
+    assert "<td>4-5</td>" in page
+    assert "what the attribution graphs' code as released computes, NOT the model's" in page

@@ -51,21 +51,30 @@ def neuron_gradients(
     """``p_L = W_down_L^T (d logit_target / d x_L)`` for every decoder layer ``L`` (see the module
     docstring): [n_layers, intermediate] at the last position, or [n_layers, T, intermediate]
     with ``positions='all'``; float32. Also returns the target logit."""
-    projections, logit = method_gradients(model, input_ids, target_id, positions, {"atp": ()})
+    projections, logit, _ = method_gradients(model, input_ids, target_id, positions,
+                                             {"atp": ()})
     return projections["atp"], logit
 
 
 def method_gradients(
     model: LlamaFamily, input_ids: list[int] | torch.Tensor, target_id: int,
-    positions: str, methods: dict[str, Sequence[str]],
-) -> tuple[dict[str, torch.Tensor], float]:
+    positions: str, methods: dict[str, Sequence[str]], causal: bool = True,
+) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
     """:func:`neuron_gradients`' projections ``W_down_L^T g_L`` for each method, from ONE forward
     and one backward per method: ``methods`` maps a name to its RelP rules
     (:mod:`neuron_effects.relp`; empty: the plain gradient ``g_L``, else the modified gradient
     ``g~_L`` at the same hook point, the output ``x_L`` of decoder layer ``L``). Forward values
-    do not depend on the rules. Also returns the target logit."""
+    do not depend on the rules. With ``causal`` False the forward's attention has no mask
+    (every position attends to every position, as the attribution graphs' released code runs
+    it: :data:`neuron_effects.relp.UNMASKED`). Also returns the target logit and that forward's
+    MLP activations (``down_proj``'s input, float32, the positions of the projections)."""
+    implementation = model.config._attn_implementation
+    if not causal and implementation not in ("eager", "sdpa"):
+        raise ValueError(f"the unmasked forward needs eager or sdpa attention (an additive 4D "
+                         f"mask), not {implementation!r}")
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=model.device).reshape(1, -1)
     projections: list[torch.Tensor | None] = [None] * model.n_layers
+    activations: list[torch.Tensor | None] = [None] * model.n_layers
     final_hidden: list[torch.Tensor] = []
     switch = relp.RuleSwitch()
 
@@ -84,9 +93,18 @@ def method_gradients(
 
         return hook
 
+    def keep_activations(layer: int):
+        def hook(module, args):
+            kept = args[0][0, -1] if positions == "last" else args[0][0]
+            activations[layer] = kept.detach().float()
+
+        return hook
+
     handles = [model.final_norm.register_forward_pre_hook(
         lambda module, args: final_hidden.append(args[0][0, -1]))]
     handles += [block.register_forward_hook(keep_layer_output(layer))
+                for layer, block in enumerate(model.layers)]
+    handles += [block.mlp.down_proj.register_forward_pre_hook(keep_activations(layer))
                 for layer, block in enumerate(model.layers)]
     readout = Readout(model, torch.tensor([target_id], device=model.device))
     rules = relp.relevance_rules(model, switch) if any(methods.values()) else nullcontext()
@@ -94,7 +112,10 @@ def method_gradients(
     try:
         with torch.enable_grad(), rules:
             embeddings = model.causal_lm.get_input_embeddings()(ids).detach().requires_grad_()
-            model.causal_lm.model(inputs_embeds=embeddings, use_cache=False)
+            # a prepared 4D additive mask is used as given: zeros attend everywhere
+            mask = None if causal else torch.zeros(1, 1, ids.shape[1], ids.shape[1],
+                                                   dtype=embeddings.dtype, device=model.device)
+            model.causal_lm.model(inputs_embeds=embeddings, attention_mask=mask, use_cache=False)
             hidden = final_hidden[0][None].to(readout.dtype)
             unnormalized, inverse_rms = readout.unnormalized(hidden), readout.inverse_rms(hidden)
             logit = relp.routed_readout(unnormalized * inverse_rms, unnormalized, inverse_rms,
@@ -106,7 +127,7 @@ def method_gradients(
     finally:
         for handle in handles:
             handle.remove()
-    return results, float(logit.detach())
+    return results, float(logit.detach()), torch.stack(activations)
 
 
 def first_order_estimates(
@@ -239,6 +260,34 @@ def overall_agreement(per_prompt: pd.DataFrame, ks: tuple[int, ...] = (10, 50, 1
         result[f"precision_at_{k}"] = precision_at_k(scores["abs_estimate"],
                                                      scores["abs_total"], k)
     return result
+
+
+LAYER_BANDS = ("early", "middle", "late")
+
+
+def layer_bands(n_layers: int) -> list[tuple[str, int, int]]:
+    """The model's layers in thirds, as (band, first layer, last layer): ``n_layers`` split into
+    three consecutive groups whose sizes differ by at most one (the first ones larger)."""
+    if n_layers < len(LAYER_BANDS):
+        raise ValueError(f"{n_layers} layers cannot be split in {len(LAYER_BANDS)} bands")
+    groups = np.array_split(np.arange(n_layers), len(LAYER_BANDS))
+    return [(band, int(group[0]), int(group[-1])) for band, group in zip(LAYER_BANDS, groups)]
+
+
+def band_agreement(per_prompt: pd.DataFrame, n_layers: int,
+                   methods: Sequence[str]) -> pd.DataFrame:
+    """Per (method, band of :func:`layer_bands`), over the band's (prompt, neuron) rows: the
+    Spearman and sign agreement of ``total_<method>`` with the exact ``total``
+    (:func:`agreement`), and the number of rows."""
+    rows = []
+    for method in methods:
+        for band, first, last in layer_bands(n_layers):
+            group = per_prompt[per_prompt["layer"].between(first, last)]
+            values = agreement(group[f"total_{method}"], group["total"], method)
+            rows.append({"method": method, "band": band, "layers": f"{first}-{last}",
+                         "rows": len(group), "spearman": values[f"{method}_spearman"],
+                         "sign_agreement": values[f"{method}_sign_agreement"]})
+    return pd.DataFrame(rows)
 
 
 def neuron_table(estimates: dict[str, np.ndarray], profile: pd.DataFrame) -> pd.DataFrame:

@@ -15,6 +15,13 @@ Llama-family decoder (``x``: a module's input):
   ``k_proj`` get no gradient, which flows through ``v_proj`` and ``o_proj`` only;
 * linear layers (projections, residual sums, the unembedding): the plain gradient.
 
+The default rule set, :data:`DEFAULT_RULES` (``ln``, ``identity``, ``half``; the estimate
+``relp``), is the one the attribution graphs' public code applies (TransluceAI/circuits,
+``circuits/core/grad.py``, ``stop_nonlinear_grad_for_llama`` with ``use_relp_grad=True`` as
+``Circuit.from_dataset`` calls it; its attention lets q/k gradients flow). ``relp_unmasked``
+(:data:`UNMASKED`) is that rule set on the forward pass that code runs: attention without the
+causal mask.
+
 Every rule is installed by :func:`relevance_rules` as a forward hook whose output is a
 :class:`_Routed` tensor: its forward value IS the module's own output (so forward values are
 unchanged, bit for bit), and its backward sends the incoming gradient either into the module's
@@ -35,6 +42,10 @@ from torch import nn
 from .model import LlamaFamily
 
 RULES = ("ln", "identity", "half", "frozen_attention")
+DEFAULT_RULES = ("ln", "identity", "half")
+# Not a rule: the marker, in relp_unmasked's entry of :func:`method_rules`, of a forward pass
+# without the causal mask (every position attends to every position).
+UNMASKED = "unmasked"
 
 
 def rule_set(rules: Iterable[str]) -> tuple[str, ...]:
@@ -61,19 +72,27 @@ def rule_sets(value: Sequence[Any]) -> list[tuple[str, ...]]:
 
 
 def method_name(rules: Sequence[str]) -> str:
-    """``relp`` for all four rules, else ``relp_<rule>_<rule>...`` (canonical order)."""
+    """``relp`` for :data:`DEFAULT_RULES`, else ``relp_<rule>_<rule>...`` (canonical order)."""
     rules = rule_set(rules)
-    return "relp" if rules == RULES else "relp_" + "_".join(rules)
+    return "relp" if rules == DEFAULT_RULES else "relp_" + "_".join(rules)
 
 
 def method_rules(methods: Sequence[str], relp_rules: Sequence[Any]) -> dict[str, tuple[str, ...]]:
     """The config's ``atp.methods`` and ``atp.relp_rules`` as estimate name -> RelP rules:
-    ``atp`` -> () (the plain gradient), and with ``relp`` one entry per rule set
-    (:func:`method_name`)."""
+    ``atp`` -> () (the plain gradient), with ``relp`` one entry per rule set
+    (:func:`method_name`), with ``relp_unmasked`` :data:`DEFAULT_RULES` and :data:`UNMASKED`
+    (split by :func:`forward_rules`). The rules are a part of the cache keys."""
     result: dict[str, tuple[str, ...]] = {"atp": ()} if "atp" in methods else {}
     if "relp" in methods:
         result.update((method_name(rules), rules) for rules in rule_sets(relp_rules))
+    if "relp_unmasked" in methods:
+        result["relp_unmasked"] = (*DEFAULT_RULES, UNMASKED)
     return result
+
+
+def forward_rules(rules: Sequence[str]) -> tuple[bool, tuple[str, ...]]:
+    """A :func:`method_rules` entry as (causal: the forward keeps the causal mask, the rules)."""
+    return UNMASKED not in rules, rule_set(rule for rule in rules if rule != UNMASKED)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .aggregate import CLASSES, UNDETERMINED, estimate_methods  # noqa: E402
-from .attribution import overall_agreement  # noqa: E402
+from .attribution import band_agreement, overall_agreement  # noqa: E402
 from .inputs import PROMPT_FIELDS, PROMPT_TABLE_COLUMNS  # noqa: E402
 from .report_table import neuron_table_section  # noqa: E402
 
@@ -337,20 +337,31 @@ def _estimates_by_layer(layers: pd.DataFrame, methods: list[str]) -> str:
 
 
 def attribution_section(per_prompt: pd.DataFrame, layers: pd.DataFrame,
-                        candidates: pd.DataFrame, top_n: int) -> list[str]:
-    """First-order estimates (AtP, RelP and any partial RelP rule sets) beside the exact
-    effects: overall agreement of each method, their agreement by layer in one figure, one
-    scatter of estimate against exact per method, and the candidates outside the profile."""
+                        candidates: pd.DataFrame, top_n: int,
+                        n_layers: int | None = None) -> list[str]:
+    """First-order estimates (AtP, RelP, other RelP rule sets, relp_unmasked) beside the exact
+    effects: overall agreement of each method, by band of layers (thirds of ``n_layers``,
+    default the last studied layer + 1), their agreement by layer in one figure, one scatter of
+    estimate against exact per method, and the candidates outside the profile."""
     methods = estimate_methods(per_prompt.columns)
     overall = {method: overall_agreement(per_prompt, method=method) for method in methods}
     summary = pd.DataFrame([{"method": method, **{key.removeprefix(f"{method}_"): value
                                                   for key, value in values.items()}}
                             for method, values in overall.items()])
+    n_layers = int(per_prompt["layer"].max()) + 1 if n_layers is None else n_layers
+    bands = band_agreement(per_prompt, n_layers, methods)
     candidate_columns = [c for c in ("neuron_id", "layer", "neuron", "listed_by", "rank",
                                      "mean_abs_atp", "rank_relp", "mean_abs_relp")
                          if c in candidates]
     per_layer = ["layer", "n_neurons", *(f"{method}_{measure}" for method in methods
                                          for measure, _ in AGREEMENT_PANELS)]
+    unmasked = (
+        " <b><code>relp_unmasked</code></b> is what the attribution graphs' code as released "
+        "computes, NOT the model's behaviour: the same rules on a forward pass whose attention "
+        "has no causal mask (every position attends to the later ones too; that code's own "
+        "attention function gets no mask from transformers), activations and gradients both "
+        "from that pass. Its distance from the exact effects is the distance of the graphs' "
+        "own scores from what the neurons do.") if "relp_unmasked" in methods else ""
     return [
         "<h2>Attribution patching and RelP: first-order estimates beside the exact effects</h2>",
         '<div class="defs"><p>For every prompt, one backward pass gives the gradient '
@@ -361,20 +372,26 @@ def attribution_section(per_prompt: pd.DataFrame, layers: pd.DataFrame,
         "w<sub>n</sub>)</code>, and <code>indirect_atp = total_atp − direct</code>. "
         "<b>RelP</b> (<code>total_relp</code>, the score behind attribution graphs) is the same "
         "formula with the gradient of a second backward pass over the same forward that follows "
-        "relevance rules: every RMSNorm's 1/rms constant (LN-rule), SiLU's sigmoid constant "
-        "(identity rule), half the gradient through the gated product (half-rule), attention "
-        "patterns frozen (no gradient through queries and keys); <code>relp_&lt;rules&gt;</code> "
-        "applies only the rules named. Below, on the studied neurons, against the exact total: "
+        "the rules the graphs' public code applies: every RMSNorm's 1/rms constant (LN-rule), "
+        "SiLU's sigmoid constant (identity rule), half the gradient through the gated product "
+        "(half-rule); gradients flow through queries and keys. <code>relp_&lt;rules&gt;</code> "
+        "applies the rules named (<code>frozen_attention</code>: no gradient through queries "
+        "and keys)." + unmasked + " Below, on the studied neurons, against the exact total: "
         "rank correlation, sign agreement, median relative error |estimate − total| / |total|, "
         "and precision@k of the ranking by mean |estimate| against the ranking by mean "
         "|total|. A good screen is not a substitute: the largest effects carry the largest "
         "errors.</p></div>",
         _table(summary),
+        f"<h3>By band of layers (thirds of the model's {n_layers} layers): Spearman and sign "
+        "agreement with the exact total over the band's (prompt, neuron) rows</h3>",
+        _table(bands),
         _figure(_estimates_by_layer(layers, methods),
                 "Agreement of each estimate with the exact total, by layer."),
         *(_figure(_estimate_scatter(per_prompt, method),
                   f"{method}: first-order estimate vs exact total effect on the target logit, "
-                  "one point per (prompt, neuron), coloured by layer (symlog axes).")
+                  "one point per (prompt, neuron), coloured by layer (symlog axes)."
+                  + (" What the graph code as released computes (no causal mask), not the "
+                     "model's behaviour." if method == "relp_unmasked" else ""))
           for method in methods),
         _table(layers, [c for c in per_layer if c in layers]),
         f"<h3>Candidates: the {min(top_n, len(candidates))} neurons outside the profile with "
@@ -537,7 +554,8 @@ def render_report(
                                 else pd.DataFrame(), top_n),
         edges_section(edges, neurons, edge_min_relative_delta, top_n)
         if edges is not None else "",
-        *(attribution_section(per_prompt, layers, atp_candidates, top_n)
+        *(attribution_section(per_prompt, layers, atp_candidates, top_n,
+                              metadata.get("n_layers"))
           if atp_candidates is not None and estimate_methods(per_prompt.columns) else []),
         profile_scores_section(profile_scores) if profile_scores is not None else "",
         *(census_section(neurons, per_prompt, layers, census_table_top) if census else []),

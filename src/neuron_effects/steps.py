@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import aggregate, attribution, cache, mediation, store
+from . import aggregate, attribution, cache, mediation, relp, store
 from .census import census_columns, layer_ranking_agreement
 from .clean import run_clean
 from .edges import (EDGE_COLUMNS, edge_agreement, edge_table, measurable_targets,
@@ -326,9 +326,13 @@ def _prompt_estimates(model: Any, run: Any, record: Mapping[str, Any], treatment
                       methods: Mapping[str, Sequence[str]], passes: Mapping[str, Sequence[str]]
                       ) -> dict[str, torch.Tensor]:
     """One prompt's estimates [layers, intermediate] per method and its plain ``gradient``
-    (last position), on the CPU."""
-    projections, _ = attribution.method_gradients(model, run.input_ids, record["target_id"],
-                                                  positions, passes)
+    (last position), on the CPU. The causal methods share one forward (and the clean run's
+    activations); ``relp_unmasked`` (:func:`neuron_effects.relp.forward_rules`) has its own
+    unmasked forward, whose activations and gradients both make its estimate."""
+    split = {name: relp.forward_rules(rules) for name, rules in passes.items()}
+    projections, _, _ = attribution.method_gradients(
+        model, run.input_ids, record["target_id"], positions,
+        {name: rules for name, (causal, rules) in split.items() if causal})
     if positions == "all":  # every position's activation of every layer
         clean = run_clean(model, run.input_ids, record["prompt_id"], range(model.n_layers))
         activations = torch.stack([clean.full_activations[layer]
@@ -337,10 +341,16 @@ def _prompt_estimates(model: Any, run: Any, record: Mapping[str, Any], treatment
         activations = run.activations
     values = {name: attribution.first_order_estimates(
         projections[name], activations.to(model.device), treatment, means).cpu().contiguous()
-        for name in methods}
+        for name in methods if split[name][0]}
+    for name in (name for name in methods if not split[name][0]):
+        unmasked, _, unmasked_activations = attribution.method_gradients(
+            model, run.input_ids, record["target_id"], positions, {name: split[name][1]},
+            causal=False)
+        values[name] = attribution.first_order_estimates(
+            unmasked[name], unmasked_activations, treatment, means).cpu().contiguous()
     plain = projections["atp"]
     values["gradient"] = (plain if positions == "last" else plain[:, -1]).cpu().contiguous()
-    return values
+    return {name: values[name] for name in [*methods, "gradient"]}
 
 
 def estimates_key(method: str) -> str:

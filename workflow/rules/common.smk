@@ -92,7 +92,8 @@ WORK = Workload(
     full_vocab=config["metrics"]["full_vocab"],
     mediators=config["mediators"]["enabled"],
     positions=config["positions"],
-    backward_passes=len(ATP_METHODS) if ATP else 0,
+    # relp_unmasked: its own forward and backward, counted as two backward passes (an upper bound)
+    backward_passes=(len(ATP_METHODS) + ("relp_unmasked" in ATP_METHODS)) if ATP else 0,
     validation_pairs=config["validation"]["pairs"],
     neurons_per_block=config["compute"]["neurons_per_block"],
     mediator_top_k=config["mediators"]["top_k"],

@@ -58,6 +58,7 @@ rule render_report:
             "census_layers": config["census"]["layers"],
             **config["classification"],
             "shards": len(PLAN.shards),
+            "n_layers": SHAPE.n_layers,
         },
         top_n=config["report"]["top_n"],
         census_table_top=config["census"]["table_top"],
