@@ -433,6 +433,63 @@ def test_attribution_can_be_turned_off(tiny_workflow, tmp_path):
 
 
 @pytest.mark.slow
+def test_verify_candidates_adds_exact_rows_of_the_top_neurons_outside_the_profile(tiny_workflow,
+                                                                                  tmp_path):
+    """atp.verify_candidates: 10 on a finished run: only the second stage runs; the 10 neurons
+    outside the profile with the largest mean |total_atp| get exact rows on every prompt with
+    in_profile false (not in the labels); listed in a profile later (the row cache emptied),
+    the engine gives them the same numbers."""
+    workdir = copy_run(tiny_workflow[0], tmp_path / "run")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["atp"] = {**config["atp"], "verify_candidates": 10}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    output = snakemake(workdir, "--cores", "2").stdout
+    assert "compute_candidate_effects" in output and "rows in compute_candidate_effects" in output
+    assert not jobs_of(output, "compute_effects") and not jobs_of(output, "aggregate_block")
+    assert jobs_of(output, "compute_candidate_effects") == {"c000", "c001"}
+    table = pd.read_parquet(workdir / "results/atp/neurons.parquet")
+    outside = table[~table["in_profile"]].sort_values(["mean_abs_atp", "layer", "neuron"],
+                                                      ascending=[False, True, True])
+    top = [f"L{layer}/N{neuron}" for layer, neuron in zip(outside["layer"][:10],
+                                                          outside["neuron"][:10])]
+    per_prompt = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
+    candidates = per_prompt[~per_prompt["in_profile"]]
+    profiles = json.loads((workdir / "neurons.json").read_text())["profiles"]
+    assert set(per_prompt.loc[per_prompt["in_profile"], "neuron_id"]) == {
+        p["neuron_id"] for p in profiles}
+    assert set(candidates["neuron_id"]) == set(top) and len(candidates) == 10 * 6
+    assert candidates.groupby("neuron_id")["prompt_id"].nunique().eq(6).all()
+    assert np.isfinite(candidates[["direct", "indirect", "total", "total_atp"]]).all().all()
+    neurons = pd.read_parquet(workdir / "results/summary/neurons.parquet")
+    assert set(neurons.loc[~neurons["in_profile"], "neuron_id"]) == set(top)
+    assert neurons["in_profile"].sum() == len(profiles) == 18
+    labels = json.loads((workdir / "results/labels/neurons.with_effects.json").read_text())
+    assert [p["neuron_id"] for p in labels["profiles"]] == [p["neuron_id"] for p in profiles]
+    assert len(json.loads((workdir / "results/summary/neurons.json").read_text())) == 18
+    assert "Neurons the profile missed, verified exactly" in (
+        workdir / "results/report/report.html").read_text()
+
+    # listed in the profile, computed afresh by the profile's shards: the same numbers
+    profiles += [{"neuron_id": neuron_id, "layer": int(neuron_id[1:].split("/")[0]),
+                  "neuron": int(neuron_id.split("/N")[1])} for neuron_id in top]
+    (workdir / "neurons.json").write_text(json.dumps({"source": "test", "profiles": profiles}))
+    shutil.rmtree(workdir / "results/cache/effects")
+    snakemake(workdir, "--cores", "2")
+    again = pd.read_parquet(workdir / "results/effects/per_prompt.parquet").set_index(
+        ["prompt_id", "neuron_id"])
+    listed = again.loc[candidates.set_index(["prompt_id", "neuron_id"]).index]
+    assert listed["in_profile"].all()
+    columns = ["activation", "direct", "indirect", "total", "direct_frozen_norm",
+               "prob_change_total", "total_atp"]
+    np.testing.assert_allclose(listed[columns].to_numpy(),
+                               candidates.set_index(["prompt_id", "neuron_id"])[columns]
+                               .to_numpy(), rtol=1e-4, atol=1e-6)
+    # the next 10 outside the grown profile are verified now
+    later = set(again.loc[~again["in_profile"]].index.get_level_values("neuron_id"))
+    assert len(later) == 10 and not later & set(top)
+
+
+@pytest.mark.slow
 def test_validation_passed(outputs):
     validation = outputs["validation"]
     assert validation["passed"] is True

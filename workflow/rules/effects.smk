@@ -27,3 +27,4 @@ rule compute_effects:
         cache=CACHE,
     script:
         "../scripts/compute_effects.py"
+

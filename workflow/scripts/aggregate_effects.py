@@ -25,5 +25,5 @@ aggregate_effects(
     edges_out=snakemake.output.edges,
     mediator_top_k=snakemake.params.mediator_top_k,
     max_rank=snakemake.params.max_rank,
-    census=snakemake.params.census,
+    candidates=snakemake.params.candidates,
 )

@@ -28,4 +28,5 @@ render_report(
     else None,
     plan_estimate=snakemake.params.estimate,
     census_table_top=snakemake.params.census_table_top,
+    census=snakemake.params.census,
 )
