@@ -615,8 +615,12 @@ def test_seed_scale_plan(seed_scale):
     counts = _job_counts(result.stdout)
     assert counts["compute_effects"] == 28 and counts["cache_clean_runs"] == 4
     assert jobs_of(result.stdout, "aggregate_block") == set(blocks)
-    # prepare, clean, shards, attribution per chunk, aggregation per block, 5 summaries + all
-    assert counts["total"] == 1 + 4 + 28 + 4 + 7 + 6
+    # the 100 verified candidates (atp.verify_candidates): one job per chunk, known at parse
+    assert jobs_of(result.stdout, "compute_candidate_effects") == set(chunks)
+    assert counts["select_candidates"] == counts["aggregate_candidates"] == 1
+    # prepare, clean, shards, attribution per chunk, aggregation per block, 5 summaries + all,
+    # the candidates' selection, jobs per chunk and aggregation
+    assert counts["total"] == 1 + 4 + 28 + 4 + 7 + 6 + 1 + 4 + 1
 
 
 @pytest.mark.slow
@@ -699,10 +703,11 @@ def _one_dry_run_lists(workdir: Path, shards: set[str], chunks: set[str]) -> str
 def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
     # shards write 4 tables each; the aggregation 9 parts per layer block, then 10 files (3 of
     # them the mediation outputs, 1 the edges); the report 5 (page and 4 figures); attribution
-    # patching 4 chunks and 3 summaries
+    # patching 4 chunks and 3 summaries; the verified candidates 1 selection, 4 tables per
+    # chunk and 8 aggregation parts
     blocks = _expected_blocks(seed_scale)
     assert len(_pretend_everything_ran(seed_scale)) == \
-        2 + 4 + 4 * 28 + 2 + 9 * len(blocks) + 10 + 2 + 5 + 4 + 3
+        2 + 4 + 4 * 28 + 2 + 9 * len(blocks) + 10 + 2 + 5 + 4 + 3 + 1 + 4 * 4 + 8
     heavy = ("cache_clean_runs", "compute_effects", "extract_activations",
              "estimate_attribution")
 

@@ -27,4 +27,3 @@ rule compute_effects:
         cache=CACHE,
     script:
         "../scripts/compute_effects.py"
-
