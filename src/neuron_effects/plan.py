@@ -192,11 +192,11 @@ class PlanEstimate:
     def table(self) -> str:
         """The plan as a short text table (printed when the workflow is parsed)."""
         unit = "CPU" if self.device == "cpu" else "GPU"
-        lines = [f"{'rule':<22}{'jobs':>5}{'compute':>11}{'fixed':>11}{'total':>11}"]
+        lines = [f"{'rule':<27}{'jobs':>5}{'compute':>11}{'fixed':>11}{'total':>11}"]
         for rule in self.rules:
-            lines.append(f"{rule.rule:<22}{rule.jobs:>5}{_duration(rule.compute_s):>11}"
+            lines.append(f"{rule.rule:<27}{rule.jobs:>5}{_duration(rule.compute_s):>11}"
                          f"{_duration(rule.fixed_s):>11}{_duration(rule.total_s):>11}")
-        lines.append(f"{'model jobs':<22}{self.jobs:>5}{'':>22}{_duration(self.total_s):>11}")
+        lines.append(f"{'model jobs':<27}{self.jobs:>5}{'':>22}{_duration(self.total_s):>11}")
         lines.append(f"estimated {unit}-minutes on {self.device}: {self.total_s / 60:.1f}, of "
                      f"which fixed cost (start-up and model loading) {100 * self.fixed_share:.0f} %")
         lines.append(f"then aggregate_block, {self.aggregate_jobs} CPU job(s) of one core (in "
