@@ -26,8 +26,9 @@ def user_workdir(root: Path, model: Path | str, n_neurons: int = 8177, n_prompts
     seed_config = yaml.safe_load((REPO / "config/llama-3.1-8b.yaml").read_text())
     overrides = {key: value for key, value in seed_config.items()
                  if key not in ("model", "neurons", "prompts")}
-    if census:
+    if census:  # (a census computes every neuron: no candidates to verify)
         overrides["census"] = {"layers": "all"}
+        overrides["atp"] = {**overrides["atp"], "verify_candidates": 0}
     workdir = write_workdir(root, str(model), **overrides)
     rng = random.Random(seed)
     units: set[tuple[int, int]] = set()

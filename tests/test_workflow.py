@@ -470,6 +470,62 @@ def test_profile_scores_judged_against_the_exact_means(tiny_workflow, tmp_path):
     assert "profile score 'negated' must be a finite number" in failed.stdout
 
 
+def test_verify_candidates_adds_exact_rows_of_the_top_neurons_outside_the_profile(tiny_workflow,
+                                                                                  tmp_path):
+    """atp.verify_candidates: 10 on a finished run: only the second stage runs; the 10 neurons
+    outside the profile with the largest mean |total_atp| get exact rows on every prompt with
+    in_profile false (not in the labels); listed in a profile later (the row cache emptied),
+    the engine gives them the same numbers."""
+    workdir = copy_run(tiny_workflow[0], tmp_path / "run")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["atp"] = {**config["atp"], "verify_candidates": 10}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    output = snakemake(workdir, "--cores", "2").stdout
+    assert "compute_candidate_effects" in output and "rows in compute_candidate_effects" in output
+    assert not jobs_of(output, "compute_effects") and not jobs_of(output, "aggregate_block")
+    assert jobs_of(output, "compute_candidate_effects") == {"c000", "c001"}
+    table = pd.read_parquet(workdir / "results/atp/neurons.parquet")
+    outside = table[~table["in_profile"]].sort_values(["mean_abs_atp", "layer", "neuron"],
+                                                      ascending=[False, True, True])
+    top = [f"L{layer}/N{neuron}" for layer, neuron in zip(outside["layer"][:10],
+                                                          outside["neuron"][:10])]
+    per_prompt = pd.read_parquet(workdir / "results/effects/per_prompt.parquet")
+    candidates = per_prompt[~per_prompt["in_profile"]]
+    profiles = json.loads((workdir / "neurons.json").read_text())["profiles"]
+    assert set(per_prompt.loc[per_prompt["in_profile"], "neuron_id"]) == {
+        p["neuron_id"] for p in profiles}
+    assert set(candidates["neuron_id"]) == set(top) and len(candidates) == 10 * 6
+    assert candidates.groupby("neuron_id")["prompt_id"].nunique().eq(6).all()
+    assert np.isfinite(candidates[["direct", "indirect", "total", "total_atp"]]).all().all()
+    neurons = pd.read_parquet(workdir / "results/summary/neurons.parquet")
+    assert set(neurons.loc[~neurons["in_profile"], "neuron_id"]) == set(top)
+    assert neurons["in_profile"].sum() == len(profiles) == 18
+    labels = json.loads((workdir / "results/labels/neurons.with_effects.json").read_text())
+    assert [p["neuron_id"] for p in labels["profiles"]] == [p["neuron_id"] for p in profiles]
+    assert len(json.loads((workdir / "results/summary/neurons.json").read_text())) == 18
+    assert "Neurons the profile missed, verified exactly" in (
+        workdir / "results/report/report.html").read_text()
+
+    # listed in the profile, computed afresh by the profile's shards: the same numbers
+    profiles += [{"neuron_id": neuron_id, "layer": int(neuron_id[1:].split("/")[0]),
+                  "neuron": int(neuron_id.split("/N")[1])} for neuron_id in top]
+    (workdir / "neurons.json").write_text(json.dumps({"source": "test", "profiles": profiles}))
+    shutil.rmtree(workdir / "results/cache/effects")
+    snakemake(workdir, "--cores", "2")
+    again = pd.read_parquet(workdir / "results/effects/per_prompt.parquet").set_index(
+        ["prompt_id", "neuron_id"])
+    listed = again.loc[candidates.set_index(["prompt_id", "neuron_id"]).index]
+    assert listed["in_profile"].all()
+    columns = ["activation", "direct", "indirect", "total", "direct_frozen_norm",
+               "prob_change_total", "total_atp"]
+    np.testing.assert_allclose(listed[columns].to_numpy(),
+                               candidates.set_index(["prompt_id", "neuron_id"])[columns]
+                               .to_numpy(), rtol=1e-4, atol=1e-5)  # float32 at the logits' scale
+    # the next 10 outside the grown profile are verified now
+    later = set(again.loc[~again["in_profile"]].index.get_level_values("neuron_id"))
+    assert len(later) == 10 and not later & set(top)
+
+
 @pytest.mark.slow
 def test_validation_passed(outputs):
     validation = outputs["validation"]
@@ -599,8 +655,12 @@ def test_seed_scale_plan(seed_scale):
     counts = _job_counts(result.stdout)
     assert counts["compute_effects"] == 28 and counts["cache_clean_runs"] == 4
     assert jobs_of(result.stdout, "aggregate_block") == set(blocks)
-    # prepare, clean, shards, attribution per chunk, aggregation per block, 5 summaries + all
-    assert counts["total"] == 1 + 4 + 28 + 4 + 7 + 6
+    # the 100 verified candidates (atp.verify_candidates): one job per chunk, known at parse
+    assert jobs_of(result.stdout, "compute_candidate_effects") == set(chunks)
+    assert counts["select_candidates"] == counts["aggregate_candidates"] == 1
+    # prepare, clean, shards, attribution per chunk, aggregation per block, 5 summaries + all,
+    # the candidates' selection, jobs per chunk and aggregation
+    assert counts["total"] == 1 + 4 + 28 + 4 + 7 + 6 + 1 + 4 + 1
 
 
 @pytest.mark.slow
@@ -683,10 +743,11 @@ def _one_dry_run_lists(workdir: Path, shards: set[str], chunks: set[str]) -> str
 def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
     # shards write 4 tables each; the aggregation 9 parts per layer block, then 10 files (3 of
     # them the mediation outputs, 1 the edges); the report 5 (page and 4 figures); attribution
-    # patching 4 chunks and 3 summaries
+    # patching 4 chunks and 3 summaries; the verified candidates 1 selection, 4 tables per
+    # chunk and 8 aggregation parts
     blocks = _expected_blocks(seed_scale)
     assert len(_pretend_everything_ran(seed_scale)) == \
-        2 + 4 + 4 * 28 + 2 + 9 * len(blocks) + 10 + 2 + 5 + 4 + 3
+        2 + 4 + 4 * 28 + 2 + 9 * len(blocks) + 10 + 2 + 5 + 4 + 3 + 1 + 4 * 4 + 8
     heavy = ("cache_clean_runs", "compute_effects", "extract_activations",
              "estimate_attribution")
 

@@ -140,6 +140,7 @@ class Workload:
     validation_pairs: int = 32
     neurons_per_block: int = 2048
     mediator_top_k: int = 10
+    verify_candidates: int = 0  # neurons outside the profile computed exactly after attribution
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,7 @@ class PlanEstimate:
     aggregate_s: float = 0.0
     aggregate_jobs: int = 1
     aggregate_longest_s: float = 0.0
+    candidate_rows: int = 0
 
     @property
     def jobs(self) -> int:
@@ -190,16 +192,21 @@ class PlanEstimate:
     def table(self) -> str:
         """The plan as a short text table (printed when the workflow is parsed)."""
         unit = "CPU" if self.device == "cpu" else "GPU"
-        lines = [f"{'rule':<22}{'jobs':>5}{'compute':>11}{'fixed':>11}{'total':>11}"]
+        lines = [f"{'rule':<27}{'jobs':>5}{'compute':>11}{'fixed':>11}{'total':>11}"]
         for rule in self.rules:
-            lines.append(f"{rule.rule:<22}{rule.jobs:>5}{_duration(rule.compute_s):>11}"
+            lines.append(f"{rule.rule:<27}{rule.jobs:>5}{_duration(rule.compute_s):>11}"
                          f"{_duration(rule.fixed_s):>11}{_duration(rule.total_s):>11}")
-        lines.append(f"{'model jobs':<22}{self.jobs:>5}{'':>22}{_duration(self.total_s):>11}")
+        lines.append(f"{'model jobs':<27}{self.jobs:>5}{'':>22}{_duration(self.total_s):>11}")
         lines.append(f"estimated {unit}-minutes on {self.device}: {self.total_s / 60:.1f}, of "
                      f"which fixed cost (start-up and model loading) {100 * self.fixed_share:.0f} %")
         lines.append(f"then aggregate_block, {self.aggregate_jobs} CPU job(s) of one core (in "
                      f"parallel on a cluster): {_duration(self.aggregate_s)} in all, the longest "
                      f"{_duration(self.aggregate_longest_s)}; then aggregate_effects joins them")
+        if self.candidate_rows:
+            lines.append(f"of which the verified candidates (atp.verify_candidates): "
+                         f"{self.candidate_rows:,} rows in compute_candidate_effects and one "
+                         "aggregate_candidates job (their layers are known only after "
+                         "attribution: planned as spread evenly over the layers)")
         return "\n".join(lines)
 
 
@@ -272,8 +279,26 @@ def estimate(plan: ShardPlan, tokens: Mapping[str, int], shape: ModelShape, rate
     if not aggregate:
         return result
     blocks = block_aggregate_seconds(plan, shape.n_layers, work)
+    if _verifies(work):
+        blocks["candidates"] = aggregate_seconds(ShardPlan(plan.chunks, tuple(
+            Shard("candidates", prompt_chunk, tuple(candidate_neurons(
+                work.verify_candidates, shape.n_layers))) for prompt_chunk in plan.chunks)),
+            shape.n_layers, work)
     return replace(result, aggregate_s=sum(blocks.values()), aggregate_jobs=len(blocks),
-                   aggregate_longest_s=max(blocks.values(), default=0.0))
+                   aggregate_longest_s=max(blocks.values(), default=0.0),
+                   candidate_rows=work.verify_candidates * len(tokens) if _verifies(work)
+                   else 0)
+
+
+def _verifies(work: Workload) -> bool:
+    """Whether the plan verifies candidates (they need the attribution jobs)."""
+    return bool(work.verify_candidates and work.backward_passes)
+
+
+def candidate_neurons(n: int, n_layers: int) -> list[Neuron]:
+    """``n`` stand-ins for the verified candidates, spread evenly over the layers (the cost
+    of a row depends on its layer; the candidates' layers are known only after attribution)."""
+    return [Neuron(f"candidate {i}", i * n_layers // n, i) for i in range(n)]
 
 
 def _estimate(shards: Sequence[float], n_chunks: int, rows: int, tokens: Mapping[str, int],
@@ -289,6 +314,13 @@ def _estimate(shards: Sequence[float], n_chunks: int, rows: int, tokens: Mapping
         passes = 1 + BACKWARD_FACTOR * work.backward_passes
         rules.append(RuleEstimate("estimate_attribution", n_chunks, passes * forwards,
                                   n_chunks * fixed))
+    if _verifies(work):  # a job per prompt chunk: the units of every prompt, directions per job
+        spread = candidate_neurons(work.verify_candidates, shape.n_layers)
+        directions = (len(spread) * shape.unembed_flops() / rates.flops_per_s
+                      if work.full_vocab else 0.0)
+        compute = shard_seconds(shape, rates, work, spread, list(tokens.values()))
+        rules.append(RuleEstimate("compute_candidate_effects", n_chunks,
+                                  compute + (n_chunks - 1) * directions, n_chunks * fixed))
     # the float64 reference: per sampled pair one hooked forward, per prompt one clean forward
     pairs = min(work.validation_pairs, rows)
     reference = (pairs + min(pairs, len(tokens))) * mean_forward * rates.float64_factor

@@ -19,6 +19,7 @@ from .aggregate import CLASSES, UNDETERMINED, estimate_methods  # noqa: E402
 from .attribution import band_agreement, overall_agreement  # noqa: E402
 from .inputs import PROMPT_FIELDS, PROMPT_TABLE_COLUMNS  # noqa: E402
 from .report_table import neuron_table_section  # noqa: E402
+from .verified import above_profile_median  # noqa: E402
 
 CLASS_COLOURS = {"routing-dominant": "#4477aa", "mixed": "#ccbb44",
                  "logit-dominant": "#ee6677", UNDETERMINED: "#bbbbbb"}
@@ -400,6 +401,20 @@ def attribution_section(per_prompt: pd.DataFrame, layers: pd.DataFrame,
     ]
 
 
+def verified_section(neurons: pd.DataFrame, verified: pd.DataFrame) -> str:
+    """The verified candidates whose exact mean |total| exceeds the profile's median."""
+    above = above_profile_median(neurons, verified)
+    return ("<h2>Neurons the profile missed, verified exactly</h2><p>The "
+            f"{len(verified)} neurons outside the profile with the largest mean |total_atp| "
+            "(atp.verify_candidates) were computed exactly, like the profile's (rows with "
+            "<code>in_profile</code> false in per_prompt.parquet and neurons.parquet). "
+            f"{len(above)} of them have a mean |total| above the profile's median "
+            f"({neurons['mean_abs_total'].median():.4g}):</p>" + _table(above, [
+                c for c in ("neuron_id", "layer", "neuron", "mean_abs_total", "mean_total",
+                            "mean_total_atp", "mean_direct_ratio", "classification")
+                if c in above]))
+
+
 def edges_section(edges: pd.DataFrame, neurons: pd.DataFrame, min_relative_delta: float,
                   top_n: int) -> str:
     """The profiles' neuron edges measured exactly: the distribution of the fraction of each
@@ -464,11 +479,13 @@ def render_report(
     atp_candidates: pd.DataFrame | None = None,
     edges: pd.DataFrame | None = None, edge_min_relative_delta: float = 0.01,
     census_table_top: int = 200, profile_scores: pd.DataFrame | None = None,
+    verified: pd.DataFrame | None = None,
 ) -> str:
     """The report page as one HTML string (``figures``: from :func:`report_figures`, made here
     when not given; ``edges``: results/summary/edges.parquet). A census run (``neurons`` with
     ``in_profile``) adds the census section and keeps in the searchable table the profile's
-    neurons and the ``census_table_top`` others with the largest mean |total|."""
+    neurons and the ``census_table_top`` others with the largest mean |total|. ``verified``:
+    the neuron summaries of the verified candidates (atp.verify_candidates)."""
     from .census import table_neurons
     from .report_census import census_section
 
@@ -558,6 +575,7 @@ def render_report(
                               metadata.get("n_layers"))
           if atp_candidates is not None and estimate_methods(per_prompt.columns) else []),
         profile_scores_section(profile_scores) if profile_scores is not None else "",
+        verified_section(neurons, verified) if verified is not None and len(verified) else "",
         *(census_section(neurons, per_prompt, layers, census_table_top) if census else []),
         neuron_table_section(table_neurons(neurons, census_table_top), per_prompt,
                              f": the profile's and the {census_table_top:,} other census "

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from . import aggregate, attribution, cache, mediation, relp, store
+from . import aggregate, attribution, cache, mediation, relp, store, verified
 from .census import census_columns, layer_ranking_agreement
 from .clean import run_clean
 from .edges import (EDGE_COLUMNS, edge_agreement, edge_table, measurable_targets,
@@ -402,6 +402,15 @@ def summarize_attribution(chunk_paths: Sequence[str], profile_path: str, n_candi
         top = table.nsmallest(n_candidates, attribution.rank_column(method))
         log.info("%d prompts x %d neurons; %d of the top %d by mean |%s| are studied neurons",
                  len(prompt_ids), len(table), int(top["in_profile"].sum()), n_candidates, method)
+
+
+def select_candidates(neurons_path: str, n: int, output: str) -> None:
+    """Write the ``n`` neurons outside the profile to verify exactly, from the all-neuron
+    table (:func:`neuron_effects.verified.select`)."""
+    selected = verified.select(pd.read_parquet(neurons_path), n)
+    store.write_parquet(output, selected)
+    log.info("verifying exactly the %d neurons outside the profile with the largest mean "
+             "|total_atp|: %s", len(selected), ", ".join(selected["neuron_id"]))
 
 
 def _with_estimates(per_prompt: pd.DataFrame, estimates: dict[str, torch.Tensor],
@@ -814,7 +823,7 @@ def aggregate_block(
     mediation_shards: Sequence[str] = (), mediator_shards: Sequence[str] = (),
     edge_shards: Sequence[str] = (), mediator_top_k: int = 10,
     estimate_chunks: Sequence[str] = (), edge_min_relative_delta: float = 0.01,
-    census: bool = False,
+    census: bool = False, outside_profile: bool = False,
 ) -> None:
     """One layer block's part of the aggregation (the block's shards, every prompt chunk),
     written to ``parts`` (:data:`aggregate.BLOCK_PARTS`; without ``mediation`` the mediation parts are
@@ -828,7 +837,10 @@ def aggregate_block(
     ``indirect_atp``, ``total_relp``...) and their agreement with the exact effects; with the
     edge tables, the exact measurement of the profiles' neuron edges (:func:`aggregate_edges`).
     With ``census``, the neurons gain :func:`census_columns` and the layers the ranking
-    agreement of each estimate over all their neurons (:func:`layer_ranking_agreement`).
+    agreement of each estimate over all their neurons (:func:`layer_ranking_agreement`). The
+    rows and the neurons get ``in_profile`` (listed in the profile file); ``outside_profile``:
+    the shards hold the verified candidates (:mod:`neuron_effects.verified`), none in the
+    profile.
 
     Streamed one layer at a time (:func:`layer_rows`): every summary is per neuron or per layer,
     so only one layer's rows are in memory, and the long table is written one layer (row
@@ -837,8 +849,9 @@ def aggregate_block(
     mediated = "mediation" in parts
     order = {prompt_id: index for index, prompt_id in enumerate(prompt_order)}
     estimates = _stacked_estimates(estimate_chunks) if estimate_chunks else None
-    profile_ids = {neuron.neuron_id for neuron in read_neurons(profile_path)}
-    with_edges = set(read_edges(profile_path)) if mediated else set()
+    profile_ids = set() if outside_profile else {neuron.neuron_id
+                                                 for neuron in read_neurons(profile_path)}
+    with_edges = set(read_edges(profile_path)) if mediated and not outside_profile else set()
     neuron_parts, layer_parts, breakdowns, part_sums, direct_tokens = [], [], [], [], {}
     non_finite: list[pd.DataFrame] = []
     with store.atomic_path(parts["per_prompt"]) as temporary:
@@ -849,6 +862,8 @@ def aggregate_block(
                 frame = _ordered_columns(layer_rows(shard_paths, layer, order))
                 if not len(frame):
                     continue
+                frame.insert(frame.columns.get_loc("neuron") + 1, "in_profile",
+                             frame["neuron_id"].isin(profile_ids).to_numpy())
                 duplicated = frame.duplicated(["prompt_id", "neuron_id"])
                 if duplicated.any():
                     raise RuntimeError(f"{int(duplicated.sum())} duplicated (prompt, neuron) "
@@ -867,6 +882,8 @@ def aggregate_block(
                                                   on="layer")
                 if census:
                     neurons = census_columns(neurons, frame, profile_ids)
+                else:
+                    neurons["in_profile"] = neurons["neuron_id"].isin(profile_ids)
                 counts, named = aggregate.non_finite_rows(frame)
                 neurons.insert(neurons.columns.get_loc("n_prompts") + 1, "n_non_finite",
                                counts.reindex(neurons["neuron_id"]).to_numpy())
@@ -948,17 +965,19 @@ def aggregate_effects(
     layers_out: str, prompts_out: str, labels_out: str, mediation_out: str | None = None,
     mediators_out: str | None = None, mediation_layers_out: str | None = None,
     edges_out: str | None = None, mediator_top_k: int = 10, max_rank: int = 100,
-    census: bool = False, non_finite_out: str | None = None,
+    non_finite_out: str | None = None, candidates: Mapping[str, str] | None = None,
 ) -> None:
     """The final, light step of the aggregation: the layer blocks' parts (``blocks``, in
     layer order, each :data:`aggregate.BLOCK_PARTS` -> path, written by :func:`aggregate_block`) into the
     long table, the neuron and layer summaries, the mediation tables and layer flow, the edge
     table (each streamed or concatenated), and the prompt table (the prompts'
     ``target_low_rank``: a given target ranked below the top ``max_rank`` by the clean model),
-    the neuron documents (``neurons.json``: the profile's neurons only with ``census``; every
-    neuron stays in ``neurons.parquet``) and the enriched labels; ``non_finite_out``: the rows
-    with a value NaN or infinite where it must be finite, counted over every row by the blocks
-    (:func:`non_finite_summary`), for the validation's verdict."""
+    the neuron documents (``neurons.json``: the profile's neurons only; every neuron stays in
+    ``neurons.parquet``) and the enriched labels. ``candidates``: the verified candidates'
+    parts (:mod:`neuron_effects.verified`), whose rows and neurons (``in_profile`` false) follow
+    the blocks' in the long table and the neuron summary, and nowhere else. ``non_finite_out``:
+    the rows with a value NaN or infinite where it must be finite, counted over every row by the
+    blocks and the candidates (:func:`non_finite_summary`), for the validation's verdict."""
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
                           for record in store.load_clean_records(path)])
@@ -973,15 +992,19 @@ def aggregate_effects(
     def read(part: str) -> pd.DataFrame:
         return pd.concat([pd.read_parquet(block[part]) for block in blocks], ignore_index=True)
 
-    rows = store.concat_parquet([block["per_prompt"] for block in blocks], per_prompt_out)
-    neurons = read("neurons")
+    outside = [candidates] if candidates else []
+    rows = store.concat_parquet([parts["per_prompt"] for parts in [*blocks, *outside]],
+                                per_prompt_out)
+    neurons = pd.concat([read("neurons"), *(pd.read_parquet(parts["neurons"])
+                                            for parts in outside)], ignore_index=True)
     log.info("%d blocks: %d rows, %d neurons", len(blocks), rows, len(neurons))
     store.write_parquet(neurons_out, neurons)
     if non_finite_out is not None:
-        store.write_json(non_finite_out, non_finite_summary(neurons, read("non_finite")))
+        listed = pd.concat([read("non_finite"), *(pd.read_parquet(parts["non_finite"])
+                                                  for parts in outside)], ignore_index=True)
+        store.write_json(non_finite_out, non_finite_summary(neurons, listed))
     store.write_parquet(layers_out, read("layers"))
-    documents = aggregate.neuron_documents(neurons[neurons["in_profile"]] if census else neurons,
-                                           read("breakdowns"))
+    documents = aggregate.neuron_documents(neurons[neurons["in_profile"]], read("breakdowns"))
     document = aggregate.enrich_profiles(load_profile_document(profile_path), neurons)
     if mediation_out is not None:
         store.concat_parquet([block["mediation"] for block in blocks], mediation_out)
@@ -1193,11 +1216,13 @@ def render_report(
     mediation_layers_path: str | None = None,
     atp_candidates: str | None = None, edges_path: str | None = None,
     plan_estimate: Mapping[str, Any] | None = None, census_table_top: int = 200,
-    profile_scores: str | None = None,
+    profile_scores: str | None = None, census: bool = False,
 ) -> None:
     """Write the self-contained HTML report (with the attribution-patching section when
-    ``atp_candidates`` is given, the profile scores' table when ``profile_scores`` is) and, into ``figures_dir``, its figures as ``<name>.png`` (for
-    Snakemake's report)."""
+    ``atp_candidates`` is given, the profile scores' table when ``profile_scores`` is) and, into
+    ``figures_dir``, its figures as ``<name>.png`` (for Snakemake's report). Outside a
+    ``census``, the neurons outside the profile are the verified candidates: the report's
+    analysis is the profile's, and they have a section of their own."""
     import platform
 
     import transformers
@@ -1218,7 +1243,14 @@ def render_report(
     neurons = pd.read_parquet(neurons_path).merge(stats, on=["layer", "neuron"], how="left")
     names = pq.read_schema(per_prompt_path).names
     per_prompt = pd.read_parquet(per_prompt_path, columns=[  # what the report shows, no more
-        name for name in names if name in REPORT_COLUMNS or name.startswith("total_")])
+        name for name in names if name in REPORT_COLUMNS or name.startswith("total_")
+        or name == "in_profile"])
+    outside = None
+    if not census:
+        outside = neurons[~neurons["in_profile"]]
+        neurons = neurons[neurons["in_profile"]].drop(columns="in_profile")
+        per_prompt = per_prompt[per_prompt["in_profile"].to_numpy()].reset_index(drop=True)
+    per_prompt = per_prompt.drop(columns="in_profile")
     layers = pd.read_parquet(layers_path)
     figures = report_figures(per_prompt, layers)
     page = render(
@@ -1229,7 +1261,7 @@ def render_report(
         atp_candidates=None if atp_candidates is None else pd.read_parquet(atp_candidates),
         edges=None if edges_path is None else pd.read_parquet(edges_path),
         edge_min_relative_delta=settings.get("edge_min_relative_delta", 0.01),
-        census_table_top=census_table_top,
+        census_table_top=census_table_top, verified=outside,
         profile_scores=None if profile_scores is None else pd.read_parquet(profile_scores))
     if figures_dir is not None:
         for name, uri in figures.items():

@@ -57,3 +57,58 @@ rule summarize_attribution:
         candidates=config["atp"]["candidates"],
     script:
         "../scripts/summarize_attribution.py"
+
+
+# atp.verify_candidates: the neurons outside the profile with the largest mean |total_atp| over
+# prompts, whose effects compute_candidate_effects computes exactly (neuron_effects.verified).
+rule select_candidates:
+    input:
+        rules.summarize_attribution.output.neurons,
+    output:
+        "results/atp/verified_candidates.parquet",
+    log:
+        "logs/select_candidates.log",
+    benchmark:
+        "benchmarks/select_candidates/all.tsv"
+    localrule: True
+    conda:
+        "../../envs/neuron-effects.yaml"
+    params:
+        n=config["atp"]["verify_candidates"],
+    script:
+        "../scripts/select_candidates.py"
+
+
+# The verified candidates (atp.verify_candidates) on one prompt chunk: the same engine, settings
+# and row cache as the profile's shards (a candidate that enters the profile later reuses its
+# rows); its neurons are read from the selection, known only after the attribution jobs.
+rule compute_candidate_effects:
+    input:
+        clean="results/clean/{chunk}.safetensors",
+        model=ancient(model_ready),
+        stats=activation_stats_if_needed,
+        candidates=rules.select_candidates.output[0],
+    output:
+        per_prompt="results/effects/candidates/{chunk}.parquet",
+        mediation="results/effects/candidates/{chunk}.mediation.parquet",
+        mediators="results/effects/candidates/{chunk}.mediators.parquet",
+        edges="results/effects/candidates/{chunk}.edges.parquet",
+    log:
+        "logs/compute_candidate_effects/{chunk}.log",
+    benchmark:
+        "benchmarks/compute_candidate_effects/{chunk}.tsv"
+    conda:
+        "../../envs/neuron-effects.yaml"
+    threads: 2
+    resources:
+        gpu=GPUS,
+    params:
+        model=MODEL,
+        neurons=[],
+        edges={},
+        settings=EFFECT_SETTINGS,
+        neurons_per_block=config["compute"]["neurons_per_block"],
+        prompt_format=PROMPT_FORMAT,
+        cache=CACHE,
+    script:
+        "../scripts/compute_effects.py"

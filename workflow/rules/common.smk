@@ -27,6 +27,7 @@ from neuron_effects.plan import (
 from neuron_effects.precision import low_precision_warning
 from neuron_effects.prepare import prepared_location
 from neuron_effects.relp import method_rules
+from neuron_effects.verified import check_config, check_profile_ids
 
 validate(config, "../../config/config.schema.yaml")
 # bfloat16/float16 are allowed, but say at once what they do to the results.
@@ -88,6 +89,13 @@ if CENSUS:
         census_layers(config["census"]["layers"], SHAPE.n_layers),
         SHAPE.intermediate,
     )
+# The neurons outside the profile with the largest mean |total_atp| that get exact rows too
+# (neuron_effects.verified): a second stage after the attribution jobs, one GPU job per prompt
+# chunk (their number is fixed by the config, so the DAG is known at parse time).
+VERIFY = config["atp"]["verify_candidates"]
+check_config(VERIFY, ATP, config["atp"]["methods"], CENSUS)
+if VERIFY:
+    check_profile_ids(CHECKED.neurons)
 WORK = Workload(
     full_vocab=config["metrics"]["full_vocab"],
     mediators=config["mediators"]["enabled"],
@@ -97,6 +105,7 @@ WORK = Workload(
     validation_pairs=config["validation"]["pairs"],
     neurons_per_block=config["compute"]["neurons_per_block"],
     mediator_top_k=config["mediators"]["top_k"],
+    verify_candidates=VERIFY,
 )
 # The shard plan: sizes from the config, or (auto) from the cost model. An automatic layout is
 # chosen by the top-level run and saved under the digest of its content, never rewritten with
@@ -226,6 +235,29 @@ def block_part_files(wildcards=None):
     return [path for parts in block_parts() for path in parts.values()]
 
 
+# The verified candidates' aggregation parts (aggregate_candidates; no edge table: they have
+# no profile edges); the final step reads them when atp.verify_candidates is set.
+CANDIDATE_PARTS = {
+    part: f"results/aggregate/candidates/{part}.parquet"
+    for part in BLOCK_PARTS
+    if part != "edges"
+}
+
+
+def candidate_shards(table=None):
+    """An input function: the verified candidates' per-prompt tables (one per prompt chunk),
+    or their ``table`` ("mediation", "mediators") tables."""
+    suffix = f".{table}" if table else ""
+
+    def shards(wildcards):
+        return [
+            f"results/effects/candidates/{chunk.name}{suffix}.parquet"
+            for chunk in PLAN.chunks
+        ]
+
+    return shards
+
+
 def block_profile(wildcards):
     """A digest of what a block's aggregation reads of the profile file: the ids and edges of
     the profile's neurons in the block (the file itself is an ancient() input, so that an edit
@@ -345,12 +377,14 @@ def benchmarked_jobs():
         ("compute_effects", shards),
         *([("estimate_attribution", chunks)] if ATP else []),
         ("aggregate_block", BLOCKS),
+        *([("compute_candidate_effects", chunks)] if VERIFY else []),
     ]
     single = [
         "extract_activations",
         "aggregate_effects",
         "validate_sample",
         *(["summarize_attribution"] if ATP else []),
+        *(["select_candidates", "aggregate_candidates"] if VERIFY else []),
         *(["prepare_model"] if PREPARED.manifest else []),
     ]
     return [

@@ -62,6 +62,7 @@ rule render_report:
         },
         top_n=config["report"]["top_n"],
         census_table_top=config["census"]["table_top"],
+        census=CENSUS,
         jobs=benchmarked_jobs(),
         estimate=ESTIMATE.as_dict(),
     script:

@@ -29,6 +29,36 @@ rule aggregate_block:
         mediator_top_k=config["mediators"]["top_k"],
         edge_min_relative_delta=config["mediators"]["edge_min_relative_delta"],
         census=CENSUS,
+        outside_profile=False,
+    script:
+        "../scripts/aggregate_block.py"
+
+
+# The verified candidates' part of the aggregation (atp.verify_candidates): one CPU job, the
+# same script as a layer block's, every neuron outside the profile.
+rule aggregate_candidates:
+    input:
+        shards=candidate_shards(),
+        mediation_shards=candidate_shards("mediation"),
+        mediator_shards=candidate_shards("mediators"),
+        edge_shards=[],
+        profiles=ancient(config["neurons"]),
+        estimates=atp_chunks_if_enabled,
+    output:
+        **CANDIDATE_PARTS,
+    log:
+        "logs/aggregate_candidates.log",
+    benchmark:
+        "benchmarks/aggregate_candidates/all.tsv"
+    conda:
+        "../../envs/neuron-effects.yaml"
+    params:
+        prompt_order=[record.prompt_id for record in CHECKED.records],
+        thresholds=config["classification"],
+        mediator_top_k=config["mediators"]["top_k"],
+        edge_min_relative_delta=config["mediators"]["edge_min_relative_delta"],
+        census=False,
+        outside_profile=True,
     script:
         "../scripts/aggregate_block.py"
 
@@ -36,6 +66,7 @@ rule aggregate_block:
 rule aggregate_effects:
     input:
         parts=block_part_files(),
+        candidates=list(CANDIDATE_PARTS.values()) if VERIFY else [],
         prompts=rules.prepare_inputs.output.prompts,
         clean=clean_chunks(),
         profiles=config["neurons"],
@@ -79,7 +110,7 @@ rule aggregate_effects:
         blocks=block_parts(),
         mediator_top_k=config["mediators"]["top_k"],
         max_rank=config["targets"]["max_rank"],
-        census=CENSUS,
+        candidates=CANDIDATE_PARTS if VERIFY else None,
     script:
         "../scripts/aggregate_effects.py"
 

@@ -1,5 +1,5 @@
-"""Rule aggregate_block: one layer block's part of the aggregation (its rows, summaries,
-mediation and edge tables)."""
+"""Rules aggregate_block and aggregate_candidates: one layer block's part of the aggregation
+(its rows, summaries, mediation and edge tables), or the verified candidates' (no edge table)."""
 
 import sys
 
@@ -14,7 +14,8 @@ aggregate_block(
     prompt_order=snakemake.params.prompt_order,
     profile_path=snakemake.input.profiles,
     thresholds=Thresholds(**snakemake.params.thresholds),
-    parts={part: getattr(snakemake.output, part) for part in BLOCK_PARTS},
+    parts={part: getattr(snakemake.output, part) for part in BLOCK_PARTS
+           if part in snakemake.output.keys()},
     mediation_shards=list(snakemake.input.mediation_shards),
     mediator_shards=list(snakemake.input.mediator_shards),
     edge_shards=list(snakemake.input.edge_shards),
@@ -22,4 +23,5 @@ aggregate_block(
     estimate_chunks=list(snakemake.input.estimates),
     edge_min_relative_delta=snakemake.params.edge_min_relative_delta,
     census=snakemake.params.census,
+    outside_profile=snakemake.params.outside_profile,
 )

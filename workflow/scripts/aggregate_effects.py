@@ -25,6 +25,6 @@ aggregate_effects(
     edges_out=snakemake.output.edges,
     mediator_top_k=snakemake.params.mediator_top_k,
     max_rank=snakemake.params.max_rank,
-    census=snakemake.params.census,
     non_finite_out=snakemake.output.non_finite,
+    candidates=snakemake.params.candidates,
 )

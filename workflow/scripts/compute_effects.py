@@ -1,19 +1,26 @@
-"""Rule compute_effects: direct, indirect and total effects for one shard, computing only the
+"""Rules compute_effects and compute_candidate_effects: direct, indirect and total effects for
+one shard (its neurons in the params, or the verified candidates' selection), computing only the
 rows the row cache lacks (a killed shard resumes from its saved units)."""
 
 import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
+import pandas as pd
 from neuron_effects.effects import EffectSettings
 from neuron_effects.model import ModelSpec
 from neuron_effects.steps import compute_shard, configure_job
+from neuron_effects.verified import neuron_table
+
+candidates = snakemake.input.get("candidates")
 
 configure_job(snakemake.threads)
 compute_shard(
     spec=ModelSpec(**snakemake.params.model),
     clean_path=snakemake.input.clean,
-    neuron_table=snakemake.params.neurons,
+    neuron_table=(
+        neuron_table(pd.read_parquet(candidates)) if candidates else snakemake.params.neurons
+    ),
     settings=EffectSettings(**snakemake.params.settings),
     output=snakemake.output.per_prompt,
     mediation_output=snakemake.output.mediation,

@@ -29,4 +29,5 @@ render_report(
     plan_estimate=snakemake.params.estimate,
     profile_scores=snakemake.input.profile_scores or None,
     census_table_top=snakemake.params.census_table_top,
+    census=snakemake.params.census,
 )

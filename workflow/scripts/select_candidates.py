@@ -1,0 +1,10 @@
+"""Rule select_candidates: the neurons outside the profile to verify exactly."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)
+
+from neuron_effects.steps import configure_job, select_candidates
+
+configure_job(snakemake.threads)
+select_candidates(snakemake.input[0], snakemake.params.n, snakemake.output[0])
