@@ -20,7 +20,7 @@ rule estimate_attribution:
         "../../envs/neuron-effects.yaml"
     threads: 2
     resources:
-        gpu=GPUS,
+        gpu=gpu_request,
     params:
         model=MODEL,
         treatment=config["treatment"],
