@@ -219,13 +219,15 @@ if TOP_LEVEL:
 
 def gpu_request(wildcards, attempt):
     """A model job's GPUs (GPUS); a retry (attempt > 1) after a job found CUDA unusable stops
-    the run instead, with that job's message: no retry can fix a torch build or driver."""
+    the run instead, with that job's message: no retry can fix a torch build or driver.
+    """
     if attempt > 1 and TOP_LEVEL and CUDA_UNUSABLE.exists():
         raise WorkflowError(
             f"not retried: a model job found CUDA unusable ({CUDA_UNUSABLE}): "
             f"{CUDA_UNUSABLE.read_text().strip()}"
         )
     return GPUS
+
 
 LABELS = f"results/labels/{Path(config['neurons']).stem}.with_effects.json"
 
