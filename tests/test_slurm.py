@@ -159,9 +159,10 @@ def sacct_jobs(name: str, expected: int | None = None, timeout: float = 60) -> l
     while True:
         output = subprocess.run(
             ["sacct", "-X", "-D", "--parsable2", "--noheader", "--starttime", start, "--name", name,
-             "--format=JobIDRaw,State,AllocTRES,Comment,Partition"],
+             "--format=JobIDRaw,State,AllocTRES,Comment,Partition,Constraints"],
             capture_output=True, text=True, check=True).stdout
-        rows = [dict(zip(["id", "state", "tres", "comment", "partition"], line.split("|")))
+        rows = [dict(zip(["id", "state", "tres", "comment", "partition", "constraints"],
+                         line.split("|")))
                 for line in output.splitlines() if line.strip()]
         settled = all(row["state"] not in ("PENDING", "RUNNING", "COMPLETING") for row in rows)
         if (expected is None or len(rows) >= expected) and settled:
@@ -241,7 +242,7 @@ def test_effect_shards_are_one_gpu_slurm_jobs(slurm_run):
         for row in by_rule[rule]:
             tres = set(row["tres"].split(","))
             assert {"gres/gpu=1", "cpu=1", "node=1"} <= tres and \
-                row["partition"] == PARTITION, row
+                row["partition"] == PARTITION and row["constraints"] == GPU_TYPE, row
     for rule in ("extract_activations", "aggregate_effects", "summarize_attribution"):
         assert len(by_rule[rule]) == 1 and "gres/gpu" not in by_rule[rule][0]["tres"]
         assert by_rule[rule][0]["partition"] == CPU_PARTITION
@@ -258,8 +259,7 @@ def test_effect_shards_are_one_gpu_slurm_jobs(slurm_run):
     shard_job = by_rule["compute_effects"][0]["id"]
     shown = subprocess.run(["scontrol", "show", "job", shard_job], capture_output=True,
                            text=True, check=True).stdout
-    for field in ("TresPerJob=gres:gpu:1", f"Features={GPU_TYPE}", "CpusPerTres=gres:gpu:1",
-                  "Requeue=1",
+    for field in ("TresPerJob=gres:gpu:1", "CpusPerTres=gres:gpu:1", "Requeue=1",
                   f"Partition={PARTITION}", f"Account={ACCOUNT}"):
         assert field in shown.split(), (field, shown)
     # and Snakemake says the same: one submission per shard
