@@ -1,11 +1,14 @@
 """tools/gpu-check.sh --cpu: the GPU check's steps at toy scale, which is also the workflow's end-to-end
 run with treatment mean_ablate and positions all, every row checked against the reference and
-the clean records and activation statistics against a direct computation."""
+the clean records and activation statistics against a direct computation. Run twice in one work
+folder: the second run computes everything again (no result, cache entry or log of the first
+is reused or counted)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pandas as pd
 import pytest
@@ -17,24 +20,58 @@ RULES = {"cache_clean_runs", "extract_activations", "compute_effects", "estimate
          "summarize_attribution", "aggregate_block", "aggregate_effects", "validate_sample"}
 
 
-@pytest.mark.slow
-def test_gpu_check_on_the_cpu_with_mean_ablate_at_every_position(demo_model_path, tmp_path):
-    workdir = tmp_path / "gpu-check"
+def run_gpu_check(workdir) -> dict:
     finished = subprocess.run(
         [str(REPO / "tools/gpu-check.sh"), "--cpu", "--workdir", str(workdir), "--cores", "2",
          "--set", "treatment=mean_ablate", "--set", "positions=all",
          "--set", "validation.pairs=24"],
         capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
-    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
+def assert_everything_computed(result: dict, workdir, since: float) -> None:
+    """Every rule ran and did work in this run; the shards logged their units during it."""
     assert result["scale"] == "cpu" and result["snakemake_exit"] == 0
+    assert result["transformers"] and result["torch"]
     assert set(result["rules"]) == RULES
     for rule, entry in result["rules"].items():
         assert entry["jobs"] >= 1 and entry["wall_s"] > 0 and entry["peak_rss_mb"] > 0, rule
-        assert entry["work_s"] + entry["fixed_s"] == pytest.approx(entry["wall_s"], abs=0.02)
-        assert entry["peak_gpu_gib"] is None  # no CUDA on the CPU
-    assert result["rules"]["compute_effects"]["jobs"] == 2
+        assert entry["peak_gpu_gib_allocated"] is None  # no CUDA on the CPU
+        assert entry["peak_gpu_gib_reserved"] is None
+    for rule in ("cache_clean_runs", "compute_effects", "estimate_attribution",
+                 "validate_sample"):  # the model jobs log their work ("... in X s")
+        assert result["rules"][rule]["work_s"] > 0, rule
+    shard_logs = list((workdir / "logs/compute_effects").glob("*.log"))
+    assert shard_logs and all(log.stat().st_mtime >= since for log in shard_logs)
+    # the automatic plan at the real job's operating point: one shard here
+    assert result["rules"]["compute_effects"]["jobs"] == result["plan"]["shards"] == 1
+    assert result["plan"]["jobs"] == result["plan"]["estimated_jobs"] == 4
+    assert result["plan"]["estimated_fixed_s"] > 0 and result["plan"]["measured_fixed_s"] > 0
     assert result["rows"] == 2 * 12 and result["rows_per_s"] > 0
+    assert result["edges"] > 0
+    products = result["products"]
+    assert set(products) == {"float32", "split_bf16_2", "split_bf16_3"}
+    assert all(entry["rows_per_s"] > 0 for entry in products.values())
+    # float32 and 3 parts are float32-accurate; 2 parts keep 16 bits of the hidden state
+    assert products["split_bf16_3"]["max_abs_err"] < 1e-4
+    assert products["float32"]["max_abs_err"] < 1e-4
+    assert products["split_bf16_2"]["max_abs_err"] > products["split_bf16_3"]["max_abs_err"]
+
+
+@pytest.mark.slow
+def test_gpu_check_on_the_cpu_with_mean_ablate_at_every_position(demo_model_path, tmp_path):
+    workdir = tmp_path / "gpu-check"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/notes.txt").write_text("not the check's")
+    refused = subprocess.run([str(REPO / "tools/gpu-check.sh"), "--cpu", "--workdir",
+                              str(tmp_path / "other")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "give an empty or new folder" in refused.stderr
+    assert (tmp_path / "other/notes.txt").exists()
+    for _ in range(2):  # the second run in the same folder computes everything again
+        since = time.time()
+        result = run_gpu_check(workdir)
+        assert_everything_computed(result, workdir, since)
     validation = result["validation"]
     assert validation["passed"] is True, validation["failure"]
     assert validation["reference_dtype"] == "float64" and validation["non_finite_columns"] == []

@@ -52,7 +52,9 @@ pytestmark = pytest.mark.slurm
 
 LOCAL_SLURM = REPO / "tools" / "local-slurm.sh"
 PROFILE = REPO / "profiles" / "slurm"
-PARTITION, ACCOUNT = "gpu", "root"  # what tools/local-slurm.sh sets up (root's default account)
+# what tools/local-slurm.sh sets up: a GPU and a CPU partition, root's default account, and
+# GPUs typed h200 both as GRES (gpu:h200:2) and as a node feature (h200)
+PARTITION, CPU_PARTITION, ACCOUNT, GPU_TYPE = "gpu", "cpu", "root", "h200"
 N_SHARDS = 6  # the tiny_workflow config: 3 layer blocks x 2 prompt chunks
 N_BLOCKS = 3  # one aggregate_block job per layer block
 C000 = ["L00-01_c000", "L02-03_c000", "L04-05_c000"]  # the shards of the 4-prompt chunk
@@ -103,14 +105,30 @@ def test_profile(tmp_path_factory) -> Path:
                               "slurm_account": ACCOUNT, "runtime": "5 * attempt",
                               "mem_mb": "1500 * attempt"},
         "set-resources": {rule: {**resources, "cpus_per_gpu": 1, "runtime": "5 * attempt",
-                                 "mem_mb": "1500 * attempt"}
-                          for rule, resources in profile["set-resources"].items()},
+                                 "mem_mb": "1500 * attempt"} if "gpu_model" in resources
+                          else resources for rule, resources in profile["set-resources"].items()},
         "set-threads": {rule: 2 for rule in profile["set-threads"]},
         "slurm-init-seconds-before-status-checks": 1,
         "latency-wait": 5,
     }
-    assert overlay["set-resources"]["compute_effects"]["gpu_model"] == "h200"
+    assert overlay["set-resources"]["compute_effects"]["gpu_model"] == GPU_TYPE
+    assert overlay["set-resources"]["aggregate_effects"] == {"slurm_partition": PARTITION}
     folder = tmp_path_factory.mktemp("slurm-test-profile")
+    (folder / "config.v8+.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def feature_profile(test_profile, tmp_path_factory) -> Path:
+    """test_profile in the profile's other documented forms: the GPU type by node feature
+    (gpu_model "", constraint h200) and the CPU-only jobs in their own partition."""
+    overlay = yaml.safe_load((test_profile / "config.v8+.yaml").read_text())
+    for resources in overlay["set-resources"].values():
+        if "gpu_model" in resources:
+            resources.update(gpu_model="", constraint=GPU_TYPE)
+        else:
+            resources.update(slurm_partition=CPU_PARTITION)
+    folder = tmp_path_factory.mktemp("slurm-feature-profile")
     (folder / "config.v8+.yaml").write_text(yaml.safe_dump(overlay, sort_keys=False))
     return folder
 
@@ -141,9 +159,10 @@ def sacct_jobs(name: str, expected: int | None = None, timeout: float = 60) -> l
     while True:
         output = subprocess.run(
             ["sacct", "-X", "-D", "--parsable2", "--noheader", "--starttime", start, "--name", name,
-             "--format=JobIDRaw,State,AllocTRES,Comment"],
+             "--format=JobIDRaw,State,AllocTRES,Comment,Partition,Constraints"],
             capture_output=True, text=True, check=True).stdout
-        rows = [dict(zip(["id", "state", "tres", "comment"], line.split("|")))
+        rows = [dict(zip(["id", "state", "tres", "comment", "partition", "constraints"],
+                         line.split("|")))
                 for line in output.splitlines() if line.strip()]
         settled = all(row["state"] not in ("PENDING", "RUNNING", "COMPLETING") for row in rows)
         if (expected is None or len(rows) >= expected) and settled:
@@ -191,15 +210,16 @@ def _assert_close(got, want, where: str) -> None:
 # --- one complete run through the profile -------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def slurm_run(slurm_cluster, test_profile, tiny_model_dir, tmp_path_factory):
+def slurm_run(slurm_cluster, feature_profile, tiny_model_dir, tmp_path_factory):
     """The tiny_workflow configuration (6 effect shards), run through ``--profile
-    profiles/slurm``, with ``device: auto`` so that the model jobs ask for a GPU, and one
+    profiles/slurm`` in its node-feature and CPU-partition forms (feature_profile; the edit
+    test below runs the GRES form), with ``device: auto`` so that the model jobs ask for a GPU, and one
     validation pair instead of 4 (the validation job is the slowest here; the effects and
     summaries compared with tiny_workflow do not depend on it)."""
     workdir = write_workdir(tmp_path_factory.mktemp("slurm-run") / "run", str(tiny_model_dir),
                             device="auto", validation={"pairs": 1},
                             sharding={"layers_per_shard": 2, "prompts_per_chunk": 4})
-    output = run_slurm(workdir, test_profile).stdout
+    output = run_slurm(workdir, feature_profile).stdout
     name = run_id(output)
     return {"workdir": workdir, "output": output, "run_id": name,
             "jobs": sacct_jobs(name, expected=N_SHARDS + 8 + N_BLOCKS)}
@@ -210,8 +230,9 @@ def test_effect_shards_are_one_gpu_slurm_jobs(slurm_run):
     by_rule: dict[str, list[dict]] = {}
     for row in jobs:
         by_rule.setdefault(rule_of(row)[0], []).append(row)
-    # the model jobs went through sbatch with exactly one (h200) GPU each; the CPU steps with none;
-    # the localrules (input checks, report, all) were not submitted
+    # the model jobs went through sbatch with exactly one GPU each, on an h200 node by its
+    # feature, in the GPU partition; the CPU steps with none, in the CPU partition; the
+    # localrules (input checks, report, all) were not submitted
     assert {rule_of(r)[1] for r in by_rule["compute_effects"]} == {
         f"L{a:02d}-{a + 1:02d}_c{c:03d}" for a in (0, 2, 4) for c in (0, 1)}
     assert len(by_rule["compute_effects"]) == N_SHARDS
@@ -220,21 +241,25 @@ def test_effect_shards_are_one_gpu_slurm_jobs(slurm_run):
     for rule in ("compute_effects", "cache_clean_runs", "validate_sample", "estimate_attribution"):
         for row in by_rule[rule]:
             tres = set(row["tres"].split(","))
-            assert {"gres/gpu=1", "gres/gpu:h200=1", "cpu=1", "node=1"} <= tres, row
+            assert {"gres/gpu=1", "cpu=1", "node=1"} <= tres and \
+                row["partition"] == PARTITION and row["constraints"] == GPU_TYPE, row
     for rule in ("extract_activations", "aggregate_effects", "summarize_attribution"):
         assert len(by_rule[rule]) == 1 and "gres/gpu" not in by_rule[rule][0]["tres"]
+        assert by_rule[rule][0]["partition"] == CPU_PARTITION
     assert {rule_of(r)[1] for r in by_rule["aggregate_block"]} == {"L00-01", "L02-03", "L04-05"}
     assert not any("gres/gpu" in row["tres"] for row in by_rule["aggregate_block"])
+    assert {row["partition"] for row in by_rule["aggregate_block"]} == {CPU_PARTITION}
     assert set(by_rule) == {"compute_effects", "cache_clean_runs", "validate_sample",
                             "extract_activations", "aggregate_block", "aggregate_effects",
                             "estimate_attribution", "summarize_attribution"}
     assert all(row["state"] == "COMPLETED" for row in jobs), jobs
-    # the sbatch request itself (slurmctld keeps finished jobs for MinJobAge = 300 s): one h200,
-    # --cpus-per-gpu, --requeue (preemption), the partition and account given
+    # the sbatch request itself (slurmctld keeps finished jobs for MinJobAge = 300 s): one GPU
+    # on a node with the h200 feature, --cpus-per-gpu, --requeue (preemption), the partition
+    # and account given
     shard_job = by_rule["compute_effects"][0]["id"]
     shown = subprocess.run(["scontrol", "show", "job", shard_job], capture_output=True,
                            text=True, check=True).stdout
-    for field in ("TresPerJob=gres:gpu:h200:1", "CpusPerTres=gres:gpu:1", "Requeue=1",
+    for field in ("TresPerJob=gres:gpu:1", "CpusPerTres=gres:gpu:1", "Requeue=1",
                   f"Partition={PARTITION}", f"Account={ACCOUNT}"):
         assert field in shown.split(), (field, shown)
     # and Snakemake says the same: one submission per shard
@@ -288,6 +313,12 @@ def test_edit_reruns_only_the_affected_shards(slurm_run, test_profile, tmp_path)
     # the two shards of layer block L02-03, then that block's aggregation (the other blocks'
     # parts are kept), the final aggregation, the AtP comparison and the validation that read
     # them (the gradients themselves do not depend on the neuron list)
+    # the GRES form of the profile (test_profile): the shards asked for gpu:h200, and every
+    # job went to the one partition
+    for row in jobs:
+        assert row["partition"] == PARTITION, row
+        if rule_of(row)[0] == "compute_effects":
+            assert f"gres/gpu:{GPU_TYPE}=1" in row["tres"].split(","), row
     assert submitted == [("aggregate_block", "L02-03"), ("aggregate_effects", ""),
                          ("compute_effects", "L02-03_c000"),
                          ("compute_effects", "L02-03_c001"), ("summarize_attribution", ""),

@@ -7,12 +7,18 @@
    scale: every matrix N(0, 1/fan_in) (Llama-3.1-8B's own have std 0.01-0.03 at fan_in 4,096),
    norms 1, the unembedding x4 so that the largest clean logits are ~20 as in a trained model.
 2. Writes prompts (chat-formatted, about 150 tokens each: demo passages joined) and neurons
-   spread over every layer, and a config (device cuda, float32, mediation, attribution
-   patching, validation) so that every rule runs.
-3. Runs the workflow with Snakemake, one GPU job at a time, and prints ONE JSON object as the last
-   line: ``rules`` (per rule: jobs, wall seconds, the seconds of work its log reports and the
-   rest as fixed cost, peak GPU memory, peak host RSS), ``validation`` (the result and the
-   errors), ``rows_per_s`` (treated rows per second of the shards' units), and the set-up.
+   spread over every layer, with downstream edges in the user's format, and a config (device
+   cuda, float32, mediation, attribution patching, validation; the automatic shard plan, as the
+   real job) so that every rule runs.
+3. Runs the workflow with Snakemake, one GPU job at a time, in a fresh work folder (everything
+   but a checkpoint of the same shape is removed first: no result, cache entry or log of an
+   earlier run is reused or counted), and prints ONE JSON object as the last line: ``rules``
+   (per rule: jobs, wall seconds, the seconds of work its log reports and the rest as fixed
+   cost, peak GPU memory allocated and reserved, peak host RSS), ``plan`` (shards, jobs, the
+   estimated and the measured fixed seconds of the model jobs), ``validation`` (the result and
+   the errors), ``rows_per_s`` (treated rows per second of the shards' units), ``edges`` (the
+   edges measured), ``products`` (rows/s and the largest error against float64 of the readout
+   ``W h`` in each ``compute.products`` mode) and the set-up (torch, transformers).
 
 ``--cpu`` runs the same steps at toy scale on the CPU (a 4-layer model, 2 prompts).
 """
@@ -23,12 +29,14 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 import yaml
 
@@ -44,13 +52,19 @@ SHAPES = {
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=49152,
                 max_position_embeddings=1024),
 }
-# prompts, neurons per layer, layers per shard (2 blocks), validation pairs
-SIZES = {"gpu": (32, 32, 16, 16), "cpu": (2, 3, 2, 4)}
+# prompts, neurons per layer, validation pairs (the shards: the automatic plan, as the real job)
+SIZES = {"gpu": (32, 32, 16), "cpu": (2, 3, 4)}
 SHARD_BYTES = 4 * 2**30
 LOGIT_GAIN = 4.0
 WORK = re.compile(r" in (\d+(?:\.\d+)?) s$")
 ROWS = re.compile(r"INFO unit \S+ \(.*\): (\d+) rows in (\d+(?:\.\d+)?) s$")
-PEAK_GPU = re.compile(r"peak GPU memory (\d+(?:\.\d+)?) GiB")
+PEAK_GPU = re.compile(r"peak GPU memory (\d+(?:\.\d+)?) GiB allocated, (\d+(?:\.\d+)?) GiB "
+                      r"reserved")
+FIXED = re.compile(r"fixed cost: ([0-9.]+) s since the job's process started")
+PLAN_ROW = re.compile(r"^(\w+)\s+(\d+)\s+([\d.]+) (s|min)\s+([\d.]+) (s|min)\s+")
+MODEL_RULES = ("cache_clean_runs", "compute_effects", "estimate_attribution", "validate_sample")
+# readout rows per product measurement (the real job's units: neurons_per_block rows)
+PRODUCT_ROWS = {"gpu": 2048, "cpu": 64}
 
 
 def demo_tokenizer() -> Any:
@@ -136,6 +150,12 @@ def write_inputs(workdir: Path, tokenizer: Any, n_prompts: int, per_layer: int,
     generator = torch.Generator().manual_seed(1)
     profiles = [{"layer": layer, "neuron": int(neuron)} for layer in range(n_layers)
                 for neuron in torch.randperm(intermediate, generator=generator)[:per_layer]]
+    for profile in profiles:  # two downstream edges each (the next layer's), in the user's format
+        if profile["layer"] + 1 < n_layers:
+            targets = torch.randint(intermediate, (2,), generator=generator).tolist()
+            profile["top_downstream_targets"] = [
+                {"target": f"{profile['layer'] + 1}_{target}_9", "avg_weight": weight}
+                for target, weight in zip(targets, (0.4, -0.3))]
     (workdir / "neurons.json").write_text(json.dumps({"profiles": profiles}))
 
 
@@ -148,37 +168,127 @@ def _set(config: dict[str, Any], assignment: str) -> None:
     config[leaf] = yaml.safe_load(value)
 
 
-def rule_table(workdir: Path) -> dict[str, dict[str, Any]]:
-    """Per rule with a benchmark file: jobs, wall seconds (summed), the seconds of work its logs
-    report (``... in X s`` lines), the rest as fixed cost, peak GPU memory (GiB) and peak RSS."""
+def fresh(path: Path, since: float) -> bool:
+    """Whether ``path`` was written by this run (``since``: its start, epoch seconds)."""
+    return path.exists() and path.stat().st_mtime >= since
+
+
+def rule_table(workdir: Path, since: float) -> dict[str, dict[str, Any]]:
+    """Per rule with a benchmark file written since ``since``: jobs, wall seconds (summed), the
+    seconds of work its logs report (``... in X s`` lines), the rest as fixed cost, peak GPU
+    memory allocated and reserved (GiB) and peak RSS."""
     rules: dict[str, dict[str, Any]] = {}
     for path in sorted((workdir / "benchmarks").glob("*/*.tsv")):
+        if not fresh(path, since):
+            continue
         rule = path.parent.name
         row = dict(zip(*[line.split("\t") for line in path.read_text().splitlines()[:2]]))
         log = workdir / "logs" / rule / f"{path.stem}.log"
         log = log if log.exists() else workdir / "logs" / f"{rule}.log"
-        text = log.read_text().splitlines() if log.exists() else []
+        text = log.read_text().splitlines() if fresh(log, since) else []
         work = sum(float(m.group(1)) for line in text if (m := WORK.search(line)))
-        peaks = [float(m.group(1)) for line in text if (m := PEAK_GPU.search(line))]
+        peaks = [(float(m.group(1)), float(m.group(2))) for line in text
+                 if (m := PEAK_GPU.search(line))]
+        fixed = [float(m.group(1)) for line in text if (m := FIXED.search(line))]
         entry = rules.setdefault(rule, {"jobs": 0, "wall_s": 0.0, "work_s": 0.0,
-                                        "peak_gpu_gib": None, "peak_rss_mb": 0.0})
+                                        "logged_fixed_s": 0.0, "peak_gpu_gib_allocated": None,
+                                        "peak_gpu_gib_reserved": None, "peak_rss_mb": 0.0})
         entry["jobs"] += 1
         entry["wall_s"] += float(row["s"])
         entry["work_s"] += work
-        if peaks:
-            entry["peak_gpu_gib"] = max(entry["peak_gpu_gib"] or 0.0, *peaks)
+        entry["logged_fixed_s"] += fixed[-1] if fixed else 0.0
+        for index, key in enumerate(("peak_gpu_gib_allocated", "peak_gpu_gib_reserved")):
+            if peaks:
+                entry[key] = max(entry[key] or 0.0, *(peak[index] for peak in peaks))
         if row.get("max_rss", "-") != "-":
             entry["peak_rss_mb"] = max(entry["peak_rss_mb"], float(row["max_rss"]))
     for entry in rules.values():
         entry["fixed_s"] = round(entry["wall_s"] - entry["work_s"], 2)
-        entry["wall_s"], entry["work_s"] = round(entry["wall_s"], 2), round(entry["work_s"], 2)
+        for key in ("wall_s", "work_s", "logged_fixed_s"):
+            entry[key] = round(entry[key], 2)
     return rules
 
 
-def shard_throughput(workdir: Path) -> tuple[int, float]:
-    """Treated rows and their seconds over every unit the shards logged."""
+def plan_summary(output: str, rules: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The plan the run printed (``output``: Snakemake's) against what it measured: effect
+    shards, model jobs, and the model jobs' fixed seconds, estimated and as their logs report
+    them (start-up and model loading)."""
+    estimated = {}
+    for line in output.splitlines():
+        if (match := PLAN_ROW.match(line)) and match.group(1) in MODEL_RULES:
+            estimated[match.group(1)] = (int(match.group(2)), float(match.group(5)) * (
+                60 if match.group(6) == "min" else 1))
+    return {"shards": rules.get("compute_effects", {}).get("jobs", 0),
+            "jobs": sum(rules[rule]["jobs"] for rule in MODEL_RULES if rule in rules),
+            "estimated_jobs": sum(jobs for jobs, _ in estimated.values()),
+            "estimated_fixed_s": round(sum(fixed for _, fixed in estimated.values()), 1),
+            "measured_fixed_s": round(sum(rules[rule]["logged_fixed_s"]
+                                          for rule in MODEL_RULES if rule in rules), 1)}
+
+
+def product_check(model_dir: Path, device: torch.device, rows: int) -> dict[str, dict[str, float]]:
+    """The readout ``W h`` against the checkpoint's unembedding for ``rows`` random hidden
+    states, in each ``compute.products`` mode (float32; split_bf16 with 2 and 3 parts): rows per
+    second (the best of 3 timed products) and the largest absolute error against float64."""
+    from safetensors import safe_open
+
+    from neuron_effects.products import SplitWeight
+
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    with safe_open(str(model_dir / index["weight_map"]["lm_head.weight"]), "pt") as weights:
+        unembedding = weights.get_tensor("lm_head.weight").to(device, torch.float32)
+    hidden = torch.randn(rows, unembedding.shape[1], device=device,
+                         generator=torch.Generator(device=device).manual_seed(2))
+    reference = hidden.double() @ unembedding.double().T
+    modes = {"float32": lambda: hidden @ unembedding.T}
+    for parts in (2, 3):
+        split = SplitWeight(unembedding, parts)
+        modes[f"split_bf16_{parts}"] = lambda split=split: split.product_t(hidden)
+    results = {}
+    for name, product in modes.items():
+        product()  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            logits = product()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - started)
+        results[name] = {"rows_per_s": round(rows / best, 1),
+                         "max_abs_err": float((logits.double() - reference).abs().max())}
+    return results
+
+
+WORKDIR_MARK = ".gpu-check-workdir"
+
+
+def clear_workdir(workdir: Path, shape: dict[str, int]) -> None:
+    """Everything of an earlier run goes (results and their cache, logs, benchmarks, plans,
+    Snakemake's records); the checkpoint stays only if it has ``shape``. A folder that is not
+    empty and was not made by this check is refused, never cleared."""
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / WORKDIR_MARK).exists():
+        sys.exit(f"{workdir} holds files of something else than tools/gpu-check.sh (it has no "
+                 f"{WORKDIR_MARK}): give an empty or new folder with --workdir")
+    model_dir = workdir / "model"
+    config = model_dir / "config.json"
+    kept = config.exists() and all(
+        json.loads(config.read_text()).get(key) == value for key, value in shape.items())
+    for path in workdir.iterdir() if workdir.exists() else []:
+        if path == model_dir and kept or path.name == WORKDIR_MARK:
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / WORKDIR_MARK).touch()
+
+
+def shard_throughput(workdir: Path, since: float) -> tuple[int, float]:
+    """Treated rows and their seconds over every unit the shards logged since ``since``."""
     rows, seconds = 0, 0.0
     for log in (workdir / "logs" / "compute_effects").glob("*.log"):
+        if not fresh(log, since):
+            continue
         for line in log.read_text().splitlines():
             if match := ROWS.search(line):
                 rows += int(match.group(1))
@@ -204,24 +314,23 @@ def main() -> None:
         sys.exit("no usable CUDA GPU here (torch.cuda.is_available() is False); --cpu runs the "
                  "same steps at toy scale")
     device = torch.device("cuda" if scale == "gpu" else "cpu")
-    started = time.perf_counter()
+    started, run_start = time.perf_counter(), time.time()
     workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = demo_tokenizer()
     shape = SHAPES[scale]
+    clear_workdir(workdir, shape)
+    tokenizer = demo_tokenizer()
     model_dir = workdir / "model"
     written = time.perf_counter()
     if not (model_dir / "config.json").exists():
         write_checkpoint(model_dir, shape, device, tokenizer)
     checkpoint_s = time.perf_counter() - written
-    n_prompts, per_layer, layers_per_shard, pairs = SIZES[scale]
+    n_prompts, per_layer, pairs = SIZES[scale]
     write_inputs(workdir, tokenizer, n_prompts, per_layer, shape["num_hidden_layers"],
                  shape["intermediate_size"])
     # the repository's defaults (a --directory run does not find config/config.yaml), then these
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     config.update(model=str(model_dir), neurons="neurons.json", prompts="prompts.jsonl",
                   device=device.type, dtype="auto", chat_template=True)
-    config["sharding"] = {"layers_per_shard": layers_per_shard, "prompts_per_chunk": n_prompts}
     config["validation"]["pairs"] = pairs
     for assignment in args.set:
         _set(config, assignment)
@@ -235,15 +344,19 @@ def main() -> None:
     with (workdir / "snakemake.out").open("w") as output:
         finished = subprocess.run(command, cwd=workdir, stdout=output, stderr=subprocess.STDOUT)
     workflow_s = time.perf_counter() - workflow_started
+    import transformers
+
+    rules = rule_table(workdir, run_start)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "scale": scale, "shape": shape,
+        "torch": torch.__version__, "transformers": transformers.__version__, "scale": scale,
+        "shape": shape,
         "prompts": n_prompts, "neurons": per_layer * shape["num_hidden_layers"],
         "checkpoint_s": round(checkpoint_s, 1), "workflow_s": round(workflow_s, 1),
-        "total_s": round(time.perf_counter() - started, 1), "snakemake_exit": finished.returncode,
-        "rules": rule_table(workdir)}
+        "snakemake_exit": finished.returncode, "rules": rules,
+        "plan": plan_summary((workdir / "snakemake.out").read_text(), rules)}
     summary_path = workdir / "results/validation/summary.json"
-    if summary_path.exists():
+    if fresh(summary_path, run_start):
         summary = json.loads(summary_path.read_text())
         result["validation"] = {key: summary.get(key) for key in (
             "passed", "failure", "dtype", "reference_dtype", "reference_note", "tolerance",
@@ -252,9 +365,13 @@ def main() -> None:
     else:
         result["validation"] = None
         result["error"] = (workdir / "snakemake.out").read_text()[-3000:]
-    rows, seconds = shard_throughput(workdir)
+    rows, seconds = shard_throughput(workdir, run_start)
     result["rows"] = rows
     result["rows_per_s"] = round(rows / seconds, 1) if seconds else None
+    edges = workdir / "results/summary/edges.parquet"
+    result["edges"] = len(pd.read_parquet(edges)) if fresh(edges, run_start) else 0
+    result["products"] = product_check(model_dir, device, PRODUCT_ROWS[scale])
+    result["total_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
     sys.exit(finished.returncode)
 

@@ -25,6 +25,7 @@ WITH_DBD=${WITH_DBD:-1}
 NGPU=${NGPU:-2}
 GPU_TYPE=${GPU_TYPE:-h200}
 PARTITION=${PARTITION:-gpu}
+CPU_PARTITION=${CPU_PARTITION:-cpu}  # the same node, for the CPU-partition setting of the profile
 FAKEGPU_DIR=/etc/slurm/fakegpu
 DB_PASS=${DB_PASS:-slurmpw}
 
@@ -131,8 +132,9 @@ AuthInfo=cred_expire=10
 DefMemPerCPU=1000
 GresTypes=gpu
 $acct
-NodeName=localhost CPUs=$cpus Boards=1 SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem Gres=gpu:${GPU_TYPE}:${NGPU} State=UNKNOWN
+NodeName=localhost CPUs=$cpus Boards=1 SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem Gres=gpu:${GPU_TYPE}:${NGPU} Features=${GPU_TYPE} State=UNKNOWN
 PartitionName=$PARTITION Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+PartitionName=$CPU_PARTITION Nodes=localhost MaxTime=INFINITE State=UP
 EOF
 )
   local changed=0

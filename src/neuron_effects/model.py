@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -39,8 +40,29 @@ class ModelSpec:
     trust_remote_code: bool = False
 
 
-# PyTorch's CUDA wheel indices (https://download.pytorch.org/whl/<build>), newest first.
-TORCH_CUDA_BUILDS = ("cu130", "cu129", "cu128", "cu126", "cu118")
+@dataclass(frozen=True)
+class TorchBuild:
+    """A CUDA build of the pinned torch on PyTorch's wheel index (``<TORCH_INDEX><name>``): it
+    runs on a driver that supports CUDA ``min_driver_cuda`` or newer (CUDA minor-version
+    compatibility: a 12.x build needs a 12.0 driver, R525+), per ``source``."""
+
+    name: str
+    min_driver_cuda: str
+    min_driver: str
+    source: str
+
+
+# THE list of torch 2.13.0's CUDA builds that the advice names, newest first. UNCONFIRMED:
+# download.pytorch.org could not be reached from where it was written (2026-12-05); it follows
+# PyTorch's release announcements and downstream build matrices of 2026 (cu118 ended with 2.7;
+# 2.12 ships cu126, cu130 and cu132, without 12.8 and 12.9; 2.14 is the last with a 12.x build).
+# cu132 is left out until confirmed for 2.13 (cu130 runs on the same drivers). How to confirm:
+# README, "A torch build for your GPU's driver".
+TORCH_BUILDS_CONFIRMED = False
+TORCH_CUDA_BUILDS = (
+    TorchBuild("cu130", "13.0", "R580", "PyTorch 2.12 release notes, 2026 (unconfirmed for 2.13)"),
+    TorchBuild("cu126", "12.0", "R525", "PyTorch 2.12 release notes, 2026 (unconfirmed for 2.13)"),
+)
 TORCH_INDEX = "https://download.pytorch.org/whl/"
 
 
@@ -64,12 +86,23 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def torch_build_for(driver_cuda: str) -> str | None:
-    """The newest of :data:`TORCH_CUDA_BUILDS` whose CUDA version the driver supports
-    (``cu126`` for a driver supporting CUDA 12.6 up to 12.7), None if none."""
+    """The first (newest) of :data:`TORCH_CUDA_BUILDS` that runs on a driver supporting CUDA
+    ``driver_cuda`` (``min_driver_cuda <= driver_cuda``), None if none does."""
     for build in TORCH_CUDA_BUILDS:
-        if _version(f"{build[2:-1]}.{build[-1]}") <= _version(driver_cuda)[:2]:
-            return build
+        if _version(build.min_driver_cuda) <= _version(driver_cuda)[:2]:
+            return build.name
     return None
+
+
+# Left by a model job that found CUDA unusable (relative to the workflow's working directory):
+# the message; the workflow resubmits no model job while it exists (workflow/rules/common.smk).
+CUDA_UNUSABLE = Path("logs/cuda_unusable.txt")
+
+
+class CudaUnusableError(InputError):
+    """``device: cuda`` where CUDA is unusable: fatal on every retry of the job (a job that
+    raises it leaves :data:`CUDA_UNUSABLE` behind, and the workflow resubmits no model job
+    after it)."""
 
 
 def cuda_unusable_message(device: str, torch_version: str, torch_cuda: str | None,
@@ -83,7 +116,7 @@ def cuda_unusable_message(device: str, torch_version: str, torch_cuda: str | Non
                 "auto")
     found = f"{build}; the NVIDIA driver is {driver}, which supports CUDA up to {driver_cuda}"
     wanted = torch_build_for(driver_cuda) if driver_cuda else None
-    if torch_cuda is None or (driver_cuda and _version(torch_cuda)[:2] > _version(driver_cuda)[:2]):
+    if torch_cuda is None or (driver_cuda and _version(torch_cuda)[:1] > _version(driver_cuda)[:1]):
         fix = (f"TORCH_INDEX_URL={TORCH_INDEX}{wanted} tools/setup-venv.sh (a torch build for "
                "this driver; README, Set-up)" if wanted else
                "update the NVIDIA driver (no PyTorch CUDA build supports this one)")
@@ -100,7 +133,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(cuda_unusable_message(device, torch.__version__, torch.version.cuda,
+        raise CudaUnusableError(cuda_unusable_message(device, torch.__version__, torch.version.cuda,
                                                *nvidia_driver()))
     if device != "cpu" and not device.startswith("cuda"):
         raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")

@@ -42,8 +42,8 @@ from .inputs import (InputError, Neuron, extra_columns, load_profile_document, r
                      read_profile_scores)
 from .error_scale import (ERROR_FACTOR, RELATIVE_FLOOR_FACTOR, float32_error_bound, logit_scale,
                           ratio_noise_floor)
-from .model import (ModelSpec, load_config, load_model, load_tokenizer, parameter_sizes,
-                    precision_flags, resolve_device, resolve_dtype)
+from .model import (CUDA_UNUSABLE, CudaUnusableError, ModelSpec, load_config, load_model, load_tokenizer,
+                    parameter_sizes, precision_flags, resolve_device, resolve_dtype)
 from .precision import low_precision_warning
 from .prepare import model_digest
 from .products import use_products
@@ -75,18 +75,33 @@ PROMPT_COLUMNS = ("prompt_id", "target_id", "target_token", "target_source", "di
 
 def _log_peak_gpu_memory() -> None:
     if torch.cuda.is_initialized():
-        log.info("peak GPU memory %.3f GiB", torch.cuda.max_memory_allocated() / 2**30)
+        log.info("peak GPU memory %.3f GiB allocated, %.3f GiB reserved",
+                 torch.cuda.max_memory_allocated() / 2**30,
+                 torch.cuda.max_memory_reserved() / 2**30)
+
+
+def _record_cuda_unusable(kind: type, error: BaseException, trace: Any) -> None:
+    """The job's excepthook: a :class:`CudaUnusableError` is written to :data:`CUDA_UNUSABLE`
+    before the usual traceback."""
+    if isinstance(error, CudaUnusableError):
+        CUDA_UNUSABLE.parent.mkdir(parents=True, exist_ok=True)
+        staging = CUDA_UNUSABLE.with_suffix(".tmp")
+        staging.write_text(f"{error}\n")
+        staging.replace(CUDA_UNUSABLE)
+    sys.__excepthook__(kind, error, trace)
 
 
 def configure_job(threads: int) -> None:
     """Log INFO and warnings to stderr (the job's log), use ``threads`` CPU threads, log the
     job's fixed cost so far (its start-up: Python and the imports), and log the peak GPU memory
-    allocated when the job ends (if it used CUDA)."""
+    allocated and reserved when the job ends (if it used CUDA); an unusable CUDA is recorded
+    in :data:`CUDA_UNUSABLE`, so that the job is not retried."""
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s")
     logging.captureWarnings(True)
     torch.set_num_threads(max(1, threads))
     atexit.register(_log_peak_gpu_memory)
+    sys.excepthook = _record_cuda_unusable
     log_fixed_cost()
 
 

@@ -20,7 +20,7 @@ rule estimate_attribution:
         "../../envs/neuron-effects.yaml"
     threads: 2
     resources:
-        gpu=GPUS,
+        gpu=gpu_request,
     params:
         model=MODEL,
         treatment=config["treatment"],
@@ -101,7 +101,7 @@ rule compute_candidate_effects:
         "../../envs/neuron-effects.yaml"
     threads: 2
     resources:
-        gpu=GPUS,
+        gpu=gpu_request,
     params:
         model=MODEL,
         neurons=[],

@@ -11,7 +11,7 @@ rule cache_clean_runs:
         "../../envs/neuron-effects.yaml"
     threads: 2
     resources:
-        gpu=GPUS,
+        gpu=gpu_request,
     params:
         model=MODEL,
         prompts=chunk_prompts,

@@ -4,6 +4,7 @@ estimate (at parse time) and input functions."""
 import os
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
@@ -15,6 +16,7 @@ from neuron_effects.demo import fetch_demo_model
 from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest, read_profile_scores
+from neuron_effects.model import CUDA_UNUSABLE
 from neuron_effects.plan import (
     LAYOUT_ENV,
     Workload,
@@ -30,6 +32,41 @@ from neuron_effects.relp import method_rules
 from neuron_effects.verified import check_config, check_profile_ids
 
 validate(config, "../../config/config.schema.yaml")
+TOP_LEVEL = not (workflow.remote_exec or workflow.subprocess_exec)
+# The Slurm profile's placeholder account: a dry run warns at once; a real run on a cluster
+# executor stops before its first job (onstart), so before prepare_model downloads a model.
+PLACEHOLDER_ACCOUNT = "CHANGE_ME"
+
+
+def placeholder_accounts():
+    """Where the profile's resources still set ``slurm_account`` to the placeholder."""
+    settings = workflow.resource_settings
+    sources = {"default-resources": settings.default_resources or {}}
+    for rule_name, resources in (settings.overwrite_resources or {}).items():
+        sources[f"set-resources: {rule_name}"] = resources
+    return [
+        where
+        for where, resources in sources.items()
+        if "slurm_account" in resources
+        and PLACEHOLDER_ACCOUNT in str(resources["slurm_account"].raw)
+    ]
+
+
+ACCOUNT_MESSAGE = (
+    f"slurm_account is still {PLACEHOLDER_ACCOUNT!r} in the profile "
+    f"({', '.join(placeholder_accounts())}): set your account in profiles/slurm/config.v8+.yaml "
+    "(`sacctmgr -n -s list user $USER format=account`), or delete the line if your cluster has "
+    "no accounts"
+)
+if TOP_LEVEL and placeholder_accounts():
+    logger.warning(f"{ACCOUNT_MESSAGE}; a real run stops before its first job")
+
+
+onstart:
+    if not workflow.local_exec and placeholder_accounts():
+        raise WorkflowError(ACCOUNT_MESSAGE)
+
+
 # bfloat16/float16 are allowed, but say at once what they do to the results.
 if low_precision_warning(config["dtype"]):
     logger.warning(low_precision_warning(config["dtype"]))
@@ -186,6 +223,24 @@ EFFECT_SETTINGS = {
 CACHE = "results/cache"
 # Jobs that run the model ask for one GPU unless the config pins the CPU.
 GPUS = 0 if config["device"] == "cpu" else 1
+# A model job that found CUDA unusable leaves CUDA_UNUSABLE: known-fatal, so no model job is
+# retried after it (gpu_request). Each run starts without it.
+if TOP_LEVEL:
+    CUDA_UNUSABLE.unlink(missing_ok=True)
+
+
+def gpu_request(wildcards, attempt):
+    """A model job's GPUs (GPUS); a retry (attempt > 1) after a job found CUDA unusable stops
+    the run instead, with that job's message: no retry can fix a torch build or driver.
+    """
+    if attempt > 1 and TOP_LEVEL and CUDA_UNUSABLE.exists():
+        raise WorkflowError(
+            f"not retried: a model job found CUDA unusable ({CUDA_UNUSABLE}): "
+            f"{CUDA_UNUSABLE.read_text().strip()}"
+        )
+    return GPUS
+
+
 LABELS = f"results/labels/{Path(config['neurons']).stem}.with_effects.json"
 
 

@@ -16,7 +16,7 @@ rule compute_effects:
         "../../envs/neuron-effects.yaml"
     threads: 2
     resources:
-        gpu=GPUS,
+        gpu=gpu_request,
     params:
         model=MODEL,
         neurons=shard_neurons,

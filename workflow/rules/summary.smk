@@ -136,7 +136,7 @@ rule validate_sample:
         "../../envs/neuron-effects.yaml"
     threads: 2
     resources:
-        gpu=GPUS,
+        gpu=gpu_request,
     params:
         model=MODEL,
         settings=EFFECT_SETTINGS,
