@@ -678,7 +678,9 @@ def test_seed_scale_auto_plan(seed_scale, tmp_path):
     assert "The plan and its estimated cost:" in output
     share = re.search(r"estimated GPU-minutes on h200: ([0-9.]+), of which fixed cost "
                       r"\(start-up and model loading\) (\d+) %", output)
-    assert share and int(share.group(2)) <= 30, output[-3000:]
+    # the shards keep sharding.max_fixed_share (0.3); the verified candidates' one job adds a
+    # model load for 1.2 % of the rows, which the whole run's share includes
+    assert share and int(share.group(2)) <= 40, output[-3000:]
     counts = _job_counts(result.stdout)
     model_jobs = sum(counts.get(rule, 0) for rule in (
         "cache_clean_runs", "compute_effects", "estimate_attribution", "validate_sample"))
@@ -741,13 +743,13 @@ def _one_dry_run_lists(workdir: Path, shards: set[str], chunks: set[str]) -> str
 
 @pytest.mark.slow
 def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
-    # shards write 4 tables each; the aggregation 9 parts per layer block, then 10 files (3 of
-    # them the mediation outputs, 1 the edges); the report 5 (page and 4 figures); attribution
-    # patching 4 chunks and 3 summaries; the verified candidates 1 selection, 4 tables per
-    # chunk and 8 aggregation parts
+    # shards write 4 tables each; the aggregation 10 parts per layer block (len(BLOCK_PARTS)),
+    # then 11 files (3 of them the mediation outputs, 1 the edges, 1 the non-finite rows); the
+    # report 5 (page and 4 figures); attribution patching 4 chunks and 3 summaries; the verified
+    # candidates 1 selection, 4 tables per chunk and 9 aggregation parts (all but the edges)
     blocks = _expected_blocks(seed_scale)
     assert len(_pretend_everything_ran(seed_scale)) == \
-        2 + 4 + 4 * 28 + 2 + 9 * len(blocks) + 10 + 2 + 5 + 4 + 3 + 1 + 4 * 4 + 8
+        2 + 4 + 4 * 28 + 2 + 10 * len(blocks) + 11 + 2 + 5 + 4 + 3 + 1 + 4 * 4 + 9
     heavy = ("cache_clean_runs", "compute_effects", "extract_activations",
              "estimate_attribution")
 
