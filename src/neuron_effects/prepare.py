@@ -15,6 +15,8 @@ safetensors weights), made by the ``prepare_model`` rule before any model job ru
 Parse time needs only :func:`prepared_location` (no torch, no model): the folder's path is known
 before the rule runs, so every job's params name it. The GGUF digest is cached by the file's
 path, size and modification time (parsing is repeated by every cluster job).
+:func:`place_in_hub_cache` puts a local folder into the hub cache as a download would
+(tools/gpu-check.sh and the tests read it offline).
 """
 
 from __future__ import annotations
