@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import LLAMA_8B_CONFIG  # noqa: E402
 from test_parse_scale import dry_run as timed_dry_run  # noqa: E402
-from test_parse_scale import user_workdir  # noqa: E402
+from workflow_helpers import user_workdir  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

@@ -16,15 +16,15 @@ import pytest
 from conftest import REPO
 from direct_checks import assert_clean_runs_match_direct_computation
 
-RULES = {"cache_clean_runs", "extract_activations", "compute_effects", "estimate_attribution",
+RULES = {"prepare_model", "cache_clean_runs", "extract_activations", "compute_effects", "estimate_attribution",
          "summarize_attribution", "aggregate_block", "aggregate_effects", "validate_sample"}
 
 
-def run_gpu_check(workdir) -> dict:
+def run_gpu_check(workdir, *options: str) -> dict:
     finished = subprocess.run(
         [str(REPO / "tools/gpu-check.sh"), "--cpu", "--workdir", str(workdir), "--cores", "2",
          "--set", "treatment=mean_ablate", "--set", "positions=all",
-         "--set", "validation.pairs=24"],
+         "--set", "validation.pairs=24", *options],
         capture_output=True, text=True, timeout=900)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     return json.loads(finished.stdout.strip().splitlines()[-1])
@@ -50,7 +50,13 @@ def assert_everything_computed(result: dict, workdir, since: float) -> None:
     assert result["plan"]["estimated_fixed_s"] > 0 and result["plan"]["measured_fixed_s"] > 0
     assert result["rows"] == 2 * 12 and result["rows_per_s"] > 0
     assert result["edges"] > 0
+    # the model came from a hub cache through prepare_model (links to the snapshot's blobs)
+    assert result["model_source"] == "hub-snapshot"
+    prepared = workdir / "resources/prepared/neuron-effects-check--random-llama"
+    assert (prepared / "config.json").resolve().parent.name == "blobs"
     products = result["products"]
+    assert products["rows"] == 64
+    products = {key: value for key, value in products.items() if key not in ("measured", "rows")}
     assert set(products) == {"float32", "split_bf16_2", "split_bf16_3"}
     assert all(entry["rows_per_s"] > 0 for entry in products.values())
     # float32 and 3 parts are float32-accurate; 2 parts keep 16 bits of the hidden state
@@ -68,10 +74,19 @@ def test_gpu_check_on_the_cpu_with_mean_ablate_at_every_position(demo_model_path
                               str(tmp_path / "other")], capture_output=True, text=True)
     assert refused.returncode != 0 and "give an empty or new folder" in refused.stderr
     assert (tmp_path / "other/notes.txt").exists()
-    for _ in range(2):  # the second run in the same folder computes everything again
+    for options in (["--no-parse"], []):  # the second run in the folder computes all again
         since = time.time()
-        result = run_gpu_check(workdir)
+        result = run_gpu_check(workdir, *options)
         assert_everything_computed(result, workdir, since)
+    assert (workdir / "model/config.json").stat().st_mtime < since  # the checkpoint is kept
+    # the parse at the profile's shape, scaled down: 200 neurons x 6 edges, 10 prompts, on the
+    # checkpoint's 4 layers (a dry run of the hub id, offline; once: the first run skips it)
+    parse = result["parse"]
+    assert (parse["neurons"], parse["edges"], parse["prompts"], parse["layers"]) == (
+        200, 1200, 10, 4)
+    assert parse["first_s"] > 0 and parse["again_s"] > 0
+    assert parse["cluster_job_fixed_s"] > parse["again_s"]
+    assert parse["cost_model_startup_s"] > 0 and parse["cost_model_job_fixed_s"] > 0
     validation = result["validation"]
     assert validation["passed"] is True, validation["failure"]
     assert validation["reference_dtype"] == "float64" and validation["non_finite_columns"] == []

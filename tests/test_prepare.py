@@ -13,10 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import scan_cache_dir
 
 from neuron_effects.inputs import InputError, digest
 from neuron_effects.model import ModelSpec, load_model, load_tokenizer
-from neuron_effects.prepare import MANIFEST, file_sha256, model_digest, prepared_location
+from neuron_effects.prepare import (
+    MANIFEST,
+    file_sha256,
+    model_digest,
+    place_in_hub_cache,
+    prepared_location,
+)
 
 
 def test_a_local_folders_digest_covers_its_weights(tiny_model_dir, tmp_path):
@@ -105,14 +112,19 @@ def test_prepared_gguf_loads_the_same_model_and_tokenizer(demo_model_path, prepa
 
 
 def test_a_hub_snapshot_is_linked_from_the_hub_cache(tiny_model_dir, tmp_path):
-    """A real hub cache (HF_HOME) holding a snapshot of org/tiny, offline: the prepared folder
-    links its files (no copy) and loads; the cache is not written to."""
-    hub = tmp_path / "hf-home" / "hub" / "models--org--tiny"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = hub / "snapshots" / commit
-    shutil.copytree(tiny_model_dir, snapshot)
-    (hub / "refs").mkdir()
-    (hub / "refs" / "main").write_text(commit)
+    """A hub cache (HF_HOME) holding a snapshot of org/tiny in the layout of a download (blobs
+    named by their SHA-256, the snapshot's links to them, refs/main), read offline: the prepared
+    folder links its files (no copy) and loads; the cache is not written to."""
+    snapshot = place_in_hub_cache(tiny_model_dir, tmp_path / "hf-home", "org/tiny")
+    cache = scan_cache_dir(tmp_path / "hf-home" / "hub")
+    assert not cache.warnings
+    (repo,) = cache.repos
+    (revision,) = repo.revisions
+    assert (repo.repo_id, revision.commit_hash, revision.snapshot_path) == (
+        "org/tiny", snapshot.name, snapshot)
+    assert {file.blob_path.name for file in revision.files} == {
+        file_sha256(path) for path in tiny_model_dir.iterdir()}
+    assert place_in_hub_cache(tiny_model_dir, tmp_path / "hf-home", "org/tiny") == snapshot
     root = tmp_path / "prepared"
     code = ("from neuron_effects.prepare import prepared_location, prepare_model; "
             f"prepare_model(prepared_location('org/tiny', root={str(root)!r}))")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -53,6 +54,44 @@ def write_workdir(
             config[key] = value
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return root
+
+
+def user_workdir(root: Path, model: Path | str, n_neurons: int = 8177, n_prompts: int = 100,
+                 edges_per_neuron: int = 0, census: bool = False, seed: int = 2026,
+                 n_layers: int = 32, intermediate: int = 14336, vocab: int = 128256) -> Path:
+    """A working directory with the real config's settings (``config/llama-3.1-8b.yaml``),
+    ``n_neurons`` random neurons over the ``n_layers`` layers of ``intermediate`` neurons (the
+    defaults: Llama-3.1-8B's), each with ``edges_per_neuron`` edges in the user's format (neuron
+    targets in later layers, logits of a ``vocab``-token vocabulary from the last layer), and
+    ``n_prompts`` prompts; ``census``: every neuron of every layer besides."""
+    seed_config = yaml.safe_load((REPO / "config/llama-3.1-8b.yaml").read_text())
+    overrides = {key: value for key, value in seed_config.items()
+                 if key not in ("model", "neurons", "prompts")}
+    if census:  # (a census computes every neuron: no candidates to verify)
+        overrides["census"] = {"layers": "all"}
+        overrides["atp"] = {**overrides["atp"], "verify_candidates": 0}
+    workdir = write_workdir(root, str(model), **overrides)
+    rng = random.Random(seed)
+    units: set[tuple[int, int]] = set()
+    while len(units) < n_neurons:
+        units.add((rng.randrange(n_layers), rng.randrange(intermediate)))
+    profiles = []
+    for index, (layer, neuron) in enumerate(sorted(units)):
+        profile = {"neuron_id": f"L{layer}/N{neuron}", "layer": layer, "neuron": neuron,
+                   "label": f"profile {index}", "mean_activation": round(rng.gauss(0, 1), 4)}
+        if edges_per_neuron:
+            profile["top_downstream_targets"] = [
+                {"target": (f"{rng.randrange(layer + 1, n_layers)}_{rng.randrange(intermediate)}"
+                            if layer < n_layers - 1 else f"L_{rng.randrange(vocab)}")
+                 + f"_{rng.randrange(150)}", "avg_weight": round(rng.gauss(0, 0.3), 4)}
+                for _ in range(edges_per_neuron)]
+        profiles.append(profile)
+    (workdir / "neurons.json").write_text(json.dumps({"model": "Llama-3.1-8B",
+                                                       "profiles": profiles}))
+    (workdir / "prompts.jsonl").write_text("".join(
+        json.dumps({"prompt_id": f"q{i:03d}", "prompt": f"Clinical question {i}: the answer is",
+                    "target": " yes", "distractor": " no"}) + "\n" for i in range(n_prompts)))
+    return workdir
 
 
 def snakemake_command(workdir: Path, *arguments: str) -> list[str]:

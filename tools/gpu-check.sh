@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The real workflow on one GPU at Llama-3.1-8B's shape, in one command (tools/gpu_check.py):
-# writes a random bf16 checkpoint, runs every rule with device: cuda, prints one JSON object
-# (per-rule timings and memory, the validation, rows/s) as its last line. Under 8 minutes on
-# one H200 (budget; not yet measured on a GPU).
+# writes a random bf16 checkpoint, places it in a Hugging Face hub cache (read offline, through
+# the prepare_model rule), runs every rule with device: cuda, dry-runs the user's profile shape
+# (8,177 neurons x 6 edges, 100 prompts) and prints one JSON object (per-rule timings and
+# memory, the validation, rows/s, the parse's seconds, the readout matmul's rows/s per products
+# mode) as its last line. Under 8 minutes on one H200 (budget; not yet measured on a GPU).
 #
-#   tools/gpu-check.sh [--cpu] [--workdir DIR] [--set KEY=VALUE ...]
-#       --cpu: the same steps at toy scale on the CPU; --set: config overrides
+#   tools/gpu-check.sh [--cpu] [--workdir DIR] [--no-parse] [--set KEY=VALUE ...]
+#       --cpu: the same steps at toy scale on the CPU; --no-parse: no dry run of the user's
+#       profile shape; --set: config overrides
 #       (e.g. --set treatment=mean_ablate --set positions=all). Default workdir: ./gpu-check
 #   tools/gpu-check.sh --fetch-wheels [PYTHON_VERSION]
 #       on a machine WITH a package index, beforehand: downloads into tools/gpu-check-wheels/
@@ -44,7 +47,12 @@ else
   if [ ! -x "$python" ]; then
     "${PYTHON:-python3}" -m venv --system-site-packages .gpu-check-venv
     "$python" -m pip install --quiet --no-index --find-links "$wheels" \
-      -r tools/gpu-check-requirements.txt
+      -r tools/gpu-check-requirements.txt || {
+      rm -rf .gpu-check-venv  # not half an environment that the next call would take as made
+      echo "[gpu-check] installing $wheels failed: run tools/gpu-check.sh --fetch-wheels" \
+        "beforehand on a machine with a package index" >&2
+      exit 1
+    }
   fi
 fi
 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" exec "$python" tools/gpu_check.py "$@"

@@ -6,6 +6,10 @@
    tokenizer (SmolLM2's, 49,152 tokens, with its chat template). Random weights at a realistic
    scale: every matrix N(0, 1/fan_in) (Llama-3.1-8B's own have std 0.01-0.03 at fan_in 4,096),
    norms 1, the unembedding x4 so that the largest clean logits are ~20 as in a trained model.
+   The checkpoint is then placed in a Hugging Face hub cache (``hf-home/``, the layout of a
+   download, hard links) and the workflow's ``model:`` names its hub id, read with
+   ``HF_HUB_OFFLINE=1``: the ``prepare_model`` rule links the snapshot, as on a cluster where
+   the user's model is in the hub cache.
 2. Writes prompts (chat-formatted, about 150 tokens each: demo passages joined) and neurons
    spread over every layer, with downstream edges in the user's format, and a config (device
    cuda, float32, mediation, attribution patching, validation; the automatic shard plan, as the
@@ -17,10 +21,16 @@
    cost, peak GPU memory allocated and reserved, peak host RSS), ``plan`` (shards, jobs, the
    estimated and the measured fixed seconds of the model jobs), ``validation`` (the result and
    the errors), ``rows_per_s`` (treated rows per second of the shards' units), ``edges`` (the
-   edges measured), ``products`` (rows/s and the largest error against float64 of the readout
-   ``W h`` in each ``compute.products`` mode) and the set-up (torch, transformers).
+   edges measured), ``model_source`` (``hub-snapshot`` when the jobs loaded the folder that
+   ``prepare_model`` linked from the hub cache), ``products`` (the readout matmul ``W h`` alone,
+   at ``neurons_per_block`` rows, in each ``compute.products`` mode: rows per second and the
+   largest error against float64; not a workflow run), ``parse`` (the seconds of a dry run at the
+   user's profile shape: 8,177 neurons with 6 edges each and 100 prompts, on the checkpoint's
+   config, beside the cost model's start-up and fixed cost of a job, which a cluster job's parse
+   is part of) and the set-up (torch, transformers).
 
-``--cpu`` runs the same steps at toy scale on the CPU (a 4-layer model, 2 prompts).
+``--cpu`` runs the same steps at toy scale on the CPU (a 4-layer model, 2 prompts; a parse of
+200 neurons and 10 prompts).
 """
 
 from __future__ import annotations
@@ -41,6 +51,12 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from neuron_effects.cost import device_rates, planning_device  # noqa: E402
+from neuron_effects.prepare import place_in_hub_cache, prepared_location  # noqa: E402
+from workflow_helpers import snakemake_command, user_workdir  # noqa: E402
+
 TOKENIZER = REPO / "tools" / "gpu-check-wheels" / "tokenizer"
 ROPE_LLAMA3 = {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                "original_max_position_embeddings": 8192, "rope_type": "llama3"}
@@ -65,6 +81,10 @@ PLAN_ROW = re.compile(r"^(\w+)\s+(\d+)\s+([\d.]+) (s|min)\s+([\d.]+) (s|min)\s+"
 MODEL_RULES = ("cache_clean_runs", "compute_effects", "estimate_attribution", "validate_sample")
 # readout rows per product measurement (the real job's units: neurons_per_block rows)
 PRODUCT_ROWS = {"gpu": 2048, "cpu": 64}
+# the hub id the checkpoint is cached under (HF_HOME=<workdir>/hf-home)
+HUB_ID = "neuron-effects-check/random-llama"
+# the parse's profile: neurons, prompts, edges per neuron (the user's at full scale)
+PARSE_SHAPES = {"gpu": (8177, 100, 6), "cpu": (200, 10, 6)}
 
 
 def demo_tokenizer() -> Any:
@@ -226,10 +246,11 @@ def plan_summary(output: str, rules: dict[str, dict[str, Any]]) -> dict[str, Any
                                           for rule in MODEL_RULES if rule in rules), 1)}
 
 
-def product_check(model_dir: Path, device: torch.device, rows: int) -> dict[str, dict[str, float]]:
-    """The readout ``W h`` against the checkpoint's unembedding for ``rows`` random hidden
-    states, in each ``compute.products`` mode (float32; split_bf16 with 2 and 3 parts): rows per
-    second (the best of 3 timed products) and the largest absolute error against float64."""
+def product_check(model_dir: Path, device: torch.device, rows: int) -> dict[str, Any]:
+    """The readout ``W h`` alone (one matmul, not a workflow run) against the checkpoint's
+    unembedding for ``rows`` random hidden states, in each ``compute.products`` mode (float32;
+    split_bf16 with 2 and 3 parts): rows per second (the best of 3 timed products) and the
+    largest absolute error against float64."""
     from safetensors import safe_open
 
     from neuron_effects.products import SplitWeight
@@ -244,7 +265,8 @@ def product_check(model_dir: Path, device: torch.device, rows: int) -> dict[str,
     for parts in (2, 3):
         split = SplitWeight(unembedding, parts)
         modes[f"split_bf16_{parts}"] = lambda split=split: split.product_t(hidden)
-    results = {}
+    results: dict[str, Any] = {
+        "measured": "the readout matmul W h alone (not a workflow run)", "rows": rows}
     for name, product in modes.items():
         product()  # warm-up
         best = float("inf")
@@ -296,6 +318,57 @@ def shard_throughput(workdir: Path, since: float) -> tuple[int, float]:
     return rows, seconds
 
 
+def parse_cost(workdir: Path, shape: dict[str, int], scale: str, env: dict[str, str],
+               cores: int) -> dict[str, Any]:
+    """Seconds of two dry runs (``snakemake -n``: the parse, nothing computed) of the real config
+    (``config/llama-3.1-8b.yaml``) on the checkpoint's hub id, in ``workdir/parse``, with a
+    profile of :data:`PARSE_SHAPES` over the checkpoint's layers and neurons (logit edges of its
+    vocabulary): ``first_s`` tokenizes the prompts, ``again_s`` is what every later parse costs,
+    a cluster job's included."""
+    n_neurons, n_prompts, edges = PARSE_SHAPES[scale]
+    folder = user_workdir(workdir / "parse", HUB_ID, n_neurons, n_prompts, edges_per_neuron=edges,
+                          n_layers=shape["num_hidden_layers"],
+                          intermediate=shape["intermediate_size"], vocab=shape["vocab_size"])
+    command = snakemake_command(folder, "-n", "--cores", str(cores), "--resources", "gpu=1")
+    seconds = []
+    for _ in range(2):
+        started = time.perf_counter()
+        finished = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
+        seconds.append(time.perf_counter() - started)
+        if finished.returncode != 0:
+            return {"error": (finished.stdout + finished.stderr)[-3000:]}
+    return {"neurons": n_neurons, "edges": n_neurons * edges, "prompts": n_prompts,
+            "layers": shape["num_hidden_layers"], "first_s": round(seconds[0], 2),
+            "again_s": round(seconds[1], 2)}
+
+
+def fixed_cost_comparison(parse: dict[str, Any], plan: dict[str, Any],
+                          config: dict[str, Any]) -> dict[str, float | None]:
+    """The cost model's start-up and fixed cost (start-up and loading) of one model job against
+    what this run measured: a model job's fixed cost here (a local job does not parse the
+    workflow) plus ``parse['again_s']``, which every cluster job adds."""
+    rates = device_rates(planning_device(config["device"], config["sharding"]["gpu"]),
+                         config["sharding"]["rates"])
+    estimated = plan["estimated_fixed_s"] / plan["estimated_jobs"] if plan["estimated_jobs"] \
+        else None
+    measured = plan["measured_fixed_s"] / plan["jobs"] if plan["jobs"] else None
+    return {"cost_model_startup_s": rates.startup_s,
+            "cost_model_job_fixed_s": None if estimated is None else round(estimated, 2),
+            "cluster_job_fixed_s": None if measured is None or "again_s" not in parse
+            else round(measured + parse["again_s"], 2)}
+
+
+def model_source(workdir: Path, snapshot: Path, since: float) -> str | None:
+    """``hub-snapshot`` when this run's ``prepare_model`` linked the folder the jobs load from
+    ``snapshot`` (the hub cache), else the kind its manifest records (None: not prepared)."""
+    manifest = Path(prepared_location(HUB_ID, root=workdir / "resources/prepared").manifest)
+    if not fresh(manifest, since):
+        return None
+    recorded = json.loads(manifest.read_text())
+    return "hub-snapshot" if recorded["kind"] == "hub" and recorded["snapshot"] == str(
+        snapshot) else recorded["kind"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="toy scale on the CPU")
@@ -303,6 +376,8 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override, e.g. treatment=mean_ablate, validation.pairs=8")
+    parser.add_argument("--no-parse", action="store_true",
+                        help="skip the parse at the user's profile shape (parse: null)")
     parser.add_argument("--save-tokenizer", type=Path, default=None,
                         help="only save the demo tokenizer into this folder (for --fetch-wheels)")
     args = parser.parse_args()
@@ -324,12 +399,16 @@ def main() -> None:
     if not (model_dir / "config.json").exists():
         write_checkpoint(model_dir, shape, device, tokenizer)
     checkpoint_s = time.perf_counter() - written
+    placed = time.perf_counter()
+    snapshot = place_in_hub_cache(model_dir, workdir / "hf-home", HUB_ID)
+    hub_cache_s = time.perf_counter() - placed
+    env = {**os.environ, "HF_HOME": str(workdir / "hf-home"), "HF_HUB_OFFLINE": "1"}
     n_prompts, per_layer, pairs = SIZES[scale]
     write_inputs(workdir, tokenizer, n_prompts, per_layer, shape["num_hidden_layers"],
                  shape["intermediate_size"])
     # the repository's defaults (a --directory run does not find config/config.yaml), then these
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
-    config.update(model=str(model_dir), neurons="neurons.json", prompts="prompts.jsonl",
+    config.update(model=HUB_ID, neurons="neurons.json", prompts="prompts.jsonl",
                   device=device.type, dtype="auto", chat_template=True)
     config["validation"]["pairs"] = pairs
     for assignment in args.set:
@@ -342,7 +421,8 @@ def main() -> None:
                "--show-failed-logs"]
     workflow_started = time.perf_counter()
     with (workdir / "snakemake.out").open("w") as output:
-        finished = subprocess.run(command, cwd=workdir, stdout=output, stderr=subprocess.STDOUT)
+        finished = subprocess.run(command, cwd=workdir, stdout=output, stderr=subprocess.STDOUT,
+                                  env=env)
     workflow_s = time.perf_counter() - workflow_started
     import transformers
 
@@ -352,7 +432,9 @@ def main() -> None:
         "torch": torch.__version__, "transformers": transformers.__version__, "scale": scale,
         "shape": shape,
         "prompts": n_prompts, "neurons": per_layer * shape["num_hidden_layers"],
-        "checkpoint_s": round(checkpoint_s, 1), "workflow_s": round(workflow_s, 1),
+        "checkpoint_s": round(checkpoint_s, 1), "hub_cache_s": round(hub_cache_s, 1),
+        "workflow_s": round(workflow_s, 1),
+        "model_source": model_source(workdir, snapshot, run_start),
         "snakemake_exit": finished.returncode, "rules": rules,
         "plan": plan_summary((workdir / "snakemake.out").read_text(), rules)}
     summary_path = workdir / "results/validation/summary.json"
@@ -371,6 +453,11 @@ def main() -> None:
     edges = workdir / "results/summary/edges.parquet"
     result["edges"] = len(pd.read_parquet(edges)) if fresh(edges, run_start) else 0
     result["products"] = product_check(model_dir, device, PRODUCT_ROWS[scale])
+    if args.no_parse:
+        result["parse"] = None
+    else:
+        parse = parse_cost(workdir, shape, scale, env, cores)
+        result["parse"] = {**parse, **fixed_cost_comparison(parse, result["plan"], config)}
     result["total_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result))
     sys.exit(finished.returncode)

@@ -57,7 +57,7 @@ class TorchBuild:
 # PyTorch's release announcements and downstream build matrices of 2026 (cu118 ended with 2.7;
 # 2.12 ships cu126, cu130 and cu132, without 12.8 and 12.9; 2.14 is the last with a 12.x build).
 # cu132 is left out until confirmed for 2.13 (cu130 runs on the same drivers). How to confirm:
-# README, "A torch build for your GPU's driver".
+# docs/slurm.md, "A torch build for your GPU's driver".
 TORCH_BUILDS_CONFIRMED = False
 TORCH_CUDA_BUILDS = (
     TorchBuild("cu130", "13.0", "R580", "PyTorch 2.12 release notes, 2026 (unconfirmed for 2.13)"),
@@ -118,7 +118,7 @@ def cuda_unusable_message(device: str, torch_version: str, torch_cuda: str | Non
     wanted = torch_build_for(driver_cuda) if driver_cuda else None
     if torch_cuda is None or (driver_cuda and _version(torch_cuda)[:1] > _version(driver_cuda)[:1]):
         fix = (f"TORCH_INDEX_URL={TORCH_INDEX}{wanted} tools/setup-venv.sh (a torch build for "
-               "this driver; README, Set-up)" if wanted else
+               "this driver; docs/slurm.md)" if wanted else
                "update the NVIDIA driver (no PyTorch CUDA build supports this one)")
     else:
         fix = ("the builds match: check that the job was given a GPU (CUDA_VISIBLE_DEVICES, "

@@ -15,6 +15,8 @@ safetensors weights), made by the ``prepare_model`` rule before any model job ru
 Parse time needs only :func:`prepared_location` (no torch, no model): the folder's path is known
 before the rule runs, so every job's params name it. The GGUF digest is cached by the file's
 path, size and modification time (parsing is repeated by every cluster job).
+:func:`place_in_hub_cache` puts a local folder into the hub cache as a download would
+(tools/gpu-check.sh and the tests read it offline).
 """
 
 from __future__ import annotations
@@ -157,6 +159,35 @@ def _link_snapshot(repo_id: str, staging: Path) -> dict[str, str]:
     # the hub cache names each blob by its content's hash (SHA-256 for LFS files such as the
     # weights): a digest of the weights without reading them
     return {"snapshot": str(snapshot), "weights_digest": digest(["hub", blobs])}
+
+
+def place_in_hub_cache(folder: str | Path, hf_home: str | Path, repo_id: str) -> Path:
+    """The files of the local ``folder`` placed in the Hugging Face hub cache under ``hf_home``
+    as a download of ``repo_id`` leaves them, so that an offline ``snapshot_download`` finds
+    them: ``hub/models--<org>--<name>/blobs/<SHA-256 of the content>`` (hard links to the files,
+    copies across file systems), ``snapshots/<revision>/<file>`` (relative links to the blobs)
+    and ``refs/main`` naming the revision, the SHA-1 of the files' names and blobs (the same
+    files: the same revision). Returns the snapshot folder."""
+    repo = Path(hf_home) / "hub" / f"models--{repo_id.replace('/', '--')}"
+    files = sorted(path for path in Path(folder).rglob("*") if path.is_file())
+    blobs = {path.relative_to(folder): file_sha256(path) for path in files}
+    revision = hashlib.sha1(json.dumps(sorted(
+        (str(name), blob) for name, blob in blobs.items())).encode()).hexdigest()
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for path, (name, blob) in zip(files, blobs.items()):
+        stored = repo / "blobs" / blob
+        if not stored.exists():
+            try:
+                os.link(path, stored)
+            except OSError:  # another file system
+                shutil.copyfile(path, stored)
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).unlink(missing_ok=True)
+        (snapshot / name).symlink_to(os.path.relpath(stored, (snapshot / name).parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
 
 
 # The weight files whose bytes a local folder's digest covers.

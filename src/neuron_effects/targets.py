@@ -43,6 +43,6 @@ def check_target_ranks(
         raise InputError(
             f"{len(lines)} prompt(s) have a target ranked below the top {max_rank} by the clean "
             "model (targets.on_low_rank: stop):\n  " + "\n  ".join(lines) + "\nIn chat mode "
-            "write targets without a leading space or set response_prefix (README, Prompts); "
+            "write targets without a leading space or set response_prefix (docs/running.md, Targets); "
             "or raise targets.max_rank, or set targets.on_low_rank: warn")
     return lines
