@@ -1,7 +1,7 @@
 """Bad input: a clear error before any effect job runs, naming the record and the file (issue 3).
 
 Most checks are tested at unit level: the tokenizer-free ones (``neuron_effects.inputs``) and the
-model-dependent ones (``input_checks``/``steps.prepare_inputs`` with the tiny model folder: config
+model-dependent ones (``input_checks``/``jobs.preparation.prepare_inputs`` with the tiny model folder: config
 and tokenizer only). Both kinds run while the Snakefile is parsed (the model-dependent ones cached
 by input digest), so a few tests through the real workflow show that each stops ``snakemake -n``
 before any job is planned.
@@ -27,7 +27,7 @@ from neuron_effects.clean import run_clean
 from neuron_effects.inputs import InputError, model_location, read_neurons, read_prompts
 from neuron_effects.model import (ModelSpec, check_prompt_length, load_config, load_model,
                                   resolve_device)
-from neuron_effects.steps import prepare_inputs
+from neuron_effects.jobs.preparation import prepare_inputs
 from workflow_helpers import REPO, snakemake, write_workdir
 
 DEMO_PROMPTS = (REPO / "config/demo/prompts.jsonl").read_text().splitlines()

@@ -349,7 +349,7 @@ def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypat
     """Per rule: seconds from the benchmark files, the fixed part from the last 'fixed cost'
     line of each job's log (NaN when a job logged none), the work the rest, beside the plan's
     estimate."""
-    from neuron_effects.steps import job_timings
+    from neuron_effects.jobs.report_page import job_timings
 
     monkeypatch.chdir(tmp_path)
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"

@@ -24,7 +24,7 @@ from neuron_effects.model import (LlamaFamily, ModelSpec, cast_parameters, load_
 from neuron_effects.precision import low_precision_warning
 from neuron_effects.prompts import prepare_prompt
 from neuron_effects.report import _precision_banners
-from neuron_effects.steps import validate_sample
+from neuron_effects.jobs.sample_validation import validate_sample
 from neuron_effects.validation import (CHECKED, RELATIVE_METRICS, absolute_differences,
                                        reference_metrics, relative_errors,
                                        summarize)

@@ -905,7 +905,7 @@ def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_mode
 
     from neuron_effects.effects import EffectSettings
     from neuron_effects.model import ModelSpec
-    from neuron_effects.steps import compute_shard
+    from neuron_effects.jobs.shard import compute_shard
 
     workdir = write_workdir(tmp_path / "run", str(tiny_model_dir), n_prompts=12,
                             neurons_per_layer=5, device="cpu",
