@@ -107,7 +107,7 @@ def test_concat_of_empty_files_keeps_the_columns(tmp_path):
 
 
 def test_report_section_shows_heatmaps_mediators_and_edges():
-    from neuron_effects.report import indirect_routes_section
+    from neuron_effects.report_routes import indirect_routes_section
 
     neurons = pd.DataFrame({
         "neuron_id": ["L0/N1", "L1/N2"], "layer": [0, 1],

@@ -23,8 +23,9 @@ import torch
 import transformers
 
 from .. import __version__, store
-from ..report import png_bytes, report_figures
 from ..report import render_report as render
+from ..report import report_figures
+from ..report_html import png_bytes
 from .setup import FIXED_COST
 
 # The long table's columns that the report reads (with every estimate's total_<method>).
