@@ -18,7 +18,8 @@ from .inputs import PROMPT_FIELDS, PROMPT_TABLE_COLUMNS  # noqa: E402
 from .report_attribution import (attribution_section, profile_scores_section,
                                  verified_section)  # noqa: E402
 from .report_census import census_section  # noqa: E402
-from .report_html import STYLE, figure_html, figure_uri, html_table, layer_scatter  # noqa: E402
+from .report_html import (STYLE, figure_html, figure_uri, html_table, layer_scatter,  # noqa: E402
+                          section_id, with_contents)
 from .report_routes import edges_section, indirect_routes_section  # noqa: E402
 from .report_table import neuron_table_section  # noqa: E402
 
@@ -77,6 +78,34 @@ def _alignment(layers: pd.DataFrame) -> str:
     axis.set_xlabel("layer")
     axis.legend(fontsize=8)
     return figure_uri(figure)
+
+
+# The title of the validation's section (the verdicts at the top link to it).
+VALIDATION_TITLE = "Validation against the reference path"
+
+
+def run_verdicts(validation: dict[str, Any], prompts: pd.DataFrame, n_rows: int) -> str:
+    """At the top of the page, each linking to its section: the validation (PASSED, or FAILED
+    with its cause), the prompts whose given target the clean model ranks below
+    ``targets.max_rank`` (``target_low_rank``), and the rows of the run's table with a NaN or
+    infinite value (the validation summary's ``non_finite``); – where the run did not record
+    it."""
+    section = f"#{section_id(VALIDATION_TITLE)}"
+    low_rank = int(prompts["target_low_rank"].sum()) if "target_low_rank" in prompts else None
+    non_finite = validation.get("non_finite", {}).get("n_rows")
+    items = [
+        (validation["passed"], f'<a href="{section}">Validation</a>: ' + (
+            "PASSED" if validation["passed"]
+            else f"FAILED: {html.escape(validation.get('failure') or '')}")),
+        (not low_rank, f"Low-rank targets: {'–' if low_rank is None else low_rank} of "
+                       f"{len(prompts)} prompts"
+                       + (' (<a href="#low-rank-targets">which</a>)' if low_rank else "")),
+        (not non_finite, f'<a href="{section}">Rows with a NaN or infinite value</a>: '
+                         f"{'–' if non_finite is None else non_finite} of {n_rows:,}"),
+    ]
+    return ('<div class="verdicts" id="verdicts"><b>Verdicts</b><ul>' + "".join(
+        f'<li class="{"ok" if good else "bad"}">{text}</li>' for good, text in items)
+        + "</ul></div>")
 
 
 def precision_banners(validation: dict[str, Any]) -> str:
@@ -211,9 +240,7 @@ def render_report(
                        if c not in (*PROMPT_FIELDS, *PROMPT_TABLE_COLUMNS)]
     meta_rows = pd.DataFrame(list(metadata.items()), columns=["setting", "value"])
     sections = [
-        f"<h1>Direct vs indirect effects of {len(neurons)} MLP neurons over "
-        f"{per_prompt['prompt_id'].nunique()} prompts</h1>",
-        precision_banners(validation), low_rank_banner(prompts),
+        low_rank_banner(prompts),
         "<h2>Run</h2>", html_table(meta_rows),
         "<p>Neurons by class: " + ", ".join(
             f"{label}: {int(counts.get(label, 0))}" for label in (*CLASSES, UNDETERMINED))
@@ -241,7 +268,7 @@ def render_report(
         f"{metadata.get('logit_dominant_above', 0.7)} &lt; logit-dominant. Entropy-type "
         "neurons, which act through the final norm's scale, count as direct under the first "
         "definition and as indirect under the frozen-norm one.</p></div>",
-        "<h2>Validation against the reference path</h2>", verdict,
+        f"<h2>{VALIDATION_TITLE}</h2>", verdict,
         _validation_figures(validation), html_table(per_metric),
         html_table(validation_pairs[[c for c in ("prompt_id", "neuron_id", "layer", "total",
                                                  "reference_total", "relative_error_total",
@@ -269,6 +296,10 @@ def render_report(
         neuron_table_section(neurons, per_prompt),
         f"<h2>Prompts and targets</h2>{html_table(prompts, prompt_columns)}",
     ]
+    body, contents = with_contents("".join(sections))
+    heading = (f"<h1>Direct vs indirect effects of {len(neurons)} MLP neurons over "
+               f"{per_prompt['prompt_id'].nunique()} prompts</h1>")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<title>Direct vs indirect neuron effects</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+            f"<style>{STYLE}</style></head><body>{heading}{precision_banners(validation)}"
+            f"{run_verdicts(validation, prompts, len(per_prompt))}{contents}{body}</body></html>")

@@ -8,6 +8,7 @@ import base64
 import html
 import io
 import math
+import re
 from typing import Any
 
 import matplotlib
@@ -31,6 +32,8 @@ th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}img{max-width:100%}
 .defs{background:#f8f8f8;padding:.6rem 1rem;font-size:.9rem}code{font-size:.85rem}
 .table-box{max-width:100%;overflow-x:auto}
+.verdicts{background:#f8f8f8;border:1px solid #ddd;padding:.5rem 1rem}.verdicts ul{margin:.3rem 0}
+.verdicts .bad{color:#c5221f;font-weight:600}#contents ol{columns:2;margin:.3rem 0}
 """
 
 
@@ -98,3 +101,33 @@ def layer_scatter(per_prompt: pd.DataFrame, x: str, y: str, *, diagonal: float, 
 def png_bytes(uri: str) -> bytes:
     """The PNG inside a data URI made by :func:`_figure_uri`."""
     return base64.b64decode(uri.split(",", 1)[1])
+
+
+def section_id(title: str) -> str:
+    """The anchor of a section titled ``title`` (HTML allowed): its text in lower case, each run
+    of characters other than letters and digits one hyphen."""
+    text = html.unescape(re.sub(r"<[^>]+>", "", title)).lower()
+    return re.sub(r"[^0-9a-z]+", "-", text).strip("-") or "section"
+
+
+def with_contents(body: str) -> tuple[str, str]:
+    """``body`` with an id on every ``<h2>`` (:func:`section_id`, a suffix ``-2``, ``-3``... on
+    a repeated title), and the contents list linking to them, in page order."""
+    taken: set[str] = set()
+    entries = []
+
+    def anchored(match: re.Match) -> str:
+        title = match.group(1)
+        base = identifier = section_id(title)
+        repeat = 1
+        while identifier in taken:
+            repeat += 1
+            identifier = f"{base}-{repeat}"
+        taken.add(identifier)
+        text = html.escape(html.unescape(re.sub(r"<[^>]+>", "", title)))
+        entries.append(f'<li><a href="#{identifier}">{text}</a></li>')
+        return f'<h2 id="{identifier}">{title}</h2>'
+
+    body = re.sub(r"<h2>(.*?)</h2>", anchored, body, flags=re.S)
+    return body, f'<nav id="contents"><b>Contents</b><ol>{"".join(entries)}</ol></nav>'
+

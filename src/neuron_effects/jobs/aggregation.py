@@ -38,8 +38,9 @@ from .setup import PROGRESS, log
 
 def _with_estimates(per_prompt: pd.DataFrame, estimates: dict[str, torch.Tensor],
                     prompt_ids: list[str]) -> pd.DataFrame:
-    """``total_<method>`` for each method of an estimates file (:func:`.estimates.load_estimates`: the
-    estimate of the row's prompt and neuron) inserted after ``total``, with ``indirect_atp``
+    """``total_<method>`` for each method of an estimates file
+    (:func:`.estimates.load_estimates`: the estimate of the row's prompt and neuron) inserted
+    after ``total``, with ``indirect_atp``
     (= total_atp - direct) after ``total_atp``."""
     index = {prompt_id: position for position, prompt_id in enumerate(prompt_ids)}
     rows = (per_prompt["prompt_id"].map(index).to_numpy(), per_prompt["layer"].to_numpy(),
@@ -81,27 +82,26 @@ def aggregate_block(
     estimate_chunks: Sequence[str] = (), edge_min_relative_delta: float = 0.01,
     census: bool = False, outside_profile: bool = False,
 ) -> None:
-    """One layer block's part of the aggregation (the block's shards, every prompt chunk),
-    written to ``parts`` (:data:`aggregate.BLOCK_PARTS`; without ``mediation`` the mediation parts are
-    left out): the long table's rows (ordered by layer, then neuron, then ``prompt_order``), the
-    block's neuron and layer summaries, the per-prompt breakdown of the neurons that get a
-    JSON document (the profile's, in a census); with the mediation tables, their rows, the
-    partial sums of the layer flow, the per-neuron mediation and edge-agreement columns (in the
-    neuron summary) and the documented neurons' top mediators (:func:`aggregate_mediation`);
-    with ``estimate_chunks`` (attribution patching: the prompt chunks' estimates files; not
-    the stacked file, which a profile edit rewrites), the estimates (``total_atp``,
-    ``indirect_atp``, ``total_relp``...) and their agreement with the exact effects; with the
-    edge tables, the exact measurement of the profiles' neuron edges (:func:`aggregate_edges`).
-    With ``census``, the neurons gain :func:`census_columns` and the layers the ranking
-    agreement of each estimate over all their neurons (:func:`layer_ranking_agreement`). The
-    rows and the neurons get ``in_profile`` (listed in the profile file); ``outside_profile``:
-    the shards hold the verified candidates (:mod:`neuron_effects.verified`), none in the
-    profile.
+    """One layer block's part of the aggregation (the block's shards, every prompt chunk), written
+    to ``parts`` (:data:`aggregate.BLOCK_PARTS`; without ``mediation`` the mediation parts are left
+    out): the long table's rows (ordered by layer, then neuron, then ``prompt_order``), the block's
+    neuron and layer summaries, the per-prompt breakdown of the neurons that get a JSON document
+    (the profile's, in a census); with the mediation tables, their rows, the partial sums of the
+    layer flow, the per-neuron mediation and edge-agreement columns (in the neuron summary) and the
+    documented neurons' top mediators (:func:`aggregate_mediation`); with ``estimate_chunks``
+    (attribution patching: the prompt chunks' estimates files; not the stacked file, which a profile
+    edit rewrites), the estimates (``total_atp``, ``indirect_atp``, ``total_relp``...) and their
+    agreement with the exact effects; with the edge tables, the exact measurement of the profiles'
+    neuron edges (:func:`aggregate_edges`). With ``census``, the neurons gain :func:`census_columns`
+    and the layers the ranking agreement of each estimate over all their neurons
+    (:func:`layer_ranking_agreement`). The rows and the neurons get ``in_profile`` (listed in the
+    profile file); ``outside_profile``: the shards hold the verified candidates
+    (:mod:`neuron_effects.verified`), none in the profile.
 
-    Streamed one layer at a time (:func:`layer_rows`): every summary is per neuron or per layer,
-    so only one layer's rows are in memory, and the long table is written one layer (row
-    group) at a time; what is kept across layers is per neuron, plus the per-prompt breakdown
-    of the documented neurons."""
+    Streamed one layer at a time (:func:`layer_rows`): every summary is per neuron or per layer, so
+    only one layer's rows are in memory, and the long table is written one layer (row group) at a
+    time; what is kept across layers is per neuron, plus the per-prompt breakdown of the documented
+    neurons."""
     mediated = "mediation" in parts
     order = {prompt_id: index for index, prompt_id in enumerate(prompt_order)}
     estimates = stacked_estimates(estimate_chunks) if estimate_chunks else None
@@ -223,17 +223,17 @@ def aggregate_effects(
     edges_out: str | None = None, mediator_top_k: int = 10, max_rank: int = 100,
     non_finite_out: str | None = None, candidates: Mapping[str, str] | None = None,
 ) -> None:
-    """The final, light step of the aggregation: the layer blocks' parts (``blocks``, in
-    layer order, each :data:`aggregate.BLOCK_PARTS` -> path, written by :func:`aggregate_block`) into the
-    long table, the neuron and layer summaries, the mediation tables and layer flow, the edge
-    table (each streamed or concatenated), and the prompt table (the prompts'
-    ``target_low_rank``: a given target ranked below the top ``max_rank`` by the clean model),
-    the neuron documents (``neurons.json``: the profile's neurons only; every neuron stays in
-    ``neurons.parquet``) and the enriched labels. ``candidates``: the verified candidates'
-    parts (:mod:`neuron_effects.verified`), whose rows and neurons (``in_profile`` false) follow
-    the blocks' in the long table and the neuron summary, and nowhere else. ``non_finite_out``:
-    the rows with a value NaN or infinite where it must be finite, counted over every row by the
-    blocks and the candidates (:func:`non_finite_summary`), for the validation's verdict."""
+    """The final, light step of the aggregation: the layer blocks' parts (``blocks``, in layer
+    order, each :data:`aggregate.BLOCK_PARTS` -> path, written by :func:`aggregate_block`) into the
+    long table, the neuron and layer summaries, the mediation tables and layer flow, the edge table
+    (each streamed or concatenated), and the prompt table (the prompts' ``target_low_rank``: a given
+    target ranked below the top ``max_rank`` by the clean model), the neuron documents
+    (``neurons.json``: the profile's neurons only; every neuron stays in ``neurons.parquet``) and
+    the enriched labels. ``candidates``: the verified candidates' parts
+    (:mod:`neuron_effects.verified`), whose rows and neurons (``in_profile`` false) follow the
+    blocks' in the long table and the neuron summary, and nowhere else. ``non_finite_out``: the rows
+    with a value NaN or infinite where it must be finite, counted over every row by the blocks and
+    the candidates (:func:`non_finite_summary`), for the validation's verdict."""
     prompts = pd.read_parquet(prompts_table).drop(columns=["target_id", "distractor_id"])
     clean = pd.DataFrame([record for path in clean_paths
                           for record in store.load_clean_records(path)])

@@ -1,9 +1,10 @@
 """Rules cache_clean_runs and extract_activations: one clean forward per prompt, and the
 activations of every neuron at the last position with their statistics.
 
-Reads: the prepared prompts (a chunk of them), the clean runs (``results/clean/<chunk>.safetensors``)
-and the clean-run cache (``<cache>/clean/``). Writes: the chunk's clean runs, the cache's new
-entries, ``results/activations/activations.safetensors`` and ``results/activations/neuron_stats.parquet``.
+Reads: the prepared prompts (a chunk of them), the clean runs
+(``results/clean/<chunk>.safetensors``) and the clean-run cache (``<cache>/clean/``). Writes: the
+chunk's clean runs, the cache's new entries, ``results/activations/activations.safetensors`` and
+``results/activations/neuron_stats.parquet``.
 """
 
 from __future__ import annotations

@@ -38,8 +38,8 @@ COMPUTED = re.compile(r"(?:rows|prompts) computed: (\d+), reused: (\d+)")
 
 
 def _logged(log_path: str | Path) -> tuple[float, float, float]:
-    """The last fixed cost a job logged (:func:`.setup.log_fixed_cost`) and the last counts of what it
-    computed and reused (rows or prompts); NaN for what it did not log."""
+    """The last fixed cost a job logged (:func:`.setup.log_fixed_cost`) and the last counts of
+    what it computed and reused (rows or prompts); NaN for what it did not log."""
     path = Path(log_path)
     text = path.read_text(errors="replace") if path.exists() else ""
     fixed, counts = FIXED_COST.findall(text), COMPUTED.findall(text)
@@ -51,11 +51,11 @@ def job_timings(jobs: Sequence[tuple[str, str]],
                 estimate: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, float]:
     """Per rule, from each job's benchmark file and log (``jobs``: ``(benchmark, log)`` paths,
     benchmarks under ``benchmarks/<rule>/``): jobs, seconds in all, the fixed part (start-up and
-    loading, as logged) and the rest (the job's own work), the median seconds a job spent
-    outside its work, the longest job, the peak memory, and what the model jobs computed and
-    reused from the cache (rows of effects, or prompts: their logged counts); with the plan's ``estimate``
-    (:meth:`neuron_effects.plan.PlanEstimate.as_dict`), its compute and fixed seconds beside
-    them. Also the seconds from the first benchmarked job's start until now."""
+    loading, as logged) and the rest (the job's own work), the median seconds a job spent outside
+    its work, the longest job, the peak memory, and what the model jobs computed and reused from the
+    cache (rows of effects, or prompts: their logged counts); with the plan's ``estimate``
+    (:meth:`neuron_effects.plan.PlanEstimate.as_dict`), its compute and fixed seconds beside them.
+    Also the seconds from the first benchmarked job's start until now."""
     rows, first_start = [], time.time()
     for benchmark, log_path in jobs:
         if not Path(benchmark).exists():
