@@ -70,19 +70,17 @@ def test_unreadable_file_is_named(tmp_path, reader):
         reader(folder)
 
 
-def test_profile_json_syntax_error_names_file_and_line(tmp_path):
-    path = tmp_path / "profiles.json"
-    path.write_text('{"profiles": [\n  {"layer": 0, "neuron": 1},\n  {"layer": 0 "neuron": 2}\n]}')
-    with raises(rf"^{re.escape(str(path))}: line 3, column \d+: invalid JSON"):
-        read_neurons(path)
-
-
-def test_prompt_jsonl_syntax_error_names_file_and_line(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text('{"prompt": "one"}\n\n{"prompt": "two",}\n{"prompt": "three"}\n')
+@pytest.mark.parametrize("name, text, reader", [
+    ("profiles.json", '{"profiles": [\n  {"layer": 0, "neuron": 1},\n  {"layer": 0 "neuron": 2}\n]}',
+     read_neurons),
     # line 3 of the file (the blank line 2 counts), not the 2nd record
+    ("prompts.jsonl", '{"prompt": "one"}\n\n{"prompt": "two",}\n{"prompt": "three"}\n',
+     read_prompts)])
+def test_json_syntax_error_names_file_and_line(tmp_path, name, text, reader):
+    path = tmp_path / name
+    path.write_text(text)
     with raises(rf"^{re.escape(str(path))}: line 3, column \d+: invalid JSON"):
-        read_prompts(path)
+        reader(path)
 
 
 def test_prompt_line_that_is_not_an_object(tmp_path):
