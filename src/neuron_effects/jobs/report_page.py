@@ -54,7 +54,7 @@ def job_timings(jobs: Sequence[tuple[str, str]],
     loading, as logged) and the rest (the job's own work), the median seconds a job spent outside
     its work, the longest job, the peak memory, and what the model jobs computed and reused from the
     cache (rows of effects, or prompts: their logged counts); with the plan's ``estimate``
-    (:meth:`neuron_effects.plan.PlanEstimate.as_dict`), its compute and fixed seconds beside them.
+    (:meth:`neuron_effects.plan_cost.PlanEstimate.as_dict`), its compute and fixed seconds beside them.
     Also the seconds from the first benchmarked job's start until now."""
     rows, first_start = [], time.time()
     for benchmark, log_path in jobs:
