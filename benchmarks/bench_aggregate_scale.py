@@ -1,4 +1,4 @@
-"""The census aggregation (``steps.aggregate_effects``) at Llama-3.1-8B scale, on synthetic shards.
+"""The census aggregation (``neuron_effects.jobs.aggregation.aggregate_effects``) at Llama-3.1-8B scale, on synthetic shards.
 
 Writes the inputs of one aggregation job in the shard unit format (one row group per unit: a
 block of ``--block`` neurons of one layer x one prompt), with the columns and dtypes of the
@@ -277,7 +277,9 @@ RUNNER = r"""
 import json, sys, time
 from pathlib import Path
 import pandas as pd
-from neuron_effects import steps, store
+from neuron_effects import store
+from neuron_effects.jobs import aggregation, mediation_tables
+from neuron_effects.jobs.setup import configure_job
 from neuron_effects.aggregate import BLOCK_PARTS, Thresholds
 
 out = Path(sys.argv[1]); top_k = int(sys.argv[2])
@@ -303,15 +305,16 @@ def timed(module, name):
         return result
     setattr(module, name, wrapper)
 
-for module, name in ((steps, "layer_rows"), (steps, "aggregate_mediation"),
-                     (steps, "layer_mediator_summaries"), (steps, "aggregate_edges"),
-                     (steps, "_stacked_estimates"), (store, "concat_parquet")):
+for module, name in ((aggregation, "layer_rows"), (aggregation, "aggregate_mediation"),
+                     (mediation_tables, "layer_mediator_summaries"),
+                     (aggregation, "aggregate_edges"), (aggregation, "stacked_estimates"),
+                     (store, "concat_parquet")):
     timed(module, name)
 res = out / "results"; res.mkdir(exist_ok=True)
 shards = sorted(str(p) for p in (out / "shards").glob("*.parquet") if p.name.count(".") == 1)
-steps.configure_job(1)
+configure_job(1)
 parts = {part: str(res / f"block.{part}.parquet") for part in BLOCK_PARTS}
-steps.aggregate_block(  # the generated layers are one layer block: one aggregate_block job
+aggregation.aggregate_block(  # the generated layers are one layer block: one aggregate_block job
     shard_paths=shards, prompt_order=list(pd.read_parquet(out / "prompts.parquet")["prompt_id"]),
     profile_path=str(out / "neurons.json"), thresholds=Thresholds(), parts=parts,
     mediation_shards=[s.replace(".parquet", ".mediation.parquet") for s in shards],
@@ -320,7 +323,7 @@ steps.aggregate_block(  # the generated layers are one layer block: one aggregat
     mediator_top_k=top_k, estimate_chunks=[str(out / "estimates.safetensors")],
     census=True)
 phases["block job"] = time.perf_counter() - started
-steps.aggregate_effects(  # the final step, joining the block's parts
+aggregation.aggregate_effects(  # the final step, joining the block's parts
     blocks=[parts], prompts_table=str(out / "prompts.parquet"),
     clean_paths=[str(out / "clean.safetensors")], profile_path=str(out / "neurons.json"),
     per_prompt_out=str(res / "per_prompt.parquet"), neurons_out=str(res / "neurons.parquet"),

@@ -37,7 +37,7 @@ from neuron_effects.clean import run_clean  # noqa: E402
 from neuron_effects.cost import ModelShape, device_rates  # noqa: E402
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block  # noqa: E402
 from neuron_effects.inputs import Neuron  # noqa: E402
-from neuron_effects.steps import _save_unit  # noqa: E402
+from neuron_effects.jobs.shard import save_unit  # noqa: E402
 
 
 def main() -> None:
@@ -86,7 +86,7 @@ def main() -> None:
                 if name.endswith("_tokens"):
                     frame[name] = [list(map(int, tokens)) for tokens in tables.per_prompt[name]]
             built = time.perf_counter()
-            _save_unit(cache.RowCache(folder, f"u{repeat}"), {}, rows, tables, "bench")
+            save_unit(cache.RowCache(folder, f"u{repeat}"), {}, rows, tables, "bench")
             for name, value in {**builders, "per_prompt_frame": built - started,
                                 "save_unit": time.perf_counter() - built}.items():
                 seconds.setdefault(name, []).append(value)

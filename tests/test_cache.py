@@ -13,7 +13,11 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file, save_file
 
-from neuron_effects import cache, steps
+from neuron_effects import cache, store
+from neuron_effects.jobs import setup
+from neuron_effects.jobs.clean_runs import cache_clean_runs
+from neuron_effects.jobs.estimates import estimate_attribution
+from neuron_effects.jobs.shard import compute_shard
 from neuron_effects.effects import EffectSettings
 from neuron_effects.model import ModelSpec
 
@@ -42,7 +46,7 @@ def clean_chunk(tiny_model_dir, tmp_path_factory):
     """A clean-run file of 3 prompts of the tiny model, as cache_clean_runs writes it."""
     folder = tmp_path_factory.mktemp("clean")
     spec = ModelSpec(str(tiny_model_dir), device="cpu")
-    steps.cache_clean_runs(spec, PROMPTS, str(folder / "c000.safetensors"))
+    cache_clean_runs(spec, PROMPTS, str(folder / "c000.safetensors"))
     return spec, folder / "c000.safetensors"
 
 
@@ -52,7 +56,7 @@ def shard(clean_chunk, folder, cache_root, neurons=NEURONS, settings=SETTINGS, *
     folder.mkdir(parents=True, exist_ok=True)
     paths = {table: str(folder / f"{table}.parquet") for table in TABLES}
     options = {"neurons_per_block": 2, "edge_targets": {"L0/N1": [[1, 3], [1, 4]]}, **options}
-    steps.compute_shard(spec, str(clean), neurons, settings, paths["per_prompt"],
+    compute_shard(spec, str(clean), neurons, settings, paths["per_prompt"],
                         str(cache_root), mediation_output=paths["mediation"],
                         mediators_output=paths["mediators"], edges_output=paths["edges"],
                         **options)
@@ -133,7 +137,7 @@ def test_reused_rows_equal_recomputed_ones_whatever_the_layout(clean_chunk, fres
         grown = shard(clean_chunk, tmp_path / "five", root, NEURONS, neurons_per_block=3)
         assert computed(caplog) == (2 * 3, 3 * 3)
         assert_same(grown, fresh)
-        monkeypatch.setattr(steps, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+        monkeypatch.setattr(setup, "load_model", lambda *a, **k: pytest.fail("model loaded"))
         fewer = shard(clean_chunk, tmp_path / "four", root, NEURONS[1:])
         assert computed(caplog) == (0, 4 * 3)
     expected = {table: frame[frame["neuron_id"] != "L0/N1"] for table, frame in fresh.items()}
@@ -235,7 +239,7 @@ def test_a_change_of_any_key_part_is_never_served_from_the_cache(clean_chunk, tm
             clean_chunk = (ModelSpec(str(other), device="cpu"), clean_chunk[1])
         elif change == "target":  # prompt a's target: its two rows only
             retargeted = tmp_path / "retargeted.safetensors"
-            steps.cache_clean_runs(clean_chunk[0], [{**PROMPTS[0], "target_id": 8}, *PROMPTS[1:]],
+            cache_clean_runs(clean_chunk[0], [{**PROMPTS[0], "target_id": 8}, *PROMPTS[1:]],
                                    str(retargeted))
             clean_chunk = (clean_chunk[0], retargeted)
             expected = 2
@@ -254,9 +258,9 @@ def test_clean_runs_and_estimates_are_computed_once_per_prompt(tiny_model_dir, t
 
     def run(name, prompts):
         clean = str(tmp_path / f"{name}.safetensors")
-        steps.cache_clean_runs(spec, prompts, clean, cache_root=root, prompt_format=form)
+        cache_clean_runs(spec, prompts, clean, cache_root=root, prompt_format=form)
         estimates = str(tmp_path / f"{name}.atp.safetensors")
-        steps.estimate_attribution(spec, clean, "add", "last", estimates, methods=methods,
+        estimate_attribution(spec, clean, "add", "last", estimates, methods=methods,
                                    cache_root=root)
         return load_file(clean), load_file(estimates)
 
@@ -264,13 +268,13 @@ def test_clean_runs_and_estimates_are_computed_once_per_prompt(tiny_model_dir, t
         first = run("first", PROMPTS)
         assert computed(caplog, "prompts") == (3, 0)
         uncached_clean = str(tmp_path / "uncached.safetensors")
-        steps.cache_clean_runs(spec, PROMPTS, uncached_clean)  # no cache: the reference
+        cache_clean_runs(spec, PROMPTS, uncached_clean)  # no cache: the reference
         # a new target for one prompt, and one prompt renamed: one clean run, one estimate
         changed = [{**PROMPTS[0], "target_id": 9}, {**PROMPTS[1], "prompt_id": "renamed"},
                    PROMPTS[2]]
         second = run("second", changed)
         assert computed(caplog, "prompts") == (1, 2)
-        monkeypatch.setattr(steps, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+        monkeypatch.setattr(setup, "load_model", lambda *a, **k: pytest.fail("model loaded"))
         third = run("third", PROMPTS)
         assert computed(caplog, "prompts") == (0, 3)
     for name, tensor in load_file(uncached_clean).items():
@@ -279,7 +283,7 @@ def test_clean_runs_and_estimates_are_computed_once_per_prompt(tiny_model_dir, t
         assert (third[1][name] == tensor).all(), name
         assert (second[1][name][1:] == tensor[1:]).all(), name
     assert not (second[1]["estimates"][0] == first[1]["estimates"][0]).all()
-    records = steps.store.load_clean_records(str(tmp_path / "second.safetensors"))
+    records = store.load_clean_records(str(tmp_path / "second.safetensors"))
     assert [r["prompt_id"] for r in records] == ["a", "renamed", "c"]
     assert records[0]["target_id"] == 9
     # the same estimate name with other rules (as when the default rule set changed): the rules

@@ -1,7 +1,7 @@
 """Bad input: a clear error before any effect job runs, naming the record and the file (issue 3).
 
 Most checks are tested at unit level: the tokenizer-free ones (``neuron_effects.inputs``) and the
-model-dependent ones (``input_checks``/``steps.prepare_inputs`` with the tiny model folder: config
+model-dependent ones (``input_checks``/``jobs.preparation.prepare_inputs`` with the tiny model folder: config
 and tokenizer only). Both kinds run while the Snakefile is parsed (the model-dependent ones cached
 by input digest), so a few tests through the real workflow show that each stops ``snakemake -n``
 before any job is planned.
@@ -27,7 +27,7 @@ from neuron_effects.clean import run_clean
 from neuron_effects.inputs import InputError, model_location, read_neurons, read_prompts
 from neuron_effects.model import (ModelSpec, check_prompt_length, load_config, load_model,
                                   resolve_device)
-from neuron_effects.steps import prepare_inputs
+from neuron_effects.jobs.preparation import prepare_inputs
 from workflow_helpers import REPO, snakemake, write_workdir
 
 DEMO_PROMPTS = (REPO / "config/demo/prompts.jsonl").read_text().splitlines()
@@ -70,19 +70,17 @@ def test_unreadable_file_is_named(tmp_path, reader):
         reader(folder)
 
 
-def test_profile_json_syntax_error_names_file_and_line(tmp_path):
-    path = tmp_path / "profiles.json"
-    path.write_text('{"profiles": [\n  {"layer": 0, "neuron": 1},\n  {"layer": 0 "neuron": 2}\n]}')
-    with raises(rf"^{re.escape(str(path))}: line 3, column \d+: invalid JSON"):
-        read_neurons(path)
-
-
-def test_prompt_jsonl_syntax_error_names_file_and_line(tmp_path):
-    path = tmp_path / "prompts.jsonl"
-    path.write_text('{"prompt": "one"}\n\n{"prompt": "two",}\n{"prompt": "three"}\n')
+@pytest.mark.parametrize("name, text, reader", [
+    ("profiles.json", '{"profiles": [\n  {"layer": 0, "neuron": 1},\n  {"layer": 0 "neuron": 2}\n]}',
+     read_neurons),
     # line 3 of the file (the blank line 2 counts), not the 2nd record
+    ("prompts.jsonl", '{"prompt": "one"}\n\n{"prompt": "two",}\n{"prompt": "three"}\n',
+     read_prompts)])
+def test_json_syntax_error_names_file_and_line(tmp_path, name, text, reader):
+    path = tmp_path / name
+    path.write_text(text)
     with raises(rf"^{re.escape(str(path))}: line 3, column \d+: invalid JSON"):
-        read_prompts(path)
+        reader(path)
 
 
 def test_prompt_line_that_is_not_an_object(tmp_path):

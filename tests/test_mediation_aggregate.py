@@ -107,7 +107,7 @@ def test_concat_of_empty_files_keeps_the_columns(tmp_path):
 
 
 def test_report_section_shows_heatmaps_mediators_and_edges():
-    from neuron_effects.report import indirect_routes_section
+    from neuron_effects.report_routes import indirect_routes_section
 
     neurons = pd.DataFrame({
         "neuron_id": ["L0/N1", "L1/N2"], "layer": [0, 1],
@@ -151,7 +151,7 @@ def test_mediators_summarised_layer_by_layer_equal_the_whole_table_at_once(tmp_p
     """The aggregation sums the top-k table one source layer at a time, reading only the row
     groups that hold the layer's neurons; row groups that mix layers (a unit spanning two layers)
     must count each row once, under its own layer."""
-    from neuron_effects.steps import layer_mediator_summaries
+    from neuron_effects.jobs.layer_streams import layer_mediator_summaries
 
     rng = np.random.default_rng(5)
     neurons = pd.DataFrame({"neuron_id": [f"L{layer}/N{n}" for layer in (0, 1, 2) for n in range(4)],
@@ -187,7 +187,7 @@ def test_a_layers_mediators_are_summarised_before_later_layers_row_groups_are_re
     are read, whatever their order in the file; the shards' prompt chunks interleave the layers
     (here: layer 0's and layer 1's row groups alternate), and summarising a layer only after the
     file's last row group holding it kept every layer of a block open until the last chunk."""
-    from neuron_effects.steps import layer_mediator_summaries
+    from neuron_effects.jobs.layer_streams import layer_mediator_summaries
 
     neurons = pd.DataFrame({"neuron_id": ["L0/N0", "L1/N0"], "layer": [0, 1], "n_prompts": 3})
     path = tmp_path / "mediators.parquet"

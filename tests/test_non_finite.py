@@ -7,7 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuron_effects import aggregate, steps
+from neuron_effects import aggregate
+from neuron_effects.jobs.aggregation import aggregate_block, non_finite_summary
 from neuron_effects.aggregate import Thresholds, non_finite_mask, non_finite_rows
 
 
@@ -109,9 +110,9 @@ def test_the_aggregation_counts_every_row_and_names_them(tiny_workflow, tmp_path
              if part not in ("mediation", "mediators", "flow_sums", "mediator_lists", "edges")}
     prompts = [line.split('"prompt_id": "')[1].split('"')[0] for line in
                (workdir / "prompts.jsonl").read_text().splitlines()]
-    steps.aggregate_block(shards, prompts, str(workdir / "neurons.json"), Thresholds(), parts)
+    aggregate_block(shards, prompts, str(workdir / "neurons.json"), Thresholds(), parts)
     neurons = pd.read_parquet(parts["neurons"])
-    summary = steps.non_finite_summary(neurons, pd.read_parquet(parts["non_finite"]))
+    summary = non_finite_summary(neurons, pd.read_parquet(parts["non_finite"]))
     expected = tampered.loc[[0, 3], ["prompt_id", "neuron_id"]].to_dict("records")
     assert summary["n_rows"] == 2 and summary["columns"] == ["total"]
     assert {(row["prompt_id"], row["neuron_id"]) for row in summary["rows"]} == {

@@ -1,5 +1,6 @@
 """The shard plan (neuron_effects.plan): prompt chunks stable under appending, layer block names,
-which shards exist and what their parameters hold (what Snakemake compares to rerun them)."""
+which shards exist and what their parameters hold (what Snakemake compares to rerun them); its
+cost (neuron_effects.plan_cost) and the automatic layout (neuron_effects.layout)."""
 
 from __future__ import annotations
 
@@ -127,10 +128,10 @@ from conftest import LLAMA_8B_CONFIG  # noqa: E402
 
 from neuron_effects.cost import DEVICES, ModelShape, device_rates  # noqa: E402
 from neuron_effects.inputs import digest  # noqa: E402
-from neuron_effects.plan import (Workload, aggregate_runtime_minutes,  # noqa: E402
-                                 aggregate_seconds, auto_layout, balanced_blocks,
-                                 block_aggregate_seconds, estimate,
-                                 resolve_layout, shard_seconds)
+from neuron_effects.layout import auto_layout, balanced_blocks, resolve_layout  # noqa: E402
+from neuron_effects.plan_cost import (Workload, aggregate_runtime_minutes,  # noqa: E402
+                                      aggregate_seconds, block_aggregate_seconds, estimate,
+                                      shard_seconds)
 
 LLAMA_8B = ModelShape.from_config(LLAMA_8B_CONFIG)
 SMOLLM2 = ModelShape(n_layers=30, hidden=576, intermediate=1536, vocab=49152, n_heads=9,
@@ -349,7 +350,7 @@ def test_job_timings_split_each_job_at_its_logged_fixed_cost(tmp_path, monkeypat
     """Per rule: seconds from the benchmark files, the fixed part from the last 'fixed cost'
     line of each job's log (NaN when a job logged none), the work the rest, beside the plan's
     estimate."""
-    from neuron_effects.steps import job_timings
+    from neuron_effects.jobs.report_page import job_timings
 
     monkeypatch.chdir(tmp_path)
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
@@ -402,7 +403,7 @@ def test_chunk_starts_cut_the_prompts():
     (52, [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]), (33, [0, 5, 10, 15, 20, 25, 30]),
 ])
 def test_appended_prompts_fill_the_last_chunk_then_go_to_new_ones(n_prompts, starts):
-    from neuron_effects.plan import extend_chunks
+    from neuron_effects.layout import extend_chunks
 
     assert extend_chunks(list(range(0, 40, 5)), 5, n_prompts) == starts
 

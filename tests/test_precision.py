@@ -23,8 +23,8 @@ from neuron_effects.model import (LlamaFamily, ModelSpec, cast_parameters, load_
                                   precision_flags, resolve_dtype)
 from neuron_effects.precision import low_precision_warning
 from neuron_effects.prompts import prepare_prompt
-from neuron_effects.report import _precision_banners
-from neuron_effects.steps import validate_sample
+from neuron_effects.report import precision_banners
+from neuron_effects.jobs.sample_validation import validate_sample
 from neuron_effects.validation import (CHECKED, RELATIVE_METRICS, absolute_differences,
                                        reference_metrics, relative_errors,
                                        summarize)
@@ -119,13 +119,13 @@ def test_summarize_names_the_dtype_and_the_fix():
     assert summary["pairs_above_floor"] == {"direct": 3, "indirect": 2, "total": 2}
     assert summary["rows_off_10pct"] == 1.0 and summary["passed"] is False
     assert "bfloat16" in summary["failure"] and "dtype: float32" in summary["failure"]
-    banner = _precision_banners({**summary, "dtype_warning": low_precision_warning("bfloat16")})
+    banner = precision_banners({**summary, "dtype_warning": low_precision_warning("bfloat16")})
     assert 'class="banner"' in banner and "dtype: float32" in banner and "bfloat16" in banner
     exact = pairs.assign(**{column: 0.0 for column in pairs if column.startswith(
         ("relative_error_", "diff_", "max_abs"))})
     passed = summarize(exact, "float32", "float64", 1e-4, 0.05, 1e-3)
     assert passed["passed"] is True and passed["failure"] is None
-    assert _precision_banners({**passed, "dtype_warning": None}) == ""
+    assert precision_banners({**passed, "dtype_warning": None}) == ""
 
 
 def _run_table(model: LlamaFamily, tokenizer, per_layer: int, seed: int):

@@ -183,7 +183,7 @@ def test_report_compares_every_rule_set():
     import pandas as pd
 
     from neuron_effects.attribution import layer_agreement
-    from neuron_effects.report import attribution_section
+    from neuron_effects.report_attribution import attribution_section
 
     rng = np.random.default_rng(0)
     per_prompt = pd.DataFrame({"prompt_id": np.repeat(["p0", "p1", "p2"], 8),

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from neuron_effects import relp, steps
+from neuron_effects import relp
+from neuron_effects.jobs.estimates import prompt_estimates
 from neuron_effects.clean import run_clean
 from neuron_effects.model import LlamaFamily
 
@@ -107,11 +108,11 @@ def hand_written_estimates(model: LlamaFamily, input_ids: list[int], target_id: 
 
 def workflow_estimates(model: LlamaFamily, input_ids: list[int], target_id: int,
                        treatment: str) -> dict[str, torch.Tensor]:
-    """The attribution job's estimates of one prompt (:func:`steps._prompt_estimates`) for the
+    """The attribution job's estimates of one prompt (:func:`neuron_effects.jobs.estimates.prompt_estimates`) for the
     methods ``atp, relp, relp_unmasked`` with the default rules, as the config names them."""
     methods = relp.method_rules(["atp", "relp", "relp_unmasked"], list(GRAPH_RULES))
     run = run_clean(model, input_ids, "p0")
-    return steps._prompt_estimates(model, run, {"target_id": target_id}, treatment, "last",
+    return prompt_estimates(model, run, {"target_id": target_id}, treatment, "last",
                                    None, methods, {"atp": (), **methods})
 
 

@@ -1,11 +1,13 @@
 """The HTML report of a real tiny-model run, rendered by headless Chromium (Debian's package,
 driven by Playwright): every plot loads, the sections are there, nothing errs, nothing is
-fetched from outside the page, the page fits 1280 px, and the table of every neuron filters,
+fetched from outside the page, it opens with the run's verdicts and a contents list whose links
+all resolve, the page fits 1280 px, and the table of every neuron filters,
 sorts and opens a neuron's per-prompt values (also with the optional mediation and AtP columns,
 on a synthetic table)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -61,6 +63,15 @@ def rendered(tiny_workflow):
                 "h1": page.locator("h1").all_inner_texts(),
                 "h2": page.locator("h2").all_inner_texts(),
                 "verdict": page.locator("div.pass, div.fail").all_inner_texts(),
+                "verdicts": page.locator("#verdicts").inner_text(),
+                "h2_ids": page.evaluate("Array.from(document.querySelectorAll('h2'))"
+                                        ".map(h => h.id)"),
+                "contents": page.evaluate(  # each link, and whether its target exists
+                    "Array.from(document.querySelectorAll('#contents a')).map(a => "
+                    "[a.getAttribute('href'), !!document.getElementById("
+                    "a.getAttribute('href').slice(1))])"),
+                "order": page.evaluate(  # the body's elements, in order
+                    "Array.from(document.body.children).map(e => e.tagName + '#' + e.id)"),
                 "tables": page.locator("table").count(),
                 "title": page.title(),
             }
@@ -85,6 +96,18 @@ def test_expected_sections(rendered):
     assert not missing, rendered["h2"]
     assert rendered["verdict"] and rendered["verdict"][0].startswith("PASSED")
     assert rendered["tables"] >= 8
+
+
+def test_opens_with_the_verdicts_and_contents_linking_every_section(rendered):
+    order = rendered["order"]
+    first_section = next(i for i, element in enumerate(order) if element.startswith("H2#"))
+    assert order.index("DIV#verdicts") < order.index("NAV#contents") < first_section
+    assert [href for href, _ in rendered["contents"]] == [f"#{i}" for i in rendered["h2_ids"]]
+    assert all(resolves for _, resolves in rendered["contents"]), rendered["contents"]
+    verdicts = rendered["verdicts"]
+    assert "Validation: PASSED" in verdicts
+    assert re.search(r"Low-rank targets: \d+ of 6 prompts", verdicts), verdicts
+    assert re.search(r"Rows with a NaN or infinite value: 0 of [\d,]+", verdicts), verdicts
 
 
 def test_no_console_or_page_errors(rendered):

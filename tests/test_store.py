@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from neuron_effects import steps, store
+from neuron_effects import store
+from neuron_effects.jobs import layer_streams
 from neuron_effects.clean import run_clean
 from neuron_effects.store import atomic_path, read_rows
 
@@ -138,13 +139,13 @@ def test_layer_rows_read_every_row_of_a_layer(tmp_path, statistics):
         path = tmp_path / f"shard{index}.parquet"
         rows.to_parquet(path, index=False, row_group_size=3, write_statistics=statistics)
         paths.append(str(path))
-    assert {0, 1, 3} <= set(steps._shard_layers(paths)) <= {0, 1, 2, 3}
+    assert {0, 1, 3} <= set(layer_streams.shard_layers(paths)) <= {0, 1, 2, 3}
     whole = pd.concat([pd.read_parquet(path) for path in paths])
     for layer in (0, 1, 3):
-        got = steps.layer_rows(paths, layer, {"a": 0, "b": 1, "c": 2})
+        got = layer_streams.layer_rows(paths, layer, {"a": 0, "b": 1, "c": 2})
         assert list(zip(got["neuron"], got["prompt_id"])) == [
             (n, p) for n in (0, 2) for p in ("a", "b", "c") if (p != "c" or layer < 3)]
         expected = whole[whole["layer"] == layer].set_index(["neuron_id", "prompt_id"])
         assert got.set_index(["neuron_id", "prompt_id"])["total"].equals(
             expected.loc[got.set_index(["neuron_id", "prompt_id"]).index, "total"])
-    assert len(steps.layer_rows(paths, 2, {"a": 0, "b": 1, "c": 2})) == 0
+    assert len(layer_streams.layer_rows(paths, 2, {"a": 0, "b": 1, "c": 2})) == 0

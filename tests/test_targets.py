@@ -8,7 +8,7 @@ import pytest
 from neuron_effects.inputs import InputError, PromptRecord
 from neuron_effects.model import ModelSpec, load_tokenizer
 from neuron_effects.prompts import prepare_prompt
-from neuron_effects.report import _low_rank_banner
+from neuron_effects.report import low_rank_banner
 from neuron_effects.targets import check_target_ranks, is_low_rank
 
 QUESTION = "Which city is the capital of France?"
@@ -77,10 +77,10 @@ def test_low_rank_targets_are_listed_or_stop_the_run():
 def test_report_banner_shows_rank_and_probability():
     prompts = pd.DataFrame([{**_record("low", 4_600), "target_low_rank": True},
                             {**_record("ok", 3), "target_low_rank": False}])
-    banner = _low_rank_banner(prompts)
+    banner = low_rank_banner(prompts)
     assert 'id="low-rank-targets"' in banner and "1 of 2 prompts" in banner
     assert "low: target &#x27; Fleming&#x27; rank 4,600, probability 2e-06" in banner
-    assert _low_rank_banner(prompts.iloc[1:]) == ""
+    assert low_rank_banner(prompts.iloc[1:]) == ""
 
 
 @pytest.mark.slow

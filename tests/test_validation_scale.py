@@ -18,7 +18,7 @@ from neuron_effects.clean import run_clean
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.error_scale import ERROR_FACTOR, FLOAT32_EPS
 from neuron_effects.model import ModelSpec, load_model
-from neuron_effects.steps import validate_sample
+from neuron_effects.jobs.sample_validation import validate_sample
 from neuron_effects.validation import (ReferenceRow, absolute_differences, relative_errors,
                                        summarize)
 

@@ -11,7 +11,8 @@ from neuron_effects import verified
 from neuron_effects.attribution import neuron_table
 from neuron_effects.cost import DEVICES, ModelShape
 from neuron_effects.inputs import InputError, Neuron, PromptRecord
-from neuron_effects.plan import Workload, candidate_neurons, estimate, make_plan, shard_seconds
+from neuron_effects.plan import make_plan
+from neuron_effects.plan_cost import Workload, candidate_neurons, estimate, shard_seconds
 
 
 def _table(seed: int = 0) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:

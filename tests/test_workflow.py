@@ -741,6 +741,19 @@ def _one_dry_run_lists(workdir: Path, shards: set[str], chunks: set[str]) -> str
     return output
 
 
+def _append_prompt_runs_the_last_chunk(workdir: Path, prompt_id: str, prompt: str,
+                                       blocks: list[str]) -> str:
+    """Append a prompt to the prompt file: a dry run, then a run, lists only the last chunk's
+    (c004) shards and clean run; the run's output."""
+    with (workdir / "prompts.jsonl").open("a") as handle:
+        handle.write(json.dumps({"prompt_id": prompt_id, "prompt": prompt}) + "\n")
+    _one_dry_run_lists(workdir, {f"{b}_c004" for b in blocks}, {"c004"})
+    output = _touch_run(workdir)
+    assert jobs_of(output, "compute_effects") == {f"{b}_c004" for b in blocks}
+    assert jobs_of(output, "cache_clean_runs") == {"c004"}
+    return output
+
+
 @pytest.mark.slow
 def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
     # shards write 4 tables each; the aggregation 10 parts per layer block (len(BLOCK_PARTS)),
@@ -773,23 +786,13 @@ def test_seed_scale_edits_rerun_only_the_shards_they_touch(seed_scale):
         assert jobs_of(output, rule) == {""}, rule
 
     # 2. one prompt appended: 101 prompts open a fifth chunk, c004; only its shards run
-    with (seed_scale / "prompts.jsonl").open("a") as handle:
-        handle.write(json.dumps({"prompt_id": "q100", "prompt": "One more question:"}) + "\n")
-    _one_dry_run_lists(seed_scale, {f"{b}_c004" for b in blocks}, {"c004"})
-    output = _touch_run(seed_scale)
-    assert jobs_of(output, "compute_effects") == {f"{b}_c004" for b in blocks}
-    assert jobs_of(output, "cache_clean_runs") == {"c004"}
+    output = _append_prompt_runs_the_last_chunk(seed_scale, "q100", "One more question:", blocks)
     assert jobs_of(output, "estimate_attribution") == {"c004"}
     assert jobs_of(output, "extract_activations") == {""}
     assert (seed_scale / "results/effects/shards/L28-31_c004.parquet").exists()
 
     # 3. another one: the last chunk c004 (now 2 prompts) changes; c000-c003 stay
-    with (seed_scale / "prompts.jsonl").open("a") as handle:
-        handle.write(json.dumps({"prompt_id": "q101", "prompt": "And the last one:"}) + "\n")
-    _one_dry_run_lists(seed_scale, {f"{b}_c004" for b in blocks}, {"c004"})
-    output = _touch_run(seed_scale)
-    assert jobs_of(output, "compute_effects") == {f"{b}_c004" for b in blocks}
-    assert jobs_of(output, "cache_clean_runs") == {"c004"}
+    _append_prompt_runs_the_last_chunk(seed_scale, "q101", "And the last one:", blocks)
 
     # 4. nothing changed: nothing reruns
     assert "Nothing to be done" in snakemake(seed_scale, "-n").stdout
@@ -907,7 +910,7 @@ def test_killed_shard_resumes_without_recomputing_done_units(tmp_path, tiny_mode
 
     from neuron_effects.effects import EffectSettings
     from neuron_effects.model import ModelSpec
-    from neuron_effects.steps import compute_shard
+    from neuron_effects.jobs.shard import compute_shard
 
     workdir = write_workdir(tmp_path / "run", str(tiny_model_dir), n_prompts=12,
                             neurons_per_layer=5, device="cpu",

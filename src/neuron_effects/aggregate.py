@@ -121,7 +121,7 @@ def summarize_layers(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> pd.Data
     return pd.DataFrame(rows)
 
 
-def _clean_float(value: Any) -> Any:
+def clean_float(value: Any) -> Any:
     """JSON-safe scalars: NaN -> None, numpy -> Python."""
     if isinstance(value, (np.floating, float)):
         return None if math.isnan(value) else float(value)
@@ -132,8 +132,8 @@ def _clean_float(value: Any) -> Any:
     return value
 
 
-# What one layer block's aggregation job writes (steps.aggregate_block, a file each under
-# results/aggregate/<block>/) and the final step (steps.aggregate_effects) reads.
+# What one layer block's aggregation job writes (jobs.aggregation.aggregate_block, a file each under
+# results/aggregate/<block>/) and the final step (jobs.aggregation.aggregate_effects) reads.
 BLOCK_PARTS = ("per_prompt", "neurons", "layers", "breakdowns", "mediation", "mediators",
                "flow_sums", "mediator_lists", "edges", "non_finite")
 BREAKDOWN_COLUMNS = ("prompt_id", "target_token", "activation", "direct", "indirect", "total",
@@ -220,9 +220,9 @@ def _estimate_agreement(row: Any, methods: Sequence[str]) -> dict[str, Any]:
     """``{"<method>_agreement": {...}}`` per method from a neurons row (namedtuple or Series):
     the :data:`AGREEMENT_MEASURES` and ``mean_total_<method>``."""
     return {f"{method}_agreement": {
-        **{measure: _clean_float(getattr(row, f"{method}_{measure}"))
+        **{measure: clean_float(getattr(row, f"{method}_{measure}"))
            for measure in AGREEMENT_MEASURES},
-        f"mean_total_{method}": _clean_float(getattr(row, f"mean_total_{method}"))}
+        f"mean_total_{method}": clean_float(getattr(row, f"mean_total_{method}"))}
         for method in methods}
 
 
@@ -236,18 +236,18 @@ def neuron_documents(neurons: pd.DataFrame, per_prompt: pd.DataFrame) -> list[di
         documents.append({
             "neuron_id": row.neuron_id, "layer": row.layer, "neuron": row.neuron,
             "n_prompts": row.n_prompts,
-            "effect_summary": {key: _clean_float(getattr(row, key)) for key in (
+            "effect_summary": {key: clean_float(getattr(row, key)) for key in (
                 "mean_direct_ratio", "std_direct_ratio", "median_direct_ratio", "classification",
                 "consistency", "mean_cancellation", "n_ratio_defined")},
-            "effect_summary_frozen_norm": {key: _clean_float(getattr(row, key)) for key in (
+            "effect_summary_frozen_norm": {key: clean_float(getattr(row, key)) for key in (
                 "mean_direct_ratio_frozen_norm", "std_direct_ratio_frozen_norm",
                 "median_direct_ratio_frozen_norm", "classification_frozen_norm",
                 "consistency_frozen_norm")},
-            "sign_alignment": {"aligned_fraction": _clean_float(row.aligned_fraction),
+            "sign_alignment": {"aligned_fraction": clean_float(row.aligned_fraction),
                                "interpretation": row.interpretation},
             **_estimate_agreement(row, methods),
             "per_prompt_breakdown": [
-                {key: _clean_float(value) for key, value in record.items()}
+                {key: clean_float(value) for key, value in record.items()}
                 for record in group[[*BREAKDOWN_COLUMNS, *(f"total_{method}"
                                                            for method in methods)]
                                     ].to_dict("records")
@@ -268,8 +268,8 @@ def enrich_profiles(document: Any, neurons: pd.DataFrame) -> Any:
         neuron_id = profile.get("neuron_id", f"L{profile['layer']}/N{profile['neuron']}")
         row = by_id.loc[neuron_id]
         profile["effect_type"] = row["classification"]
-        profile["direct_ratio"] = _clean_float(row["mean_direct_ratio"])
+        profile["direct_ratio"] = clean_float(row["mean_direct_ratio"])
         profile["effect_type_frozen_norm"] = row["classification_frozen_norm"]
-        profile["direct_ratio_frozen_norm"] = _clean_float(row["mean_direct_ratio_frozen_norm"])
+        profile["direct_ratio_frozen_norm"] = clean_float(row["mean_direct_ratio_frozen_norm"])
         profile.update(_estimate_agreement(row, methods))
     return enriched

@@ -87,7 +87,7 @@ class EffectTables:
 
     per_prompt: pd.DataFrame
     # the long tables' batches, built when first read: a shard reads them on its writer
-    # thread, off the device's critical path (steps.compute_shard)
+    # thread, off the device's critical path (jobs.shard.compute_shard)
     mediation_batches: list[Callable[[], pd.DataFrame]] = field(default_factory=list)
     mediator_batches: list[Callable[[], pd.DataFrame]] = field(default_factory=list)
     edges: pd.DataFrame = field(

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
-import math
 from typing import Any
 
 import matplotlib
@@ -16,64 +13,18 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .aggregate import CLASSES, UNDETERMINED, estimate_methods  # noqa: E402
-from .attribution import band_agreement, overall_agreement  # noqa: E402
+from .census import table_neurons  # noqa: E402
 from .inputs import PROMPT_FIELDS, PROMPT_TABLE_COLUMNS  # noqa: E402
+from .report_attribution import (attribution_section, profile_scores_section,
+                                 verified_section)  # noqa: E402
+from .report_census import census_section  # noqa: E402
+from .report_html import (STYLE, figure_html, figure_uri, html_table, layer_scatter,  # noqa: E402
+                          section_id, with_contents)
+from .report_routes import edges_section, indirect_routes_section  # noqa: E402
 from .report_table import neuron_table_section  # noqa: E402
-from .verified import above_profile_median  # noqa: E402
 
 CLASS_COLOURS = {"routing-dominant": "#4477aa", "mixed": "#ccbb44",
                  "logit-dominant": "#ee6677", UNDETERMINED: "#bbbbbb"}
-
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;
-max-width:1100px;color:#222;line-height:1.45}
-h1{font-size:1.6rem}h2{font-size:1.25rem;border-bottom:1px solid #ddd;padding-bottom:.2rem;
-margin-top:2.2rem}table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0}
-td,th{border:1px solid #ddd;padding:.2rem .5rem;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.pass{background:#e6f4ea;border:1px solid #34a853;padding:.5rem 1rem}
-.fail{background:#fce8e6;border:1px solid #ea4335;padding:.5rem 1rem}
-.banner{background:#d93025;color:#fff;padding:.7rem 1rem;font-size:1.05rem}
-.warn{background:#fef7e0;border:1px solid #f9ab00;padding:.5rem 1rem}
-figure{margin:1rem 0}figcaption{font-size:.85rem;color:#555}img{max-width:100%}
-.defs{background:#f8f8f8;padding:.6rem 1rem;font-size:.9rem}code{font-size:.85rem}
-.table-box{max-width:100%;overflow-x:auto}
-"""
-
-
-def _figure_uri(figure: plt.Figure) -> str:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, (float, np.floating)):
-        if math.isnan(value):
-            return "–"
-        return f"{value:.4g}"
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return html.escape(", ".join(map(str, value)))
-    return html.escape(str(value))
-
-
-def _table(frame: pd.DataFrame, columns: list[str] | None = None) -> str:
-    frame = frame if columns is None else frame[columns]
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
-    body = "".join(
-        "<tr>" + "".join(
-            f'<td class="num">{_format(v)}</td>' if isinstance(v, (int, float, np.number))
-            and not isinstance(v, bool) else f"<td>{_format(v)}</td>" for v in row
-        ) + "</tr>" for row in frame.itertuples(index=False)
-    )
-    return (f'<div class="table-box"><table><thead><tr>{head}</tr></thead><tbody>{body}'
-            "</tbody></table></div>")  # a wide table scrolls in its own box, not the page
-
-
-def _figure(uri: str, caption: str) -> str:
-    return (f'<figure><img src="{uri}" alt="{html.escape(caption)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
 
 def _class_bars(layers: pd.DataFrame) -> str:
@@ -90,7 +41,7 @@ def _class_bars(layers: pd.DataFrame) -> str:
         axis.set_xlabel("layer")
     axes[0].set_ylabel("neurons")
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    return _figure_uri(figure)
+    return figure_uri(figure)
 
 
 def _ratio_distributions(per_prompt: pd.DataFrame) -> str:
@@ -107,40 +58,14 @@ def _ratio_distributions(per_prompt: pd.DataFrame) -> str:
     axis.set_xlabel("layer")
     axis.set_ylabel("direct ratio |d|/(|d|+|i|)")
     axis.set_ylim(-0.02, 1.02)
-    return _figure_uri(figure)
-
-
-SCATTER_POINTS = 200_000  # points drawn at most in a scatter plot
-
-
-def _layer_scatter(per_prompt: pd.DataFrame, x: str, y: str, *, diagonal: float, line: str,
-                   xlabel: str, ylabel: str, legend: str) -> str:
-    """Per-prompt points ``y`` against ``x`` coloured by layer, symlog axes, with the line
-    y = ``diagonal`` · x."""
-    figure, axis = plt.subplots(figsize=(6.5, 5.2))
-    if len(per_prompt) > SCATTER_POINTS:  # a census: a seeded random sample of the rows
-        axis.set_title(f"a random {SCATTER_POINTS:,} of the {len(per_prompt):,} rows",
-                       fontsize=9)
-        per_prompt = per_prompt.sample(SCATTER_POINTS, random_state=0)
-    points = axis.scatter(per_prompt[x], per_prompt[y], c=per_prompt["layer"],
-                          cmap="viridis", s=6, alpha=0.6, linewidths=0)
-    limit = float(np.nanmax(np.abs(per_prompt[[x, y]].to_numpy()))) or 1.0
-    axis.plot([-limit, limit], [-diagonal * limit, diagonal * limit], color="#999", lw=0.7,
-              ls=":", label=line)
-    axis.set_xscale("symlog", linthresh=1e-3)
-    axis.set_yscale("symlog", linthresh=1e-3)
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    axis.legend(fontsize=8, loc=legend)
-    figure.colorbar(points, ax=axis, label="layer")
-    return _figure_uri(figure)
+    return figure_uri(figure)
 
 
 def _scatter(per_prompt: pd.DataFrame) -> str:
-    return _layer_scatter(per_prompt, "direct", "indirect", diagonal=-1.0,
-                          line="indirect = −direct (full cancellation)",
-                          xlabel="direct effect on target logit",
-                          ylabel="indirect effect on target logit", legend="lower left")
+    return layer_scatter(per_prompt, "direct", "indirect", diagonal=-1.0,
+                         line="indirect = −direct (full cancellation)",
+                         xlabel="direct effect on target logit",
+                         ylabel="indirect effect on target logit", legend="lower left")
 
 
 def _alignment(layers: pd.DataFrame) -> str:
@@ -152,10 +77,38 @@ def _alignment(layers: pd.DataFrame) -> str:
     axis.set_ylim(-0.02, 1.02)
     axis.set_xlabel("layer")
     axis.legend(fontsize=8)
-    return _figure_uri(figure)
+    return figure_uri(figure)
 
 
-def _precision_banners(validation: dict[str, Any]) -> str:
+# The title of the validation's section (the verdicts at the top link to it).
+VALIDATION_TITLE = "Validation against the reference path"
+
+
+def run_verdicts(validation: dict[str, Any], prompts: pd.DataFrame, n_rows: int) -> str:
+    """At the top of the page, each linking to its section: the validation (PASSED, or FAILED
+    with its cause), the prompts whose given target the clean model ranks below
+    ``targets.max_rank`` (``target_low_rank``), and the rows of the run's table with a NaN or
+    infinite value (the validation summary's ``non_finite``); – where the run did not record
+    it."""
+    section = f"#{section_id(VALIDATION_TITLE)}"
+    low_rank = int(prompts["target_low_rank"].sum()) if "target_low_rank" in prompts else None
+    non_finite = validation.get("non_finite", {}).get("n_rows")
+    items = [
+        (validation["passed"], f'<a href="{section}">Validation</a>: ' + (
+            "PASSED" if validation["passed"]
+            else f"FAILED: {html.escape(validation.get('failure') or '')}")),
+        (not low_rank, f"Low-rank targets: {'–' if low_rank is None else low_rank} of "
+                       f"{len(prompts)} prompts"
+                       + (' (<a href="#low-rank-targets">which</a>)' if low_rank else "")),
+        (not non_finite, f'<a href="{section}">Rows with a NaN or infinite value</a>: '
+                         f"{'–' if non_finite is None else non_finite} of {n_rows:,}"),
+    ]
+    return ('<div class="verdicts" id="verdicts"><b>Verdicts</b><ul>' + "".join(
+        f'<li class="{"ok" if good else "bad"}">{text}</li>' for good, text in items)
+        + "</ul></div>")
+
+
+def precision_banners(validation: dict[str, Any]) -> str:
     """At the top of the page: a red banner when the validation failed (its cause and fix), and
     a warning when the run computed in bfloat16/float16."""
     banners = ""
@@ -168,7 +121,7 @@ def _precision_banners(validation: dict[str, Any]) -> str:
     return banners
 
 
-def _low_rank_banner(prompts: pd.DataFrame) -> str:
+def low_rank_banner(prompts: pd.DataFrame) -> str:
     """A warning naming the prompts whose given target the clean model ranks below the top
     ``targets.max_rank`` (``target_low_rank``), with rank and probability; empty when none."""
     if "target_low_rank" not in prompts.columns or not prompts["target_low_rank"].any():
@@ -213,7 +166,7 @@ def _validation_figures(validation: dict[str, Any]) -> str:
                                       in validation.get("precision_flags", {}).items())),
     ], columns=["measure", "value"])
     note = validation.get("reference_note")
-    return _table(rows) + (f'<p class="warn">{html.escape(note)}</p>' if note else "")
+    return html_table(rows) + (f'<p class="warn">{html.escape(note)}</p>' if note else "")
 
 
 # The figures of the section "Effect types by layer", by name (also their file names, .png, in
@@ -235,241 +188,6 @@ def report_figures(per_prompt: pd.DataFrame, layers: pd.DataFrame) -> dict[str, 
             "alignment": _alignment(layers)}
 
 
-def png_bytes(uri: str) -> bytes:
-    """The PNG inside a data URI made by :func:`_figure_uri`."""
-    return base64.b64decode(uri.split(",", 1)[1])
-
-
-def _flow_heatmaps(flow: pd.DataFrame, n_layers: int) -> str:
-    """Source layer x mediator layer, mean |contribution| of attention and of MLP."""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    largest = float(flow["mean_abs_contribution"].max()) if len(flow) else 1.0
-    for axis, component in zip(axes, ("attn", "mlp")):
-        grid = np.full((n_layers, n_layers), np.nan)
-        part = flow[flow["component"] == component]
-        grid[part["source_layer"].astype(int), part["layer"].astype(int)] = \
-            part["mean_abs_contribution"]
-        image = axis.imshow(grid, origin="lower", cmap="magma_r", vmin=0, vmax=largest or 1.0,
-                            aspect="auto")
-        axis.set_title(f"downstream {'attention' if component == 'attn' else 'MLP'}",
-                       fontsize=10)
-        axis.set_xlabel("mediator layer")
-    axes[0].set_ylabel("source layer (treated neuron)")
-    figure.colorbar(image, ax=axes, label="mean |contribution| to the target logit")
-    return _figure_uri(figure)
-
-
-def _edge_agreement_histograms(neurons: pd.DataFrame) -> str:
-    columns = [c for c in ("edge_neuron_overlap", "edge_sign_agreement", "edge_logit_overlap")
-               if c in neurons]
-    figure, axes = plt.subplots(1, len(columns), figsize=(11, 3.0), sharey=True)
-    for axis, column in zip(np.atleast_1d(axes), columns):
-        values = neurons[column].dropna().to_numpy(dtype=float)
-        axis.hist(values, bins=np.linspace(0, 1, 11), color="#4477aa")
-        axis.set_title(f"{column} (n = {len(values)})", fontsize=9)
-        axis.set_xlim(0, 1)
-    np.atleast_1d(axes)[0].set_ylabel("neurons")
-    return _figure_uri(figure)
-
-
-def indirect_routes_section(neurons: pd.DataFrame, flow: pd.DataFrame, top_n: int) -> str:
-    """The section "Where the indirect effect goes": the layer-flow heatmaps, the top
-    mediators of the most routing-dominant neurons, and the agreement with the profiles'
-    downstream edges."""
-    if "top_mediator" not in neurons or not len(flow):
-        return ("<h2>Where the indirect effect goes</h2><p>The mediation split is off "
-                "(<code>mediators.enabled: false</code>).</p>")
-    n_layers = int(max(flow["layer"].max(), neurons["layer"].max())) + 1
-    routing = neurons[neurons["classification"] == CLASSES[0]].sort_values(
-        "mean_direct_ratio").head(top_n)
-    columns = ["neuron_id", "mean_direct_ratio", "mean_indirect", "indirect_share_attn",
-               "indirect_share_mlp", "indirect_share_norm", "top_mediators"]
-    parts = [
-        "<h2>Where the indirect effect goes</h2>",
-        "<p>The indirect effect splits exactly over the downstream layers: each layer's change "
-        "of attention and MLP output at the last position, read out along "
-        "<code>u = g ⊙ W<sub>U</sub>[target]</code> with the clean norm scale, plus a final-norm "
-        "term; each MLP layer splits further over its neurons and each attention layer over its "
-        "heads. Shares: Σ|part| / Σ(|attn| + |mlp| + |norm|) over prompts. Mediators: mean "
-        "contribution over prompts (0 where outside the top k) and the fraction of prompts in "
-        "the top k.</p>",
-        _figure(_flow_heatmaps(flow, n_layers),
-                "Mean |contribution| of each downstream layer's attention and MLP, by the "
-                "treated neuron's layer."),
-        "<h3>Top mediators of the most routing-dominant neurons</h3>",
-        _table(routing, columns) if len(routing) else "<p>No routing-dominant neuron.</p>",
-    ]
-    if "edge_neuron_overlap" in neurons and neurons["edge_n_neuron_targets"].notna().any():
-        with_edges = neurons[neurons["edge_n_neuron_targets"].notna()]
-        parts += [
-            "<h3>Agreement with the profiles' downstream edges</h3>",
-            f"<p>{len(with_edges)} profiles list <code>top_downstream_targets</code>. Neuron "
-            "overlap: the share of the profile's top-k neuron targets among the exact top-k "
-            "mediator neurons; sign agreement: avg_weight vs mean contribution; logit overlap: "
-            "logit targets among the direct effect's most frequent top-k tokens.</p>",
-            _figure(_edge_agreement_histograms(with_edges),
-                    "Distribution of edge agreement over neurons."),
-        ]
-    return "".join(parts)
-
-
-def _estimate_scatter(per_prompt: pd.DataFrame, method: str) -> str:
-    return _layer_scatter(per_prompt, "total", f"total_{method}", diagonal=1.0,
-                          line="estimate = exact", xlabel="exact total effect on target logit",
-                          ylabel=f"first-order estimate (total_{method})", legend="upper left")
-
-
-AGREEMENT_PANELS = (("spearman", "Spearman(estimate, exact)"), ("sign_agreement", "sign agreement"),
-                    ("median_relative_error", "median relative error"),
-                    ("precision_at_k", "precision@k (k = a tenth of the layer's neurons)"))
-
-
-def _estimates_by_layer(layers: pd.DataFrame, methods: list[str]) -> str:
-    """One panel per agreement measure, one line per method, by layer."""
-    figure, axes = plt.subplots(1, len(AGREEMENT_PANELS), figsize=(13, 3.2), sharex=True)
-    for axis, (measure, title) in zip(axes, AGREEMENT_PANELS):
-        for method, marker in zip(methods, "osd^v<>p*h"):
-            axis.plot(layers["layer"], layers[f"{method}_{measure}"], marker=marker, ms=3,
-                      label=method)
-        axis.set_title(title, fontsize=9)
-        axis.set_xlabel("layer")
-    axes[0].legend(fontsize=8)
-    return _figure_uri(figure)
-
-
-def attribution_section(per_prompt: pd.DataFrame, layers: pd.DataFrame,
-                        candidates: pd.DataFrame, top_n: int,
-                        n_layers: int | None = None) -> list[str]:
-    """First-order estimates (AtP, RelP, other RelP rule sets, relp_unmasked) beside the exact
-    effects: overall agreement of each method, by band of layers (thirds of ``n_layers``,
-    default the last studied layer + 1), their agreement by layer in one figure, one scatter of
-    estimate against exact per method, and the candidates outside the profile."""
-    methods = estimate_methods(per_prompt.columns)
-    overall = {method: overall_agreement(per_prompt, method=method) for method in methods}
-    summary = pd.DataFrame([{"method": method, **{key.removeprefix(f"{method}_"): value
-                                                  for key, value in values.items()}}
-                            for method, values in overall.items()])
-    n_layers = int(per_prompt["layer"].max()) + 1 if n_layers is None else n_layers
-    bands = band_agreement(per_prompt, n_layers, methods)
-    candidate_columns = [c for c in ("neuron_id", "layer", "neuron", "listed_by", "rank",
-                                     "mean_abs_atp", "rank_relp", "mean_abs_relp")
-                         if c in candidates]
-    per_layer = ["layer", "n_neurons", *(f"{method}_{measure}" for method in methods
-                                         for measure, _ in AGREEMENT_PANELS)]
-    unmasked = (
-        " <b><code>relp_unmasked</code></b> is what the attribution graphs' code as released "
-        "computes, NOT the model's behaviour: the same rules on a forward pass whose attention "
-        "has no causal mask (every position attends to the later ones too; that code's own "
-        "attention function gets no mask from transformers), activations and gradients both "
-        "from that pass. Its distance from the exact effects is the distance of the graphs' "
-        "own scores from what the neurons do.") if "relp_unmasked" in methods else ""
-    return [
-        "<h2>Attribution patching and RelP: first-order estimates beside the exact effects</h2>",
-        '<div class="defs"><p>For every prompt, one backward pass gives the gradient '
-        "<code>g<sub>L</sub></code> of the target logit with respect to the output of every "
-        "decoder layer at the last position (every position with <code>positions: all</code>, "
-        "summed over positions with each position's own V); the estimate of every neuron of "
-        "the model is <code>total_atp = g<sub>L</sub> · V = s · (g<sub>L</sub> · "
-        "w<sub>n</sub>)</code>, and <code>indirect_atp = total_atp − direct</code>. "
-        "<b>RelP</b> (<code>total_relp</code>, the score behind attribution graphs) is the same "
-        "formula with the gradient of a second backward pass over the same forward that follows "
-        "the rules the graphs' public code applies: every RMSNorm's 1/rms constant (LN-rule), "
-        "SiLU's sigmoid constant (identity rule), half the gradient through the gated product "
-        "(half-rule); gradients flow through queries and keys. <code>relp_&lt;rules&gt;</code> "
-        "applies the rules named (<code>frozen_attention</code>: no gradient through queries "
-        "and keys)." + unmasked + " Below, on the studied neurons, against the exact total: "
-        "rank correlation, sign agreement, median relative error |estimate − total| / |total|, "
-        "and precision@k of the ranking by mean |estimate| against the ranking by mean "
-        "|total|. A good screen is not a substitute: the largest effects carry the largest "
-        "errors.</p></div>",
-        _table(summary),
-        f"<h3>By band of layers (thirds of the model's {n_layers} layers): Spearman and sign "
-        "agreement with the exact total over the band's (prompt, neuron) rows</h3>",
-        _table(bands),
-        _figure(_estimates_by_layer(layers, methods),
-                "Agreement of each estimate with the exact total, by layer."),
-        *(_figure(_estimate_scatter(per_prompt, method),
-                  f"{method}: first-order estimate vs exact total effect on the target logit, "
-                  "one point per (prompt, neuron), coloured by layer (symlog axes)."
-                  + (" What the graph code as released computes (no causal mask), not the "
-                     "model's behaviour." if method == "relp_unmasked" else ""))
-          for method in methods),
-        _table(layers, [c for c in per_layer if c in layers]),
-        f"<h3>Candidates: the {min(top_n, len(candidates))} neurons outside the profile with "
-        f"the largest mean |estimate| (of {len(candidates)} in results/atp/candidates.parquet, "
-        f"the top {top_n} of any method)</h3>", _table(candidates.head(top_n), candidate_columns),
-    ]
-
-
-def verified_section(neurons: pd.DataFrame, verified: pd.DataFrame) -> str:
-    """The verified candidates whose exact mean |total| exceeds the profile's median."""
-    above = above_profile_median(neurons, verified)
-    return ("<h2>Neurons the profile missed, verified exactly</h2><p>The "
-            f"{len(verified)} neurons outside the profile with the largest mean |total_atp| "
-            "(atp.verify_candidates) were computed exactly, like the profile's (rows with "
-            "<code>in_profile</code> false in per_prompt.parquet and neurons.parquet). "
-            f"{len(above)} of them have a mean |total| above the profile's median "
-            f"({neurons['mean_abs_total'].median():.4g}):</p>" + _table(above, [
-                c for c in ("neuron_id", "layer", "neuron", "mean_abs_total", "mean_total",
-                            "mean_total_atp", "mean_direct_ratio", "classification")
-                if c in above]))
-
-
-def edges_section(edges: pd.DataFrame, neurons: pd.DataFrame, min_relative_delta: float,
-                  top_n: int) -> str:
-    """The profiles' neuron edges measured exactly: the distribution of the fraction of each
-    neuron's edges that are real, the edges' relative activation changes, and the edges that
-    disagree most (wrong sign, largest |exact_weight|)."""
-    if not len(edges):
-        return ""
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.0))
-    fractions = neurons["edge_real_fraction"].dropna().to_numpy(dtype=float)
-    axes[0].hist(fractions, bins=np.linspace(0, 1, 11), color="#4477aa")
-    axes[0].set_title(f"edge_real_fraction per neuron (n = {len(fractions)})", fontsize=9)
-    axes[0].set_ylabel("neurons")
-    relative = edges["relative_delta"].dropna().to_numpy(dtype=float)
-    axes[1].hist(np.log10(np.clip(relative, 1e-8, None)), bins=30, color="#228833")
-    axes[1].axvline(math.log10(min_relative_delta), color="#ee6677", ls="--", lw=0.8)
-    axes[1].set_title(f"log10 mean |Δa_t| / |a_t| per edge (n = {len(relative)})", fontsize=9)
-    disagreeing = edges[edges["sign_agrees"].eq(False).fillna(False)]
-    worst = disagreeing.assign(_size=-disagreeing["exact_weight"].abs()).sort_values("_size")
-    return "".join([
-        "<h3>Every profile edge measured exactly</h3>",
-        f"<p>{len(edges)} neuron edges of {edges['neuron_id'].nunique()} profiles "
-        "(<code>results/summary/edges.parquet</code>). For an edge s → t, the replay that "
-        "computes s's total effect also gives the exact change <code>Δa<sub>t</sub></code> of "
-        "t's activation at the last position; <code>exact_weight</code> = mean over prompts of "
-        "<code>Δa<sub>t</sub> · ∂logit<sub>target</sub>/∂a<sub>t</sub></code> (plain gradient). "
-        f"An edge is real when mean |Δa<sub>t</sub>| / |a<sub>t</sub>| ≥ {min_relative_delta:g} "
-        "and exact_weight has the sign of the profile's avg_weight. <b>Limits:</b> the graph's "
-        "edges count direct paths only (s's write read by t), with the graph's own metric; "
-        "Δa<sub>t</sub> counts every path from s to t, and the weight here is on the target "
-        "logit. A disagreement says the listed edge does not describe what s's treatment does "
-        "to t on these prompts, not that the graph computed it wrongly.</p>",
-        _figure(_figure_uri(figure), "Left: the fraction of each neuron's listed edges that "
-                "are real. Right: how far each edge moves its target (dashed: the threshold)."),
-        f"<h4>The {min(top_n, len(worst))} disagreeing edges with the largest |exact_weight| "
-        f"(of {len(disagreeing)} whose sign disagrees)</h4>",
-        _table(worst.head(top_n), ["neuron_id", "target_layer", "target_neuron", "avg_weight",
-                                   "exact_weight", "delta_activation", "relative_delta"]),
-    ])
-
-
-def profile_scores_section(table: pd.DataFrame) -> str:
-    """The profile's own scores judged against the exact effects
-    (results/summary/profile_scores.parquet, :mod:`neuron_effects.profile_scores`)."""
-    return "".join([
-        "<h2>The profile's own scores against the exact effects</h2>",
-        "<p>Per score field of the profile (<code>profile_scores</code>), over the profile "
-        "neurons that give it: Spearman with the neuron's exact mean total over the prompts "
-        "(<code>spearman_abs</code>: |field| with the mean |total|), the fraction of neurons "
-        "whose sign agrees with the mean total's, and precision@k of the top k by |field| "
-        "among the top k by mean |total| (k = 10, 100 and a tenth of the neurons; – unless "
-        "more than k neurons give the field). The exact effects are the ground truth: a score "
-        "far from them ranks the neurons differently from what they do.</p>",
-        _table(table)])
-
-
 def render_report(
     metadata: dict[str, Any], per_prompt: pd.DataFrame, neurons: pd.DataFrame,
     layers: pd.DataFrame, prompts: pd.DataFrame, validation: dict[str, Any],
@@ -486,9 +204,6 @@ def render_report(
     ``in_profile``) adds the census section and keeps in the searchable table the profile's
     neurons and the ``census_table_top`` others with the largest mean |total|. ``verified``:
     the neuron summaries of the verified candidates (atp.verify_candidates)."""
-    from .census import table_neurons
-    from .report_census import census_section
-
     census = "in_profile" in neurons
     figures = figures or report_figures(per_prompt, layers)
     passed = validation["passed"]
@@ -525,10 +240,8 @@ def render_report(
                        if c not in (*PROMPT_FIELDS, *PROMPT_TABLE_COLUMNS)]
     meta_rows = pd.DataFrame(list(metadata.items()), columns=["setting", "value"])
     sections = [
-        f"<h1>Direct vs indirect effects of {len(neurons)} MLP neurons over "
-        f"{per_prompt['prompt_id'].nunique()} prompts</h1>",
-        _precision_banners(validation), _low_rank_banner(prompts),
-        "<h2>Run</h2>", _table(meta_rows),
+        low_rank_banner(prompts),
+        "<h2>Run</h2>", html_table(meta_rows),
         "<p>Neurons by class: " + ", ".join(
             f"{label}: {int(counts.get(label, 0))}" for label in (*CLASSES, UNDETERMINED))
         + f". (prompt, neuron) rows: {len(per_prompt)}, of which {undefined} have |d| + |i| "
@@ -541,7 +254,7 @@ def render_report(
         "the cost model's estimate made when the run was planned (<code>estimated_*</code>: "
         "src/neuron_effects/cost.py; correct its rates with <code>sharding.rates</code> if they "
         "are far off).</p>",
-        _table(timings) if len(timings) else "<p>–</p>",
+        html_table(timings) if len(timings) else "<p>–</p>",
         '<h2>Definitions</h2><div class="defs"><p>Treatment: <code>V = s·w<sub>n</sub></code>, '
         "<code>w<sub>n</sub></code> = column n of <code>layers[L].mlp.down_proj.weight</code>, "
         "added to the output of decoder layer L. <b>Total</b> = logits(treated run) − "
@@ -555,18 +268,18 @@ def render_report(
         f"{metadata.get('logit_dominant_above', 0.7)} &lt; logit-dominant. Entropy-type "
         "neurons, which act through the final norm's scale, count as direct under the first "
         "definition and as indirect under the frozen-norm one.</p></div>",
-        "<h2>Validation against the reference path</h2>", verdict,
-        _validation_figures(validation), _table(per_metric),
-        _table(validation_pairs[[c for c in ("prompt_id", "neuron_id", "layer", "total",
-                                              "reference_total", "relative_error_total",
-                                              "relative_error_indirect", "max_abs_diff")
-                                 if c in validation_pairs]]),
+        f"<h2>{VALIDATION_TITLE}</h2>", verdict,
+        _validation_figures(validation), html_table(per_metric),
+        html_table(validation_pairs[[c for c in ("prompt_id", "neuron_id", "layer", "total",
+                                                 "reference_total", "relative_error_total",
+                                                 "relative_error_indirect", "max_abs_diff")
+                                     if c in validation_pairs]]),
         "<h2>Effect types by layer</h2>",
-        *(_figure(figures[name], caption) for name, caption in FIGURE_CAPTIONS.items()),
-        _table(layers),
-        f"<h2>Most logit-dominant neurons</h2>{_table(logit, neuron_columns)}",
-        f"<h2>Most routing-dominant neurons</h2>{_table(routing, neuron_columns)}",
-        f"<h2>Most cancelling neurons (self-repair)</h2>{_table(cancelling, neuron_columns)}",
+        *(figure_html(figures[name], caption) for name, caption in FIGURE_CAPTIONS.items()),
+        html_table(layers),
+        f"<h2>Most logit-dominant neurons</h2>{html_table(logit, neuron_columns)}",
+        f"<h2>Most routing-dominant neurons</h2>{html_table(routing, neuron_columns)}",
+        f"<h2>Most cancelling neurons (self-repair)</h2>{html_table(cancelling, neuron_columns)}",
         indirect_routes_section(neurons, mediation_layers if mediation_layers is not None
                                 else pd.DataFrame(), top_n),
         edges_section(edges, neurons, edge_min_relative_delta, top_n)
@@ -581,8 +294,12 @@ def render_report(
                              f": the profile's and the {census_table_top:,} other census "
                              "neurons with the largest mean |total|") if census else
         neuron_table_section(neurons, per_prompt),
-        f"<h2>Prompts and targets</h2>{_table(prompts, prompt_columns)}",
+        f"<h2>Prompts and targets</h2>{html_table(prompts, prompt_columns)}",
     ]
+    body, contents = with_contents("".join(sections))
+    heading = (f"<h1>Direct vs indirect effects of {len(neurons)} MLP neurons over "
+               f"{per_prompt['prompt_id'].nunique()} prompts</h1>")
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<title>Direct vs indirect neuron effects</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+            f"<style>{STYLE}</style></head><body>{heading}{precision_banners(validation)}"
+            f"{run_verdicts(validation, prompts, len(per_prompt))}{contents}{body}</body></html>")

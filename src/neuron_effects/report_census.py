@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .census import MAGNITUDES, top_neurons
-from .report import _figure, _figure_uri, _table
+from .report_html import figure_html, figure_uri, html_table
 
 PER_LAYER = 3  # neurons listed per layer, prompt and magnitude
 
@@ -26,7 +26,7 @@ def _distributions(neurons: pd.DataFrame) -> str:
         axis.set_title(f"mean |{name}| per neuron")
         axis.set_xlabel("layer")
         axis.tick_params(axis="x", labelsize=6)
-    return _figure_uri(figure)
+    return figure_uri(figure)
 
 
 def census_section(neurons: pd.DataFrame, per_prompt: pd.DataFrame, layers: pd.DataFrame,
@@ -44,23 +44,23 @@ def census_section(neurons: pd.DataFrame, per_prompt: pd.DataFrame, layers: pd.D
         "(prompt, neuron) rows. Every neuron is summarised in "
         "<code>results/summary/neurons.parquet</code>; the searchable table below keeps the "
         f"profile's neurons and the {table_top} others with the largest mean |total|.</p>",
-        _figure(_distributions(neurons), "Distribution over the neurons of each layer of the "
-                                         "mean |effect| on the target logit (boxes: quartiles; "
-                                         "whiskers: 1.5 IQR; log scale)."),
+        figure_html(_distributions(neurons), "Distribution over the neurons of each layer of "
+                    "the mean |effect| on the target logit (boxes: quartiles; whiskers: 1.5 IQR; "
+                    "log scale)."),
         f"<h3>Top {PER_LAYER} neurons per layer by mean |total|, |direct| and |indirect|</h3>",
-        _table(top_neurons(neurons, "layer", PER_LAYER)),
+        html_table(top_neurons(neurons, "layer", PER_LAYER)),
         f"<h3>Top {PER_LAYER} neurons per prompt by |total|, |direct| and |indirect|</h3>",
-        _table(top_neurons(per_prompt, "prompt_id", PER_LAYER)),
+        html_table(top_neurons(per_prompt, "prompt_id", PER_LAYER)),
         "<h3>Where the profile's neurons stand among all neurons of their layer</h3>",
         "<p>rank_in_layer: 1 = the largest mean |total| of the layer; percentile_in_layer: "
         "the fraction of the layer's neurons with a smaller one. Median percentile of the "
         f"profile's neurons: {profile['percentile_in_layer'].median():.3g}.</p>"
         if len(profile) else "<p>No profile neurons.</p>",
-        _table(standing) if len(profile) else "",
+        html_table(standing) if len(profile) else "",
         *(["<h3>Attribution patching against the exact census, per layer</h3>",
            "<p>Over every neuron of the layer, ranked by mean |estimate| and by mean |total|: "
            "precision@k (the estimate's top k among the exact top k), recall@k (the exact "
            "top k found in the estimate's top 2k), rank Spearman; k = 10, 100 and a tenth of "
            "the layer (<code>atp_tenth</code>).</p>",
-           _table(layers[["layer", *agreement]])] if agreement else []),
+           html_table(layers[["layer", *agreement]])] if agreement else []),
     ]

@@ -254,8 +254,8 @@ def _finite_or_none(value: float) -> float | None:
 
 def non_finite_failure(non_finite: Mapping[str, Any]) -> str | None:
     """The failure naming the run's rows with a NaN or infinite value (``non_finite``:
-    ``n_rows`` and the first ``rows``, :func:`neuron_effects.steps.non_finite_summary`), or
-    None when there is none."""
+    ``n_rows`` and the first ``rows``,
+    :func:`neuron_effects.jobs.aggregation.non_finite_summary`), or None when there is none."""
     if not non_finite["n_rows"]:
         return None
     named = "; ".join(f"prompt {row['prompt_id']!r}, neuron {row['neuron_id']} "

@@ -17,14 +17,13 @@ from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest, read_profile_scores
 from neuron_effects.model import CUDA_UNUSABLE
-from neuron_effects.plan import (
-    LAYOUT_ENV,
+from neuron_effects.layout import LAYOUT_ENV, resolve_layout
+from neuron_effects.plan import make_plan
+from neuron_effects.plan_cost import (
     Workload,
     aggregate_runtime_minutes,
     block_aggregate_seconds,
     estimate,
-    make_plan,
-    resolve_layout,
 )
 from neuron_effects.precision import low_precision_warning
 from neuron_effects.prepare import prepared_location

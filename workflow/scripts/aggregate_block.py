@@ -6,7 +6,8 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
 from neuron_effects.aggregate import BLOCK_PARTS, Thresholds
-from neuron_effects.steps import aggregate_block, configure_job
+from neuron_effects.jobs.aggregation import aggregate_block
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 aggregate_block(

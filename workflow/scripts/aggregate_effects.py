@@ -5,7 +5,8 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
-from neuron_effects.steps import aggregate_effects, configure_job
+from neuron_effects.jobs.aggregation import aggregate_effects
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 aggregate_effects(

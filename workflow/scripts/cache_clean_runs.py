@@ -5,7 +5,8 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
 from neuron_effects.model import ModelSpec
-from neuron_effects.steps import cache_clean_runs, configure_job
+from neuron_effects.jobs.clean_runs import cache_clean_runs
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 cache_clean_runs(

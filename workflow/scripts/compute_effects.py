@@ -9,7 +9,8 @@ sys.stderr = open(snakemake.log[0], "w", buffering=1)
 import pandas as pd
 from neuron_effects.effects import EffectSettings
 from neuron_effects.model import ModelSpec
-from neuron_effects.steps import compute_shard, configure_job
+from neuron_effects.jobs.setup import configure_job
+from neuron_effects.jobs.shard import compute_shard
 from neuron_effects.verified import neuron_table
 
 candidates = snakemake.input.get("candidates")

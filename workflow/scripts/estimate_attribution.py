@@ -6,7 +6,8 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
 from neuron_effects.model import ModelSpec
-from neuron_effects.steps import configure_job, estimate_attribution
+from neuron_effects.jobs.estimates import estimate_attribution
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 estimate_attribution(

@@ -4,7 +4,8 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
-from neuron_effects.steps import configure_job, extract_activations
+from neuron_effects.jobs.clean_runs import extract_activations
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 extract_activations(

@@ -4,7 +4,8 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
-from neuron_effects.steps import configure_job, judge_profile_scores
+from neuron_effects.jobs.aggregation import judge_profile_scores
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 judge_profile_scores(

@@ -5,7 +5,8 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
 from neuron_effects.model import ModelSpec
-from neuron_effects.steps import configure_job, prepare_inputs
+from neuron_effects.jobs.preparation import prepare_inputs
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 prepare_inputs(

@@ -5,7 +5,7 @@ import sys
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
 from neuron_effects.prepare import PreparedModel, prepare_model
-from neuron_effects.steps import configure_job
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 prepare_model(

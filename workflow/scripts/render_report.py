@@ -5,7 +5,8 @@ from pathlib import Path
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
-from neuron_effects.steps import configure_job, render_report
+from neuron_effects.jobs.report_page import render_report
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 render_report(

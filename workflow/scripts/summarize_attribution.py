@@ -4,7 +4,8 @@ import sys
 
 sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
-from neuron_effects.steps import configure_job, summarize_attribution
+from neuron_effects.jobs.estimates import summarize_attribution
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 summarize_attribution(

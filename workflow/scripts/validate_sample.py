@@ -6,7 +6,8 @@ sys.stderr = open(snakemake.log[0], "w", buffering=1)
 
 from neuron_effects.effects import EffectSettings
 from neuron_effects.model import ModelSpec
-from neuron_effects.steps import configure_job, validate_sample
+from neuron_effects.jobs.sample_validation import validate_sample
+from neuron_effects.jobs.setup import configure_job
 
 configure_job(snakemake.threads)
 validation = snakemake.params.validation
