@@ -136,7 +136,7 @@ def low_rank_banner(prompts: pd.DataFrame) -> str:
             "prompts have a target the model does not predict</b> (clean rank above "
             "targets.max_rank; 1 = its top prediction). Effects on these tokens say little about "
             "the neurons. In chat mode write targets without a leading space, or set "
-            f"response_prefix (README, Prompts).<ul>{items}</ul></div>")
+            f"response_prefix (docs/running.md, Targets).<ul>{items}</ul></div>")
 
 
 def _validation_figures(validation: dict[str, Any]) -> str:
