@@ -1,13 +1,15 @@
 """tools/gpu-check.sh --cpu: the GPU check's steps at toy scale, which is also the workflow's end-to-end
 run with treatment mean_ablate and positions all, every row checked against the reference and
-the clean records and activation statistics against a direct computation. Run twice in one work
-folder: the second run computes everything again (no result, cache entry or log of the first
-is reused or counted)."""
+the clean records and activation statistics against a direct computation. Run in a folder that an
+earlier run left (its results, cache, logs, benchmarks and a checkpoint of another shape): the run
+computes everything again and counts nothing of the earlier one (what a second run in one folder
+does, without paying for two runs); the checkpoint of the same shape kept is tested directly."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 
 import pandas as pd
@@ -74,13 +76,24 @@ def test_gpu_check_on_the_cpu_with_mean_ablate_at_every_position(demo_model_path
                               str(tmp_path / "other")], capture_output=True, text=True)
     assert refused.returncode != 0 and "give an empty or new folder" in refused.stderr
     assert (tmp_path / "other/notes.txt").exists()
-    for options in (["--no-parse"], []):  # the second run in the folder computes all again
-        since = time.time()
-        result = run_gpu_check(workdir, *options)
-        assert_everything_computed(result, workdir, since)
-    assert (workdir / "model/config.json").stat().st_mtime < since  # the checkpoint is kept
+    # a folder left by an earlier run (the marker, its results, cache, logs and benchmarks, and
+    # a checkpoint of another shape): the run computes everything again and counts nothing old
+    stale = {"results/validation/summary.json": '{"passed": true}',
+             "results/cache/effects/old/entry.json": "{}",
+             "logs/compute_effects/L00-03_c000.log": "rows computed: 0, reused: 99",
+             "benchmarks/compute_effects/old.tsv": "s\n999\n",
+             "model/config.json": '{"num_hidden_layers": 99}', ".gpu-check-workdir": ""}
+    for name, text in stale.items():
+        (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / name).write_text(text)
+    since = time.time()
+    result = run_gpu_check(workdir)
+    assert_everything_computed(result, workdir, since)
+    assert not (workdir / "results/cache/effects/old").exists()
+    assert not (workdir / "benchmarks/compute_effects/old.tsv").exists()
+    assert (workdir / "model/config.json").stat().st_mtime >= since  # another shape: rebuilt
     # the parse at the profile's shape, scaled down: 200 neurons x 6 edges, 10 prompts, on the
-    # checkpoint's 4 layers (a dry run of the hub id, offline; once: the first run skips it)
+    # checkpoint's 4 layers (a dry run of the hub id, offline)
     parse = result["parse"]
     assert (parse["neurons"], parse["edges"], parse["prompts"], parse["layers"]) == (
         200, 1200, 10, 4)
@@ -104,3 +117,22 @@ def test_gpu_check_on_the_cpu_with_mean_ablate_at_every_position(demo_model_path
     assert prompts["target_low_rank"].all()
     page = (workdir / "results/report/report.html").read_text()
     assert 'id="low-rank-targets"' in page and "2 of 2 prompts" in page
+
+
+def test_a_second_run_keeps_only_a_checkpoint_of_its_shape(tmp_path):
+    """clear_workdir: everything of an earlier run goes but the marker and a checkpoint of the
+    same shape (a second run in one folder computes all again without rebuilding 16 GB)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from gpu_check import WORKDIR_MARK, clear_workdir
+
+    shape = {"num_hidden_layers": 4, "hidden_size": 64}
+    for name in (WORKDIR_MARK, "results/cache/effects/x.json", "logs/a.log", ".snakemake/x",
+                 "hf-home/hub/x"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model/config.json").write_text(json.dumps(shape))
+    clear_workdir(tmp_path, shape)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [WORKDIR_MARK, "model"]
+    clear_workdir(tmp_path, {**shape, "num_hidden_layers": 32})
+    assert sorted(path.name for path in tmp_path.iterdir()) == [WORKDIR_MARK]
