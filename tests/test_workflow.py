@@ -143,7 +143,7 @@ def test_own_prompt_fields_reach_the_summary_and_the_report(outputs):
     prompts = pd.read_parquet(workdir / "results/summary/prompts.parquet")
     assert prompts["source"].tolist() == ["demo"] * 6 and prompts["rank"].tolist() == [*range(6)]
     page = (workdir / "results/report/report.html").read_text()
-    prompt_table = page[page.index("<h2>Prompts and targets</h2>"):]
+    prompt_table = page[page.index(">Prompts and targets</h2>"):]
     assert "<th>source</th>" in prompt_table and "<th>rank</th>" in prompt_table
 
 
