@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .. import attribution, cache, relp, store, verified
-from ..clean import run_clean
 from ..inputs import read_neurons
 from ..model import ModelSpec
 from .setup import PROGRESS, load_model_logged, log, model_cache_key, treatment_means
@@ -92,19 +91,17 @@ def prompt_estimates(model: Any, run: Any, record: Mapping[str, Any], treatment:
                       methods: Mapping[str, Sequence[str]], passes: Mapping[str, Sequence[str]]
                       ) -> dict[str, torch.Tensor]:
     """One prompt's estimates [layers, intermediate] per method and its plain ``gradient``
-    (last position), on the CPU. The causal methods share one forward (and the clean run's
-    activations); ``relp_unmasked`` (:func:`neuron_effects.relp.forward_rules`) has its own
-    unmasked forward, whose activations and gradients both make its estimate."""
+    (last position), on the CPU. The causal methods share one forward (and the clean
+    activations: the cached run's at the last position, that forward's at every position);
+    ``relp_unmasked`` (:func:`neuron_effects.relp.forward_rules`) has its own unmasked
+    forward, whose activations and gradients both make its estimate."""
     split = {name: relp.forward_rules(rules) for name, rules in passes.items()}
-    projections, _, _ = attribution.method_gradients(
+    projections, _, forward_activations = attribution.method_gradients(
         model, run.input_ids, record["target_id"], positions,
         {name: rules for name, (causal, rules) in split.items() if causal})
-    if positions == "all":  # every position's activation of every layer
-        clean = run_clean(model, run.input_ids, record["prompt_id"], range(model.n_layers))
-        activations = torch.stack([clean.full_activations[layer]
-                                   for layer in range(model.n_layers)])
-    else:
-        activations = run.activations
+    # every position's activations (positions all) from that causal forward, whose values the
+    # rules leave unchanged; the last position's from the cached clean run
+    activations = forward_activations if positions == "all" else run.activations
     values = {name: attribution.first_order_estimates(
         projections[name], activations.to(model.device), treatment, means).cpu().contiguous()
         for name in methods if split[name][0]}
