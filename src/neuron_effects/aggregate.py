@@ -22,6 +22,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .inputs import profile_neuron_id
+
 CLASSES = ("routing-dominant", "mixed", "logit-dominant")
 UNDETERMINED = "undetermined"
 
@@ -265,7 +267,7 @@ def enrich_profiles(document: Any, neurons: pd.DataFrame) -> Any:
     by_id = neurons.set_index("neuron_id")
     methods = estimate_methods(neurons.columns, "mean_total_")
     for profile in profiles:
-        neuron_id = profile.get("neuron_id", f"L{profile['layer']}/N{profile['neuron']}")
+        neuron_id = profile_neuron_id(profile)
         row = by_id.loc[neuron_id]
         profile["effect_type"] = row["classification"]
         profile["direct_ratio"] = clean_float(row["mean_direct_ratio"])

@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .inputs import InputError, load_profile_document, profile_list
+from .inputs import InputError, load_profile_document, profile_list, profile_neuron_id
 
 EDGE_FIELD = "top_downstream_targets"
 EDGE_COLUMNS = ("edge_n_neuron_targets", "edge_n_logit_targets", "edge_neuron_overlap",
@@ -93,7 +93,7 @@ def read_edges(path: str | Path) -> dict[str, list[Edge]]:
     for number, record in enumerate(profile_list(load_profile_document(path), path)):
         if not isinstance(record, dict) or EDGE_FIELD not in record:
             continue
-        neuron_id = record.get("neuron_id", f"L{record.get('layer')}/N{record.get('neuron')}")
+        neuron_id = profile_neuron_id(record)
         where = f"{path}: profile #{number} (neuron_id {neuron_id!r}): {EDGE_FIELD}"
         entries = record[EDGE_FIELD]
         if not isinstance(entries, list):

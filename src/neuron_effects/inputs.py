@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 NEURON_ID_PATTERN = re.compile(r"^L(\d+)/N(\d+)$")
 # The fields of a prompt record the workflow reads; any other field is the user's own, carried
@@ -165,6 +165,11 @@ def _score_value(record: dict[str, Any], field: str) -> Any:
     return value
 
 
+def profile_neuron_id(record: Mapping[str, Any]) -> Any:
+    """A raw profile record's ``neuron_id``: its own, else ``L{layer}/N{neuron}``."""
+    return record.get("neuron_id", f"L{record.get('layer')}/N{record.get('neuron')}")
+
+
 def read_profile_scores(path: str | Path, fields: Sequence[str]) -> dict[str, dict[str, float]]:
     """Per field of ``fields``: ``{neuron_id: value}`` of the profiles that give it (a key of the
     record or a dotted path; absent or null: the neuron is left out). Any other value than a
@@ -175,7 +180,7 @@ def read_profile_scores(path: str | Path, fields: Sequence[str]) -> dict[str, di
     if not fields:
         return scores
     for index, record in enumerate(profile_list(load_profile_document(path), path)):
-        neuron_id = record.get("neuron_id", f"L{record['layer']}/N{record['neuron']}")
+        neuron_id = profile_neuron_id(record)
         for field in fields:
             value = _score_value(record, field)
             if value is None:
