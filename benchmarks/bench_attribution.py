@@ -36,7 +36,7 @@ from neuron_effects.demo import prepared_demo_model
 from neuron_effects.inputs import read_prompts
 from neuron_effects.model import ModelSpec, load_model, load_tokenizer
 from neuron_effects.prompts import prepare_prompt
-from neuron_effects.relp import DEFAULT_RULES
+from neuron_effects.relp_rules import DEFAULT_RULES
 
 
 def saved_activation_bytes(model, input_ids: list[int], target: int) -> int:

@@ -12,7 +12,7 @@ and their ``top_downstream_targets``). Per prompt:
   (:func:`neuron_effects.attribution.method_gradients`) and their estimates of every studied
   neuron under the treatment.
 
-Agreement with the exact total (:func:`neuron_effects.attribution.agreement`) over all rows
+Agreement with the exact total (:func:`neuron_effects.agreement.agreement`) over all rows
 and by layer band (``--bands``, default thirds of the model). Edge exactness: Δa_t of the first
 ``--edge-checks`` measured edges on the first prompt against
 :func:`neuron_effects.reference.reference_activation_changes` (hooked full forwards).
@@ -21,7 +21,7 @@ With ``--from-results TREATMENT=DIR ...`` it computes nothing: it reads each fin
 ``DIR/effects/per_prompt.parquet`` (a demo run with the estimates of your choice, e.g.
 ``atp.methods: [atp, relp, relp_unmasked]``) and prints, as a Markdown table, every estimate's
 Spearman and sign agreement with the exact total by band of layers
-(:func:`neuron_effects.attribution.band_agreement`; thirds of the layers).
+(:func:`neuron_effects.agreement.band_agreement`; thirds of the layers).
 
 Usage: .venv/bin/python benchmarks/bench_relp.py [--treatment add] [--prompts N]
        .venv/bin/python benchmarks/bench_relp.py --from-results add=results [zero_ablate=...]
@@ -40,17 +40,18 @@ import pandas as pd
 import torch
 
 from neuron_effects.aggregate import estimate_methods
-from neuron_effects.attribution import (agreement, band_agreement, first_order_estimates,
-                                        layer_bands, method_gradients)
+from neuron_effects.agreement import agreement, band_agreement, layer_bands
+from neuron_effects.attribution import first_order_estimates, method_gradients
 from neuron_effects.clean import run_clean
 from neuron_effects.demo import prepared_demo_model
-from neuron_effects.edges import measurable_targets, neuron_target_weights, read_edges
+from neuron_effects.edges import measurable_targets
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.inputs import read_neurons, read_prompts
 from neuron_effects.model import ModelSpec, load_model, load_tokenizer
+from neuron_effects.profile_edges import neuron_target_weights, read_edges
 from neuron_effects.prompts import prepare_prompt
 from neuron_effects.reference import reference_activation_changes
-from neuron_effects.relp import RULES, method_name
+from neuron_effects.relp_rules import RULES, method_name
 from neuron_effects.treatments import treatment_scales
 
 METHODS = {"atp": (), "relp": RULES, **{method_name([rule]): (rule,) for rule in RULES}}

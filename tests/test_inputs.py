@@ -22,6 +22,7 @@ import torch
 import yaml
 
 import neuron_effects.model as model_module
+import neuron_effects.torch_builds as torch_builds
 from conftest import tiny_model
 from neuron_effects.clean import run_clean
 from neuron_effects.inputs import InputError, model_location, read_neurons, read_prompts
@@ -528,26 +529,26 @@ def test_cuda_requested_where_none_exists(monkeypatch, tiny_model_dir):
     ("13.1", "cu130"),
 ])
 def test_torch_build_advice_per_driver(driver_cuda, build):
-    assert model_module.torch_build_for(driver_cuda) == build
-    names = {entry.name for entry in model_module.TORCH_CUDA_BUILDS}
+    assert torch_builds.torch_build_for(driver_cuda) == build
+    names = {entry.name for entry in torch_builds.TORCH_CUDA_BUILDS}
     assert build is None or build in names
 
 
 def test_cuda_error_names_both_versions_and_the_fix():
     """torch 2.13.0's default build (CUDA 13.0) on a cluster whose driver supports 12.4 only."""
-    old_driver = model_module.cuda_unusable_message("cuda", "2.13.0", "13.0", "550.54.15", "12.4")
+    old_driver = torch_builds.cuda_unusable_message("cuda", "2.13.0", "13.0", "550.54.15", "12.4")
     assert "built for CUDA 13.0" in old_driver and "driver is 550.54.15" in old_driver
     assert "supports CUDA up to 12.4" in old_driver
     assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 tools/setup-venv.sh" \
         in old_driver  # the 12.x build of torch 2.13 runs on any 12.x driver
-    cpu_build = model_module.cuda_unusable_message("cuda", "2.13.0+cpu", None, "570.1", "12.8")
+    cpu_build = torch_builds.cuda_unusable_message("cuda", "2.13.0+cpu", None, "570.1", "12.8")
     assert "CPU-only build" in cpu_build and "whl/cu126" in cpu_build
     # a 12.6 build on a 12.2 driver: minor-version compatible, so the build is not the cause
     for torch_cuda, driver_cuda in (("12.6", "12.6"), ("12.6", "12.2")):
-        matching = model_module.cuda_unusable_message("cuda:0", "2.13.0", torch_cuda, "535.1",
+        matching = torch_builds.cuda_unusable_message("cuda:0", "2.13.0", torch_cuda, "535.1",
                                                       driver_cuda)
         assert "CUDA_VISIBLE_DEVICES" in matching
-    assert "update the NVIDIA driver" in model_module.cuda_unusable_message(
+    assert "update the NVIDIA driver" in torch_builds.cuda_unusable_message(
         "cuda", "2.13.0", "13.0", "470.1", "11.4")
 
 

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from neuron_effects import store
-from neuron_effects.edges import Edge, edge_agreement, parse_edge, read_edges
+from neuron_effects.edges import edge_agreement
+from neuron_effects.profile_edges import Edge, parse_edge, read_edges
 from neuron_effects.inputs import InputError
 from neuron_effects.mediation import (combined_mediator_sums, indirect_part_sums,
                                       mediator_summary, mediator_sums, neuron_mediation)

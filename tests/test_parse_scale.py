@@ -1,11 +1,15 @@
 """The workflow's parse at the user's shape (dry runs, nothing computed): Llama-3.1-8B's config
 (no weights), 8,177 neurons x 100 prompts with the real config and the Slurm profile. Profile
 edges (six ``top_downstream_targets`` per neuron) once made the parse quadratic in the neurons:
-182 s against 5 s without them (BENCHMARKS.md, "Parse time at the user's shape")."""
+182 s against 5 s without them (BENCHMARKS.md, "Parse time at the user's shape"). And the parse
+imports no torch: its import was ~2 s of every parse."""
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -44,3 +48,27 @@ def test_profile_edges_cost_the_parse_little(tmp_path, llama_8b_dir):
         if min(times["edges"]) <= 1.5 * min(times["plain"]):
             break
     assert min(times["edges"]) <= 1.5 * min(times["plain"]), times
+
+
+def modules_loaded(*modules: str) -> set[str]:
+    """The heavy libraries (torch, transformers) that importing ``modules`` loads, in a fresh
+    interpreter."""
+    code = (f"import sys; sys.path.insert(0, {str(REPO / 'src')!r}); "
+            f"[__import__(m) for m in {list(modules)!r}]; "
+            "print(__import__('json').dumps([m for m in ('torch', 'transformers') "
+            "if m in sys.modules]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, timeout=120)
+    return set(json.loads(result.stdout))
+
+
+def test_the_parse_imports_no_torch():
+    """The package modules the Snakefile and its rule files import (what every ``snakemake``
+    call and every cluster job's parse loads) import neither torch nor transformers; the
+    control, a model module, does."""
+    rules = [REPO / "Snakefile", *sorted((REPO / "workflow/rules").glob("*.smk"))]
+    modules = sorted({name for path in rules for name in re.findall(
+        r"^from (neuron_effects[\w.]*) import", path.read_text(), re.MULTILINE)})
+    assert "neuron_effects.plan" in modules and len(modules) >= 10, modules
+    assert modules_loaded(*modules) == set()
+    assert modules_loaded("neuron_effects.model") == {"torch"}

@@ -14,7 +14,7 @@ import torch
 
 from engine_checks import random_neurons
 from neuron_effects import store
-from neuron_effects.clean import run_clean
+from neuron_effects.clean import run_clean, save_clean_runs
 from neuron_effects.effects import (EffectSettings, auto_batch_rows, auto_vocab_rows,
                                     compute_effects, neuron_block)
 from neuron_effects.error_scale import float32_error_bound, logit_scale
@@ -182,7 +182,7 @@ def test_bf16_run_fails_validation_naming_the_dtype(smollm2, prepared_demo_model
     per_prompt = tmp_path / "per_prompt.parquet"
     store.write_parquet(per_prompt, table)
     clean_path = tmp_path / "c000.safetensors"
-    store.save_clean_runs(clean_path, [clean.to(torch.device("cpu"))], [{"prompt_id": "p"}])
+    save_clean_runs(clean_path, [clean.to(torch.device("cpu"))], [{"prompt_id": "p"}])
     spec = ModelSpec(str(prepared_demo_model), dtype="bfloat16", device="cpu")
     summary_path = tmp_path / "summary.json"
     with caplog.at_level(logging.INFO, logger="neuron_effects"):

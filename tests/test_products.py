@@ -12,8 +12,8 @@ from neuron_effects.clean import run_clean
 from neuron_effects.direct import Readout
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.inputs import Neuron
-from neuron_effects.model import (LlamaFamily, cast_parameters, cuda_unusable_message,
-                                  nvidia_driver, round_parameters)
+from neuron_effects.model import LlamaFamily, cast_parameters, round_parameters
+from neuron_effects.torch_builds import cuda_unusable_message, nvidia_driver
 from neuron_effects.products import (REPLAY_LINEARS, SplitBf16Linear, SplitWeight,
                                      bf16_product, split_bf16, use_products)
 

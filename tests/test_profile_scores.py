@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from neuron_effects.attribution import spearman
+from neuron_effects.agreement import spearman
 from neuron_effects.inputs import InputError, read_profile_scores
 from neuron_effects.profile_scores import COLUMNS, judge_field, judge_profile_scores
 

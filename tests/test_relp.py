@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO, tiny_model
-from neuron_effects import attribution, relp
+from neuron_effects import attribution, relp, relp_rules
 from neuron_effects.model import LlamaFamily
 
 PROMPT = [5, 17, 2, 99, 43, 8, 61, 30, 12, 77, 3]
@@ -77,19 +77,19 @@ def independent_projections(model: LlamaFamily, input_ids: list[int], target_id:
                         for gradient, block in zip(gradients, model.layers)])
 
 
-RULE_SETS = [(rule,) for rule in relp.RULES] + [relp.DEFAULT_RULES, relp.RULES]
+RULE_SETS = [(rule,) for rule in relp_rules.RULES] + [relp_rules.DEFAULT_RULES, relp_rules.RULES]
 
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen3"])
 def test_relp_gradients_match_the_detached_implementation(architecture):
     model = tiny_model(architecture)
-    methods = {"atp": (), **{relp.method_name(rules): rules for rules in RULE_SETS}}
+    methods = {"atp": (), **{relp_rules.method_name(rules): rules for rules in RULE_SETS}}
     projections, _, _ = attribution.method_gradients(model, PROMPT, TARGET, "last", methods)
     plain, _ = attribution.neuron_gradients(model, PROMPT, TARGET)
     torch.testing.assert_close(projections["atp"], plain, rtol=0, atol=0)
     for rules in RULE_SETS:
         expected = independent_projections(model, PROMPT, TARGET, rules)
-        got = projections[relp.method_name(rules)]
+        got = projections[relp_rules.method_name(rules)]
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5, msg=str(rules))
         assert (got - plain).abs().max() > 1e-2, rules  # each rule changes the gradient
     assert projections["relp"].abs().max() > 0.05
@@ -108,7 +108,7 @@ def test_forward_values_are_unchanged_by_the_rules():
     with torch.no_grad():
         expected = model.causal_lm(input_ids=ids, output_hidden_states=True)
     before = hooks()  # transformers installs its own on the first call
-    switch = relp.RuleSwitch(frozenset(relp.RULES))
+    switch = relp.RuleSwitch(frozenset(relp_rules.RULES))
     with torch.enable_grad(), relp.relevance_rules(model, switch):
         treated = model.causal_lm(input_ids=ids, output_hidden_states=True)
     assert torch.equal(treated.logits, expected.logits)
@@ -119,16 +119,16 @@ def test_forward_values_are_unchanged_by_the_rules():
 
 
 def test_rule_sets_and_names():
-    assert relp.rule_sets(["half", "ln"]) == [("ln", "half")]
-    assert relp.rule_sets([["ln"], ["frozen_attention", "identity"], ["ln"]]) == [
+    assert relp_rules.rule_sets(["half", "ln"]) == [("ln", "half")]
+    assert relp_rules.rule_sets([["ln"], ["frozen_attention", "identity"], ["ln"]]) == [
         ("ln",), ("identity", "frozen_attention")]
-    assert relp.method_name(["half", "identity", "ln"]) == "relp"  # the graphs' code's rules
-    assert relp.method_name(relp.RULES) == "relp_ln_identity_half_frozen_attention"
-    assert relp.method_name(["half", "ln"]) == "relp_ln_half"
+    assert relp_rules.method_name(["half", "identity", "ln"]) == "relp"  # the graphs' code's rules
+    assert relp_rules.method_name(relp_rules.RULES) == "relp_ln_identity_half_frozen_attention"
+    assert relp_rules.method_name(["half", "ln"]) == "relp_ln_half"
     with pytest.raises(ValueError, match="unknown RelP rules"):
-        relp.rule_sets(["lrp"])
+        relp_rules.rule_sets(["lrp"])
     with pytest.raises(ValueError, match="unknown RelP rules"):  # a forward, not a rule
-        relp.rule_sets([relp.UNMASKED])
+        relp_rules.rule_sets([relp_rules.UNMASKED])
 
 
 @pytest.mark.slow
@@ -137,24 +137,24 @@ def test_relp_gradients_match_the_detached_implementation_on_smollm2(smollm2):
     ids = tokenizer("Insulin is a hormone produced by the")["input_ids"]
     target = tokenizer(" pancreas", add_special_tokens=False)["input_ids"][0]
     projections, _, _ = attribution.method_gradients(model, ids, target, "last",
-                                                  {"relp": relp.RULES})
-    expected = independent_projections(model, ids, target, relp.RULES)
+                                                  {"relp": relp_rules.RULES})
+    expected = independent_projections(model, ids, target, relp_rules.RULES)
     torch.testing.assert_close(projections["relp"], expected, rtol=0, atol=1e-4)
     assert projections["relp"].abs().max() > 0.1
 
 
 def test_method_rules_from_the_config():
-    four = relp.RULES
-    assert relp.method_rules(["atp", "relp"], list(relp.DEFAULT_RULES)) == {
-        "atp": (), "relp": relp.DEFAULT_RULES}
-    assert relp.method_rules(["relp"], [["ln"], list(four), ["half", "identity", "ln"]]) == {
+    four = relp_rules.RULES
+    assert relp_rules.method_rules(["atp", "relp"], list(relp_rules.DEFAULT_RULES)) == {
+        "atp": (), "relp": relp_rules.DEFAULT_RULES}
+    assert relp_rules.method_rules(["relp"], [["ln"], list(four), ["half", "identity", "ln"]]) == {
         "relp_ln": ("ln",), "relp_ln_identity_half_frozen_attention": four,
         "relp": ("ln", "identity", "half")}
-    assert relp.method_rules(["atp"], list(four)) == {"atp": ()}
-    unmasked = relp.method_rules(["relp_unmasked"], list(four))  # always the default rules
-    assert unmasked == {"relp_unmasked": ("ln", "identity", "half", relp.UNMASKED)}
-    assert relp.forward_rules(unmasked["relp_unmasked"]) == (False, ("ln", "identity", "half"))
-    assert relp.forward_rules(four) == (True, four)
+    assert relp_rules.method_rules(["atp"], list(four)) == {"atp": ()}
+    unmasked = relp_rules.method_rules(["relp_unmasked"], list(four))  # always the default rules
+    assert unmasked == {"relp_unmasked": ("ln", "identity", "half", relp_rules.UNMASKED)}
+    assert relp_rules.forward_rules(unmasked["relp_unmasked"]) == (False, ("ln", "identity", "half"))
+    assert relp_rules.forward_rules(four) == (True, four)
 
 
 def test_the_default_rules_are_the_graph_codes_everywhere():
@@ -172,8 +172,8 @@ def test_the_default_rules_are_the_graph_codes_everywhere():
     for methods in (config["methods"], atp["default"]["methods"],
                     atp["properties"]["methods"]["default"], real["methods"]):
         assert methods == ["atp", "relp"]
-    assert relp.method_rules(config["methods"], config["relp_rules"])["relp"] == \
-        relp.DEFAULT_RULES
+    assert relp_rules.method_rules(config["methods"], config["relp_rules"])["relp"] == \
+        relp_rules.DEFAULT_RULES
 
 
 def test_report_compares_every_rule_set():
@@ -182,7 +182,7 @@ def test_report_compares_every_rule_set():
     import numpy as np
     import pandas as pd
 
-    from neuron_effects.attribution import layer_agreement
+    from neuron_effects.agreement import layer_agreement
     from neuron_effects.report_attribution import attribution_section
 
     rng = np.random.default_rng(0)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from neuron_effects import relp
+from neuron_effects import relp_rules
 from neuron_effects.jobs.estimates import prompt_estimates
 from neuron_effects.clean import run_clean
 from neuron_effects.model import LlamaFamily
@@ -110,7 +110,7 @@ def workflow_estimates(model: LlamaFamily, input_ids: list[int], target_id: int,
                        treatment: str) -> dict[str, torch.Tensor]:
     """The attribution job's estimates of one prompt (:func:`neuron_effects.jobs.estimates.prompt_estimates`) for the
     methods ``atp, relp, relp_unmasked`` with the default rules, as the config names them."""
-    methods = relp.method_rules(["atp", "relp", "relp_unmasked"], list(GRAPH_RULES))
+    methods = relp_rules.method_rules(["atp", "relp", "relp_unmasked"], list(GRAPH_RULES))
     run = run_clean(model, input_ids, "p0")
     return prompt_estimates(model, run, {"target_id": target_id}, treatment, "last",
                                    None, methods, {"atp": (), **methods})

@@ -16,7 +16,7 @@ import torch
 from conftest import tiny_model
 from neuron_effects import store
 from neuron_effects.jobs import layer_streams
-from neuron_effects.clean import run_clean
+from neuron_effects.clean import load_clean_runs, run_clean, save_clean_runs
 from neuron_effects.store import atomic_path, read_rows
 
 
@@ -80,9 +80,9 @@ def test_clean_runs_round_trip(tmp_path):
     records = [{"prompt_id": "a", "target_id": 7, "note": "é"},
                {"prompt_id": "b", "target_id": 3, "note": None}]
     path = tmp_path / "c000.safetensors"
-    store.save_clean_runs(path, runs, records)
+    save_clean_runs(path, runs, records)
     assert store.load_clean_records(path) == records
-    loaded, loaded_records = store.load_clean_runs(path)
+    loaded, loaded_records = load_clean_runs(path)
     assert loaded_records == records
     assert [run.prompt_id for run in loaded] == ["a", "b"]
     for run, back in zip(runs, loaded):

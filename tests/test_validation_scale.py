@@ -14,7 +14,7 @@ import torch
 from conftest import rescaled, tiny_model
 from engine_checks import random_neurons
 from neuron_effects import store
-from neuron_effects.clean import run_clean
+from neuron_effects.clean import run_clean, save_clean_runs
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.error_scale import ERROR_FACTOR, FLOAT32_EPS
 from neuron_effects.model import ModelSpec, load_model
@@ -43,7 +43,7 @@ def _validated_run(folder, dtype: str, tmp_path, tolerance: float | None = None,
         tables.append(table.assign(prompt_id=prompt_id, target_id=7, distractor_id=11))
         clean.logits = clean.logits * stored_logits_factor
         runs.append(clean)
-    store.save_clean_runs(tmp_path / "c000.safetensors", runs,
+    save_clean_runs(tmp_path / "c000.safetensors", runs,
                           [{"prompt_id": prompt_id} for prompt_id in PROMPTS])
     store.write_parquet(tmp_path / "per_prompt.parquet", pd.concat(tables, ignore_index=True))
     validate_sample(spec, [str(tmp_path / "c000.safetensors")], str(tmp_path / "per_prompt.parquet"),

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from neuron_effects import verified
-from neuron_effects.attribution import neuron_table
+from neuron_effects.agreement import neuron_table
 from neuron_effects.cost import DEVICES, ModelShape
 from neuron_effects.inputs import InputError, Neuron, PromptRecord
 from neuron_effects.plan import make_plan

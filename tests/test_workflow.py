@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from direct_checks import assert_clean_runs_match_direct_computation
-from neuron_effects import attribution
+from neuron_effects import agreement
 from neuron_effects.aggregate import CLASSES, UNDETERMINED, Thresholds
 from neuron_effects.inputs import read_neurons, read_prompts
 from neuron_effects.plan import make_plan
@@ -314,7 +314,7 @@ def test_attribution_outputs(outputs):
                                per_prompt["total_atp"] - per_prompt["direct"], atol=1e-12)
     # add on a tiny random model: the estimate ranks like the exact total (a few rows with
     # large activations are far off: first order only)
-    overall = attribution.overall_agreement(per_prompt)
+    overall = agreement.overall_agreement(per_prompt)
     assert overall["atp_spearman"] > 0.8 and overall["atp_median_relative_error"] < 0.1
 
     table = outputs["atp_neurons"]

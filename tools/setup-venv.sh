@@ -6,8 +6,8 @@
 #
 # Another torch build (e.g. for an older NVIDIA driver): --torch-index URL or TORCH_INDEX_URL=URL,
 # a PyTorch wheel index such as https://download.pytorch.org/whl/cu126 (driver R525+) or
-# .../whl/cu130 (R580+; TORCH_CUDA_BUILDS in src/neuron_effects/model.py lists the builds). The
-# pinned torch version is installed from there first; the rest from PyPI.
+# .../whl/cu130 (R580+; TORCH_CUDA_BUILDS in src/neuron_effects/torch_builds.py lists the
+# builds). The pinned torch version is installed from there first; the rest from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 torch_index=${TORCH_INDEX_URL:-}

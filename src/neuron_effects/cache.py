@@ -35,7 +35,7 @@ import pandas as pd
 
 from .inputs import digest
 from .prepare import file_sha256
-from .store import write_json
+from .store import atomic_path, write_json
 
 log = logging.getLogger("neuron_effects")
 
@@ -68,8 +68,6 @@ def write_entry(folder: str | Path, name: str, writers: Mapping[str, Callable[[P
                 meta: Mapping[str, Any]) -> None:
     """Write an entry: each file ``<name>.<suffix>`` by its writer (given a temporary path,
     renamed into place), then the manifest with the files' sizes and SHA-256 and ``meta``."""
-    from .store import atomic_path
-
     folder = Path(folder)
     files = {}
     for suffix, write in writers.items():

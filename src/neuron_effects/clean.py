@@ -11,16 +11,24 @@ Captured with forward hooks on the unmodified model (``T`` prompt tokens, last p
   last-position treatment cannot change (causal attention);
 * optionally, for the layers in ``full_layers``: the layer outputs and activations at every
   position (the ``positions: all`` treatment needs them).
+
+The clean-run file (:func:`save_clean_runs`): one safetensors file per chunk of prompts, each
+run's tensors under ``<i>.<name>`` and the prepared prompt records as the JSON metadata
+``records`` (read alone, without torch, by :func:`neuron_effects.store.load_clean_records`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Collection
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .model import LlamaFamily
+from .store import atomic_path, load_clean_records
 
 
 @dataclass
@@ -53,6 +61,36 @@ class CleanRun:
         moved["full_layer_outputs"] = {k: v.to(device) for k, v in self.full_layer_outputs.items()}
         moved["full_activations"] = {k: v.to(device) for k, v in self.full_activations.items()}
         return CleanRun(**moved)
+
+
+_RUN_TENSORS = [f.name for f in fields(CleanRun) if f.name not in
+                ("prompt_id", "full_layer_outputs", "full_activations")]
+
+
+def save_clean_runs(path: str | Path, runs: list[CleanRun], records: list[dict[str, Any]],
+                    atomic: bool = True) -> None:
+    """One clean-run file for a chunk of prompts (the module docstring's format; ``atomic``
+    False: written in place, for a caller that writes to a temporary path itself)."""
+    tensors = {f"{index}.{name}": getattr(run, name).contiguous().cpu()
+               for index, run in enumerate(runs) for name in _RUN_TENSORS}
+    metadata = {"records": json.dumps(records, ensure_ascii=False)}
+    if not atomic:
+        save_file(tensors, str(path), metadata=metadata)
+        return
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+
+
+def load_clean_runs(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[list[CleanRun], list[dict[str, Any]]]:
+    """The runs and prompt records saved by :func:`save_clean_runs`."""
+    records = load_clean_records(path)
+    tensors = load_file(str(path), device=str(device))
+    runs = [CleanRun(prompt_id=record["prompt_id"],
+                     **{name: tensors[f"{index}.{name}"] for name in _RUN_TENSORS})
+            for index, record in enumerate(records)]
+    return runs, records
 
 
 def _hidden(output: Any) -> torch.Tensor:

@@ -1,10 +1,6 @@
-"""The profiles' own downstream edges (``top_downstream_targets``) and their agreement with the
-exact mediators.
-
-A profile may list, in the format of the user's attribution-graph edge statistics, objects whose
-``target`` is ``"<layer>_<neuron>_<position>"`` (a neuron), ``"L_<token id>_<position>"`` (a
-logit) or ``"E_<token id>_<position>"`` (an embedding), with ``avg_weight`` and other fields.
-Positions are ignored. Per neuron (:func:`edge_agreement`):
+"""The profiles' own downstream edges (``top_downstream_targets``, read by
+:mod:`neuron_effects.profile_edges`) measured exactly, and their agreement with the exact
+mediators. Per neuron (:func:`edge_agreement`):
 
 * ``edge_neuron_overlap``: of the profile's top-k neuron targets (by |avg_weight|), the fraction
   among the exact top-k mediator neurons (by |mean contribution| over prompts), over
@@ -34,19 +30,15 @@ whose target layer is not after the source's, or not in the model, is left out w
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .inputs import InputError, load_profile_document, profile_list, profile_neuron_id
+from .profile_edges import Edge
 
-EDGE_FIELD = "top_downstream_targets"
 EDGE_COLUMNS = ("edge_n_neuron_targets", "edge_n_logit_targets", "edge_neuron_overlap",
                 "edge_sign_agreement", "edge_logit_overlap", "edge_n_measured",
                 "edge_real_fraction")
@@ -56,50 +48,6 @@ EDGE_DELTA_COLUMNS = ("neuron_id", "target_layer", "target_neuron", "delta_activ
 EDGE_TABLE_COLUMNS = ("neuron_id", "target_layer", "target_neuron", "avg_weight",
                       "delta_activation", "relative_delta", "exact_weight", "sign_agrees",
                       "n_prompts")
-_TARGET = re.compile(r"^(?:(\d+)|([LE]))_(\d+)_(-?\d+)$")
-
-
-@dataclass(frozen=True)
-class Edge:
-    """One downstream target: ``kind`` ``neuron`` (``layer``, ``index`` = neuron), ``logit`` or
-    ``embedding`` (``index`` = token id, ``layer`` None), with its ``avg_weight`` (or NaN)."""
-
-    kind: str
-    layer: int | None
-    index: int
-    avg_weight: float
-
-
-def parse_edge(entry: Any, where: str) -> Edge:
-    """One entry of ``top_downstream_targets``; a clear :class:`InputError` if malformed."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("target"), str):
-        raise InputError(f"{where}: must be an object with a string 'target', got {entry!r}")
-    match = _TARGET.match(entry["target"].strip())
-    if match is None:
-        raise InputError(f"{where}: target {entry['target']!r} is not '<layer>_<neuron>_<pos>', "
-                         "'L_<token id>_<pos>' or 'E_<token id>_<pos>'")
-    weight = entry.get("avg_weight", math.nan)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-        raise InputError(f"{where}: avg_weight must be a number, got {weight!r}")
-    layer, letter, index = match.group(1), match.group(2), int(match.group(3))
-    if layer is not None:
-        return Edge("neuron", int(layer), index, float(weight))
-    return Edge("logit" if letter == "L" else "embedding", None, index, float(weight))
-
-
-def read_edges(path: str | Path) -> dict[str, list[Edge]]:
-    """The parsed edges of every profile that has them, by neuron id."""
-    edges: dict[str, list[Edge]] = {}
-    for number, record in enumerate(profile_list(load_profile_document(path), path)):
-        if not isinstance(record, dict) or EDGE_FIELD not in record:
-            continue
-        neuron_id = profile_neuron_id(record)
-        where = f"{path}: profile #{number} (neuron_id {neuron_id!r}): {EDGE_FIELD}"
-        entries = record[EDGE_FIELD]
-        if not isinstance(entries, list):
-            raise InputError(f"{where}: must be a list, got {type(entries).__name__}")
-        edges[neuron_id] = [parse_edge(entry, f"{where}[{i}]") for i, entry in enumerate(entries)]
-    return edges
 
 
 def _top(items: Iterable[tuple[Any, float]], k: int) -> list[Any]:
@@ -143,18 +91,6 @@ def edge_agreement(edges: list[Edge], mediator_neurons: pd.DataFrame,
         "edge_sign_agreement": sum(signs) / len(signs) if signs else math.nan,
         "edge_logit_overlap": _overlap(logit_top, direct_top),
     }
-
-
-def neuron_target_weights(edges: list[Edge]) -> dict[tuple[int, int], float]:
-    """The neuron targets ``(layer, neuron)`` of a profile's edges with their ``avg_weight``
-    (positions ignored: of a target listed at several positions, the largest |avg_weight|)."""
-    weights: dict[tuple[int, int], float] = {}
-    for edge in edges:
-        key = (edge.layer, edge.index)
-        if edge.kind == "neuron" and (key not in weights or abs(edge.avg_weight)
-                                      > abs(weights[key])):
-            weights[key] = edge.avg_weight
-    return weights
 
 
 def measurable_targets(neuron_id: str, layer: int, targets: Iterable[tuple[int, int]],
@@ -208,7 +144,8 @@ def edge_table(deltas: pd.DataFrame, gradients: dict[str, np.ndarray] | None,
                weights: dict[str, dict[tuple[int, int], float]]) -> pd.DataFrame:
     """One row per measured edge (:data:`EDGE_TABLE_COLUMNS`) from the shards' per-prompt
     ``deltas`` (``prompt_id`` and :data:`EDGE_DELTA_COLUMNS`): the profile's ``avg_weight``
-    (``weights``: neuron id -> :func:`neuron_target_weights`), the means over prompts of
+    (``weights``: neuron id ->
+    :func:`neuron_effects.profile_edges.neuron_target_weights`), the means over prompts of
     ``Δa_t`` (``delta_activation``), of ``|Δa_t| / |a_t|`` (``relative_delta``, prompts with
     ``a_t = 0`` left out) and of ``Δa_t * ∂logit_target/∂a_t`` (``exact_weight``; ``gradients``:
     prompt id -> [layers, intermediate] plain gradients, None without attribution patching:

@@ -21,6 +21,7 @@ from typing import Any
 from . import __version__
 from .inputs import InputError, Neuron, PromptRecord, digest, read_neurons, read_prompts
 from .prompts import prepare_prompt
+from .store import write_json
 
 # What the clean runs need of each prepared prompt (the rest of the table is the user's record).
 PREPARED_FIELDS = ("prompt_id", "text", "n_tokens", "input_ids", "target_id", "distractor_id",
@@ -101,7 +102,5 @@ def checked_inputs(
     prepared, shape = prepare_prompts(neurons, records, str(neurons_path), str(prompts_path),
                                       model, chat_template, system_prompt, response_prefix)
     if cached is not None:
-        from .store import write_json
-
         write_json(cached, {"prepared": prepared, "shape": shape})
     return CheckedInputs(neurons, records, prepared, shape)

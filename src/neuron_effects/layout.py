@@ -17,6 +17,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 from .cost import DeviceRates, ModelShape
 from .inputs import InputError, Neuron, PromptRecord, digest
 from .plan_cost import Workload, estimate_from_shards, row_seconds
+from .store import write_json
 
 
 def balanced_blocks(costs: Sequence[float], n_blocks: int) -> list[int]:
@@ -261,8 +262,6 @@ def resolve_layout(
     if kept is not None and _worth_keeping(kept, fresh, costs, tokens, shape.n_layers, bounds):
         content = kept
     key = digest(content)
-    from .store import write_json
-
     if not (folder / f"{key}.json").exists():
         write_json(folder / f"{key}.json", content)
     write_json(previous, content)

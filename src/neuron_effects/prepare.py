@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .inputs import InputError, digest, model_location
+from .store import write_text
 
 # The folder's manifest: the rule's output, written last (a folder without it is incomplete).
 MANIFEST = "prepared.json"
@@ -64,8 +65,6 @@ def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:
             sha.update(block)
     value = sha.hexdigest()
     if cached is not None:
-        from .store import write_text
-
         write_text(cached, value)
     return value
 

@@ -7,7 +7,7 @@ Per field, over the profile neurons that give it (``n_neurons``; ``n_missing`` d
 * ``spearman``: Spearman(field, m); ``spearman_abs``: Spearman(|field|, mean |total|);
 * ``sign_agreement``: the fraction of the neurons with ``m != 0`` where sign(field) = sign(m);
 * ``precision_at_10``, ``precision_at_100``: the fraction of the top k by |field| that are in
-  the top k by mean |total| (:func:`neuron_effects.attribution.precision_at_k`); NaN unless
+  the top k by mean |total| (:func:`neuron_effects.agreement.precision_at_k`); NaN unless
   more than k neurons give the field (over all of them it is 1 whatever the field);
   ``precision_at_tenth``: the same with k = a tenth of the neurons (at least 1).
 """
@@ -20,7 +20,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from .attribution import precision_at_k, spearman
+from .agreement import precision_at_k, spearman
 
 COLUMNS = ("field", "n_neurons", "n_missing", "spearman", "spearman_abs", "sign_agreement",
            "precision_at_10", "precision_at_100", "precision_at_tenth")

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from .aggregate import estimate_methods  # noqa: E402
-from .attribution import band_agreement, overall_agreement  # noqa: E402
+from .agreement import band_agreement, overall_agreement  # noqa: E402
 from .report_html import figure_html, figure_uri, html_table, layer_scatter  # noqa: E402
 from .verified import above_profile_median  # noqa: E402
 

@@ -1,8 +1,11 @@
-"""Files: atomic writes, streamed parquet concatenation and the clean-run file format.
+"""Files: atomic writes, streamed parquet concatenation and the clean-run files' prompt records.
 
 Every file is written to a temporary name in its destination folder and renamed into place
 (``os.replace``), so a reader never sees a half-written file and a killed job leaves at most a
 stray ``.tmp`` file. Results are cached by what they are in :mod:`neuron_effects.cache`.
+
+No torch here: the workflow's parse and its CPU-only jobs import this module (the clean runs'
+tensors are saved and loaded by :mod:`neuron_effects.clean`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
-from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -19,12 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
-
-from .clean import CleanRun
-
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -114,38 +111,8 @@ def _wide_dictionaries(schema: pa.Schema) -> pa.Schema:
                      metadata=schema.metadata)
 
 
-_RUN_TENSORS = [f.name for f in fields(CleanRun) if f.name not in
-                ("prompt_id", "full_layer_outputs", "full_activations")]
-
-
-def save_clean_runs(path: str | Path, runs: list[CleanRun], records: list[dict[str, Any]],
-                    atomic: bool = True) -> None:
-    """One safetensors file for a chunk of prompts: each run's tensors under ``<i>.<name>`` and
-    the prepared prompt records (ids, targets, clean prediction) as JSON metadata (``atomic``
-    False: written in place, for a caller that writes to a temporary path itself)."""
-    tensors = {f"{index}.{name}": getattr(run, name).contiguous().cpu()
-               for index, run in enumerate(runs) for name in _RUN_TENSORS}
-    metadata = {"records": json.dumps(records, ensure_ascii=False)}
-    if not atomic:
-        save_file(tensors, str(path), metadata=metadata)
-        return
-    with atomic_path(path) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
-
-
 def load_clean_records(path: str | Path) -> list[dict[str, Any]]:
-    """Only the prompt records of a clean-run file (no tensors are read)."""
-    with safe_open(str(path), framework="pt") as handle:
+    """Only the prompt records of a clean-run file (:func:`neuron_effects.clean.save_clean_runs`;
+    its JSON metadata ``records``): no tensor is read, and torch is not needed."""
+    with safe_open(str(path), framework="numpy") as handle:
         return json.loads(handle.metadata()["records"])
-
-
-def load_clean_runs(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[list[CleanRun], list[dict[str, Any]]]:
-    """The runs and prompt records saved by :func:`save_clean_runs`."""
-    records = load_clean_records(path)
-    tensors = load_file(str(path), device=str(device))
-    runs = [CleanRun(prompt_id=record["prompt_id"],
-                     **{name: tensors[f"{index}.{name}"] for name in _RUN_TENSORS})
-            for index, record in enumerate(records)]
-    return runs, records

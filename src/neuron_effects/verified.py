@@ -15,14 +15,14 @@ from typing import Any, Sequence
 
 import pandas as pd
 
-from .attribution import candidates
+from .agreement import candidates
 from .inputs import InputError, Neuron
 
 CANDIDATE_COLUMNS = ["neuron_id", "layer", "neuron", "mean_abs_atp", "rank"]
 
 
 def select(table: pd.DataFrame, n: int) -> pd.DataFrame:
-    """The ``n`` neurons of the all-neuron table (:func:`attribution.neuron_table`) outside the
+    """The ``n`` neurons of the all-neuron table (:func:`neuron_effects.agreement.neuron_table`) outside the
     profile with the largest ``mean_abs_atp`` (ties: lower layer, then lower index), in that
     order, as ``neuron_id`` (``L{layer}/N{neuron}``), layer, neuron, mean_abs_atp, rank."""
     return candidates(table, n, ("atp",))[CANDIDATE_COLUMNS]

@@ -13,10 +13,8 @@ from neuron_effects.census import census_layers, census_neurons
 from neuron_effects.cost import ModelShape, device_rates, planning_device
 from neuron_effects.demo import DEFAULT_PATH as DEMO_MODEL
 from neuron_effects.demo import fetch_demo_model
-from neuron_effects.edges import neuron_target_weights, read_edges
 from neuron_effects.input_checks import checked_inputs
 from neuron_effects.inputs import digest, read_profile_scores
-from neuron_effects.model import CUDA_UNUSABLE
 from neuron_effects.layout import LAYOUT_ENV, resolve_layout
 from neuron_effects.plan import make_plan
 from neuron_effects.plan_cost import (
@@ -27,7 +25,9 @@ from neuron_effects.plan_cost import (
 )
 from neuron_effects.precision import low_precision_warning
 from neuron_effects.prepare import prepared_location
-from neuron_effects.relp import method_rules
+from neuron_effects.profile_edges import neuron_target_weights, read_edges
+from neuron_effects.relp_rules import method_rules
+from neuron_effects.torch_builds import CUDA_UNUSABLE
 from neuron_effects.verified import check_config, check_profile_ids
 
 validate(config, "../../config/config.schema.yaml")

@@ -23,10 +23,10 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from .. import aggregate, attribution, mediation, store
+from .. import aggregate, agreement, mediation, store
 from ..census import census_columns, layer_ranking_agreement
-from ..edges import read_edges
 from ..inputs import load_profile_document, read_neurons, read_profile_scores
+from ..profile_edges import read_edges
 from ..profile_scores import judge_profile_scores as judged_scores
 from ..targets import describe as describe_target
 from ..targets import is_low_rank
@@ -129,9 +129,9 @@ def aggregate_block(
                 if estimates is not None:
                     frame = _with_estimates(frame, *estimates)
                     for method in aggregate.estimate_methods(frame.columns):
-                        neurons = neurons.merge(attribution.neuron_agreement(frame, method),
+                        neurons = neurons.merge(agreement.neuron_agreement(frame, method),
                                                 on="neuron_id")
-                        layers = layers.merge(attribution.layer_agreement(frame, method),
+                        layers = layers.merge(agreement.layer_agreement(frame, method),
                                               on="layer")
                         if census:
                             layers = layers.merge(layer_ranking_agreement(frame, method),

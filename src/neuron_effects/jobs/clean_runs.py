@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from .. import cache, store
-from ..clean import run_clean
+from ..clean import load_clean_runs, run_clean, save_clean_runs
 from ..model import ModelSpec, load_tokenizer
 from ..targets import check_target_ranks
 from .setup import PROGRESS, load_model_logged, log, model_cache_key
@@ -58,18 +58,18 @@ def cache_clean_runs(spec: ModelSpec, prompts: Sequence[dict[str, Any]], output:
     for row, key in tqdm(list(zip(prompts, keys)), desc="clean forwards", **PROGRESS):
         prompt_id = row["prompt_id"]
         if key in found:
-            [run], [record] = store.load_clean_runs(folder / f"{key}.safetensors")
+            [run], [record] = load_clean_runs(folder / f"{key}.safetensors")
             run.prompt_id = record["prompt_id"] = prompt_id
         else:
             run, record = _clean_run(model, tokenizer, row)
             if key is not None:
                 cache.write_entry(folder, key, {"safetensors": partial(
-                    store.save_clean_runs, runs=[run], records=[record], atomic=False)}, {})
+                    save_clean_runs, runs=[run], records=[record], atomic=False)}, {})
         runs.append(run)
         records.append(record)
     for line in check_target_ranks(records, max_rank, on_low_rank):
         log.warning("low-ranked target (above targets.max_rank %d): %s", max_rank, line)
-    store.save_clean_runs(output, runs, records)
+    save_clean_runs(output, runs, records)
 
 
 def _clean_run(model: Any, tokenizer: Any, row: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -106,7 +106,7 @@ def extract_activations(clean_paths: Sequence[str], activations_out: str, stats_
     over all positions of all prompts (for ``mean_ablate`` with ``positions: all``)."""
     activations, sums, prompt_ids, n_tokens = [], [], [], 0
     for path in clean_paths:
-        runs, _ = store.load_clean_runs(path)
+        runs, _ = load_clean_runs(path)
         for run in runs:
             activations.append(run.activations)
             sums.append(run.activation_sums)

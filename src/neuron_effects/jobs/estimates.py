@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .. import attribution, cache, relp, store, verified
+from .. import agreement, attribution, cache, relp_rules, store, verified
+from ..clean import load_clean_runs
 from ..inputs import read_neurons
 from ..model import ModelSpec
 from .setup import PROGRESS, load_model_logged, log, model_cache_key, treatment_means
@@ -43,7 +44,7 @@ def estimate_attribution(spec: ModelSpec, clean_path: str, treatment: str, posit
     by the model, the prompt's token ids and target, the treatment (and its means), positions
     and methods: only the prompts not found are computed (the model is loaded only then)."""
     methods = {"atp": ()} if methods is None else dict(methods)
-    runs, records = store.load_clean_runs(clean_path)
+    runs, records = load_clean_runs(clean_path)
     means, means_digest = treatment_means(neuron_stats, treatment, positions)
     folder = None if cache_root is None else Path(cache_root) / "attribution"
     keys = [None] * len(records)
@@ -93,9 +94,9 @@ def prompt_estimates(model: Any, run: Any, record: Mapping[str, Any], treatment:
     """One prompt's estimates [layers, intermediate] per method and its plain ``gradient``
     (last position), on the CPU. The causal methods share one forward (and the clean
     activations: the cached run's at the last position, that forward's at every position);
-    ``relp_unmasked`` (:func:`neuron_effects.relp.forward_rules`) has its own unmasked
+    ``relp_unmasked`` (:func:`neuron_effects.relp_rules.forward_rules`) has its own unmasked
     forward, whose activations and gradients both make its estimate."""
-    split = {name: relp.forward_rules(rules) for name, rules in passes.items()}
+    split = {name: relp_rules.forward_rules(rules) for name, rules in passes.items()}
     projections, _, forward_activations = attribution.method_gradients(
         model, run.input_ids, record["target_id"], positions,
         {name: rules for name, (causal, rules) in split.items() if causal})
@@ -158,11 +159,11 @@ def summarize_attribution(chunk_paths: Sequence[str], profile_path: str, n_candi
                   str(temporary), metadata={"prompt_ids": json.dumps(prompt_ids),
                                             "methods": method_rules})
     profile = pd.DataFrame([vars(neuron) for neuron in read_neurons(profile_path)])
-    table = attribution.neuron_table({name: stacked[name].numpy() for name in methods}, profile)
+    table = agreement.neuron_table({name: stacked[name].numpy() for name in methods}, profile)
     store.write_parquet(neurons_out, table)
-    store.write_parquet(candidates_out, attribution.candidates(table, n_candidates, methods))
+    store.write_parquet(candidates_out, agreement.candidates(table, n_candidates, methods))
     for method in methods:
-        top = table.nsmallest(n_candidates, attribution.rank_column(method))
+        top = table.nsmallest(n_candidates, agreement.rank_column(method))
         log.info("%d prompts x %d neurons; %d of the top %d by mean |%s| are studied neurons",
                  len(prompt_ids), len(table), int(top["in_profile"].sum()), n_candidates, method)
 

@@ -15,14 +15,8 @@ import numpy as np
 import pandas as pd
 
 from .. import aggregate, mediation, store
-from ..edges import (
-    EDGE_COLUMNS,
-    edge_agreement,
-    edge_table,
-    neuron_target_weights,
-    read_edges,
-    real_edges,
-)
+from ..edges import EDGE_COLUMNS, edge_agreement, edge_table, real_edges
+from ..profile_edges import neuron_target_weights, read_edges
 from .layer_streams import layer_mediator_summaries, row_groups
 from .setup import log
 

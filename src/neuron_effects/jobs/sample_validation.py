@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .. import store
-from ..clean import run_clean
+from ..clean import load_clean_runs, run_clean
 from ..effects import EffectSettings
 from ..error_scale import (
     ERROR_FACTOR,
@@ -86,7 +86,7 @@ def validate_sample(
     run_dtype = resolve_dtype(spec.dtype)
     run_dtype_name = str(run_dtype).replace("torch.", "")
     device = resolve_device(spec.device)
-    runs = {run.prompt_id: run for path in clean_paths for run in store.load_clean_runs(path)[0]}
+    runs = {run.prompt_id: run for path in clean_paths for run in load_clean_runs(path)[0]}
     chosen = sample_pairs(pd.read_parquet(per_prompt_path, columns=["layer"]), n_pairs, seed)
     pairs = store.read_rows(per_prompt_path, chosen.index)  # only their row groups are read
     floors = {prompt_id: ratio_noise_floor(settings.noise_floor, runs[prompt_id].logits)

@@ -1,5 +1,5 @@
 """What every job shares: its logging and threads, the fixed-cost line in its log, the peak GPU
-memory when it ends, an unusable CUDA recorded (:data:`neuron_effects.model.CUDA_UNUSABLE`), the
+memory when it ends, an unusable CUDA recorded (:data:`neuron_effects.torch_builds.CUDA_UNUSABLE`), the
 model loaded with the fixed cost logged, the model part of the cache keys, and ``mean_ablate``'s
 means.
 
@@ -25,8 +25,9 @@ import psutil
 import torch
 
 from ..inputs import InputError
-from ..model import CUDA_UNUSABLE, CudaUnusableError, ModelSpec, load_model, resolve_dtype
+from ..model import ModelSpec, load_model, resolve_dtype
 from ..prepare import model_digest
+from ..torch_builds import CUDA_UNUSABLE, CudaUnusableError
 
 log = logging.getLogger("neuron_effects")
 

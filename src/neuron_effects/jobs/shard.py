@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .. import cache, store
-from ..clean import run_clean
+from ..clean import load_clean_runs, run_clean
 from ..edges import measurable_targets
 from ..effects import EffectSettings, EffectTables, compute_effects, neuron_block
 from ..inputs import Neuron
@@ -56,7 +56,7 @@ def compute_shard(
     profile's edges, whose ``Δa_t`` goes to ``edges_output``; targets not in a later layer of
     the model are left out with a warning.
     """
-    runs, records = store.load_clean_runs(clean_path)
+    runs, records = load_clean_runs(clean_path)
     neurons = sorted((Neuron(str(i), int(layer), int(n)) for i, layer, n in neuron_table),
                      key=lambda item: (item.layer, item.neuron))
     edge_targets = edge_targets or {}
