@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from neuron_effects import edges, profile_edges
+from neuron_effects import edges
 from neuron_effects.clean import run_clean
 from neuron_effects.effects import EffectSettings, compute_effects, neuron_block
 from neuron_effects.inputs import Neuron
+from neuron_effects.profile_edges import Edge, neuron_target_weights
 from neuron_effects.reference import reference_activation_changes
 from neuron_effects.treatments import treatment_scales
 
@@ -67,10 +68,9 @@ def test_edge_table_reports_a_wrong_sign_as_disagreeing():
     })
     gradients = {"p0": np.full((4, 10), 2.0), "p1": np.full((4, 10), 2.0)}
     gradients["p1"][3, 6] = -1.0
-    Edge = profile_edges.Edge
     listed = [Edge("neuron", 2, 5, -0.7),  # listed with the wrong sign
               Edge("neuron", 3, 6, 0.1), Edge("neuron", 3, 6, -0.3), Edge("logit", None, 42, 0.2)]
-    weights = {"L0/N1": profile_edges.neuron_target_weights(listed)}
+    weights = {"L0/N1": neuron_target_weights(listed)}
     assert weights["L0/N1"] == {(2, 5): -0.7, (3, 6): -0.3}  # positions merged: the largest
     table = edges.edge_table(deltas, gradients, weights)
     assert list(table.columns) == list(edges.EDGE_TABLE_COLUMNS)

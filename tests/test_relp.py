@@ -153,7 +153,8 @@ def test_method_rules_from_the_config():
     assert relp_rules.method_rules(["atp"], list(four)) == {"atp": ()}
     unmasked = relp_rules.method_rules(["relp_unmasked"], list(four))  # always the default rules
     assert unmasked == {"relp_unmasked": ("ln", "identity", "half", relp_rules.UNMASKED)}
-    assert relp_rules.forward_rules(unmasked["relp_unmasked"]) == (False, ("ln", "identity", "half"))
+    assert relp_rules.forward_rules(unmasked["relp_unmasked"]) == (
+        False, ("ln", "identity", "half"))
     assert relp_rules.forward_rules(four) == (True, four)
 
 

@@ -1,6 +1,6 @@
 """The first-order estimates (attribution patching and RelP, :mod:`neuron_effects.attribution`)
 judged against the exact effects, and the all-neuron table they rank (no torch here: the
-aggregation, the report and the parse read this module).
+workflow's parse reads this module, through :mod:`neuron_effects.verified`).
 
 Agreement with the exact engine, on the studied neurons' (prompt, neuron) rows (``total`` and
 ``total_atp`` on the target logit): the Spearman rank correlation over prompts, the fraction of

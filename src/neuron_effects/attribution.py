@@ -60,8 +60,9 @@ def method_gradients(
     ``g~_L`` at the same hook point, the output ``x_L`` of decoder layer ``L``). Forward values
     do not depend on the rules. With ``causal`` False the forward's attention has no mask
     (every position attends to every position, as the attribution graphs' released code runs
-    it: :data:`neuron_effects.relp_rules.UNMASKED`). Also returns the target logit and that forward's
-    MLP activations (``down_proj``'s input, float32, the positions of the projections)."""
+    it: :data:`neuron_effects.relp_rules.UNMASKED`). Also returns the target logit and that
+    forward's MLP activations (``down_proj``'s input, float32, the positions of the
+    projections)."""
     implementation = model.config._attn_implementation
     if not causal and implementation not in ("eager", "sdpa"):
         raise ValueError(f"the unmasked forward needs eager or sdpa attention (an additive 4D "

@@ -4,8 +4,8 @@ Every file is written to a temporary name in its destination folder and renamed 
 (``os.replace``), so a reader never sees a half-written file and a killed job leaves at most a
 stray ``.tmp`` file. Results are cached by what they are in :mod:`neuron_effects.cache`.
 
-No torch here: the workflow's parse and its CPU-only jobs import this module (the clean runs'
-tensors are saved and loaded by :mod:`neuron_effects.clean`).
+No torch here: the workflow's parse imports this module (the clean runs' tensors are saved and
+loaded by :mod:`neuron_effects.clean`).
 """
 
 from __future__ import annotations

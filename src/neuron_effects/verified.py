@@ -22,9 +22,9 @@ CANDIDATE_COLUMNS = ["neuron_id", "layer", "neuron", "mean_abs_atp", "rank"]
 
 
 def select(table: pd.DataFrame, n: int) -> pd.DataFrame:
-    """The ``n`` neurons of the all-neuron table (:func:`neuron_effects.agreement.neuron_table`) outside the
-    profile with the largest ``mean_abs_atp`` (ties: lower layer, then lower index), in that
-    order, as ``neuron_id`` (``L{layer}/N{neuron}``), layer, neuron, mean_abs_atp, rank."""
+    """The ``n`` neurons of the all-neuron table (:func:`neuron_effects.agreement.neuron_table`)
+    outside the profile with the largest ``mean_abs_atp`` (ties: lower layer, then lower index),
+    in that order, as ``neuron_id`` (``L{layer}/N{neuron}``), layer, neuron, mean_abs_atp, rank."""
     return candidates(table, n, ("atp",))[CANDIDATE_COLUMNS]
 
 

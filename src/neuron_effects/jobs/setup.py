@@ -1,7 +1,7 @@
 """What every job shares: its logging and threads, the fixed-cost line in its log, the peak GPU
-memory when it ends, an unusable CUDA recorded (:data:`neuron_effects.torch_builds.CUDA_UNUSABLE`), the
-model loaded with the fixed cost logged, the model part of the cache keys, and ``mean_ablate``'s
-means.
+memory when it ends, an unusable CUDA recorded
+(:data:`neuron_effects.torch_builds.CUDA_UNUSABLE`), the model loaded with the fixed cost logged,
+the model part of the cache keys, and ``mean_ablate``'s means.
 
 Reads: the model's files (:func:`load_model_logged`), the activation statistics
 (``results/activations/neuron_stats.parquet``, :func:`treatment_means`). Writes: the job's log
